@@ -1,0 +1,513 @@
+"""T5 1.1 encoder-decoder in flax.linen with the parameter tree of a T5X checkpoint.
+
+Parameter paths, shapes and logical axis names are those of a T5X T5 1.1 checkpoint's ``target``
+tree, so a T5X checkpoint loads with no renaming. The soft prompt is an *input* (``prompt=``), never
+a parameter: the frozen tree is exactly the pretrained model, and whatever is trained lives in a
+separate tree (see ``prompt_t5x.methods``).
+
+Per-layer inputs for the methods beyond prompt tuning are part of the call signature already:
+``prefixes`` (trainable key/value prefixes for every attention layer: prefix-tuning, P-tuning v2)
+and ``deep_prompts`` (replace the prompt positions at the input of every encoder layer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
+
+from prompt_t5x import attention as attn_lib
+from prompt_t5x import prompts as prompts_lib
+
+Array = jax.Array
+PyTree = Any
+
+
+# Rematerialisation policies for each transformer layer (what the backward pass may keep).
+REMAT_POLICIES = {
+    "none": None,                                        # no remat: keep everything
+    "full": jax.checkpoint_policies.nothing_saveable,    # recompute the whole layer
+    "dots": jax.checkpoint_policies.checkpoint_dots,     # keep every matmul output
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # keep the named cheap-to-keep activations (attention output, MLP output), recompute the
+    # wide MLP hidden activations [batch, length, mlp]
+    "save_attention_and_mlp_out": jax.checkpoint_policies.save_only_these_names(
+        "attention_out", "mlp_out"),
+}
+
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    """Hyper-parameters of a T5 1.1 model (names as in T5X's ``T5Config``)."""
+
+    vocab_size: int = 32128
+    emb_dim: int = 768
+    num_heads: int = 12
+    head_dim: int = 64
+    mlp_dim: int = 2048
+    num_encoder_layers: int = 12
+    num_decoder_layers: int = 12
+    dropout_rate: float = 0.1
+    relpos_buckets: int = 32
+    relpos_max_distance: int = 128
+    layer_norm_eps: float = 1e-6
+    dtype: str = "bfloat16"        # activations
+    param_dtype: str = "float32"   # storage of the weights (frozen weights may be bf16)
+    remat_policy: str = "none"     # see REMAT_POLICIES
+    attention_impl: str = "einsum"  # see attention.IMPLEMENTATIONS
+
+    def replace(self, **kw) -> "T5Config":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "T5Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown T5Config fields {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+    def __post_init__(self):
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r}; choose from {sorted(REMAT_POLICIES)}")
+        if self.attention_impl not in attn_lib.IMPLEMENTATIONS:
+            raise ValueError(f"attention_impl={self.attention_impl!r}; choose from "
+                             f"{attn_lib.IMPLEMENTATIONS}")
+
+    @property
+    def num_params(self) -> int:
+        d, v, f, hk = self.emb_dim, self.vocab_size, self.mlp_dim, self.num_heads * self.head_dim
+        enc_layer = 4 * d * hk + 3 * d * f + 2 * d
+        dec_layer = 8 * d * hk + 3 * d * f + 3 * d
+        relpos = 2 * self.num_heads * self.relpos_buckets
+        return (2 * v * d + self.num_encoder_layers * enc_layer + self.num_decoder_layers * dec_layer
+                + 2 * d + relpos)
+
+
+# T5 1.1 sizes (google-research/text-to-text-transfer-transformer, "T5 1.1" checkpoints).
+_T5_1_1 = dict(
+    small=dict(emb_dim=512, num_heads=6, head_dim=64, mlp_dim=1024,
+               num_encoder_layers=8, num_decoder_layers=8),
+    base=dict(emb_dim=768, num_heads=12, head_dim=64, mlp_dim=2048,
+              num_encoder_layers=12, num_decoder_layers=12),
+    large=dict(emb_dim=1024, num_heads=16, head_dim=64, mlp_dim=2816,
+               num_encoder_layers=24, num_decoder_layers=24),
+    xl=dict(emb_dim=2048, num_heads=32, head_dim=64, mlp_dim=5120,
+            num_encoder_layers=24, num_decoder_layers=24),
+    xxl=dict(emb_dim=4096, num_heads=64, head_dim=64, mlp_dim=10240,
+             num_encoder_layers=24, num_decoder_layers=24),
+)
+SIZES: Dict[str, T5Config] = {name: T5Config(**kw) for name, kw in _T5_1_1.items()}
+# Test sizes: every dimension distinct (so a transposed weight cannot pass unnoticed) and
+# heads * head_dim != emb_dim.
+SIZES["tiny"] = T5Config(vocab_size=32128, emb_dim=64, num_heads=4, head_dim=24, mlp_dim=96,
+                         num_encoder_layers=2, num_decoder_layers=2, dropout_rate=0.0,
+                         dtype="float32")
+SIZES["test"] = T5Config(vocab_size=101, emb_dim=32, num_heads=4, head_dim=10, mlp_dim=48,
+                         num_encoder_layers=2, num_decoder_layers=3, dropout_rate=0.0,
+                         dtype="float32")
+
+
+def get_config(size: str, **overrides) -> T5Config:
+    """The T5 1.1 config called ``size`` ('small' ... 'xxl', 'tiny', 'test') with overrides."""
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose from {sorted(SIZES)}")
+    return SIZES[size].replace(**overrides)
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+def _param(module: nn.Module, name: str, init, shape, axes, param_dtype):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, param_dtype)
+
+
+class RMSNorm(nn.Module):
+    """T5 layer norm: scale only, no mean subtraction, statistics in float32."""
+
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",),
+                       self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class Kernel(nn.Module):
+    """A bias-free projection whose single parameter is the 2-D ``kernel`` [in, out]."""
+
+    features: int
+    axes: Tuple[str, str]
+    dtype: Any
+    param_dtype: Any
+    init: Any = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = _param(self, "kernel", self.init, (x.shape[-1], self.features), self.axes,
+                        self.param_dtype)
+        return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class MlpBlock(nn.Module):
+    """Gated-GELU feed-forward: (gelu_tanh(x W0) * (x W1)) Wo."""
+
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        cfg = self.config
+        dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        wi_0 = Kernel(cfg.mlp_dim, ("embed", "mlp"), dt, pdt, name="wi_0")(x)
+        wi_1 = Kernel(cfg.mlp_dim, ("embed", "mlp"), dt, pdt, name="wi_1")(x)
+        h = nn.gelu(wi_0, approximate=True) * wi_1
+        h = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(h, deterministic=deterministic)
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+        out = Kernel(cfg.emb_dim, ("mlp", "embed"), dt, pdt, name="wo")(h)
+        return checkpoint_name(out, "mlp_out")
+
+
+class RelativePositionBias(nn.Module):
+    """T5 relative position bias: one [heads, buckets] table per stack, shared by its layers."""
+
+    config: T5Config
+    bidirectional: bool
+
+    @nn.compact
+    def __call__(self, query_positions: Array, key_positions: Array) -> Array:
+        """Bias [1, heads, q_len, k_len] for integer positions [q_len] and [k_len]."""
+        cfg = self.config
+        table = _param(self, "rel_embedding",
+                       nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
+                       (cfg.num_heads, cfg.relpos_buckets), ("heads", "relpos_buckets"),
+                       _dtype(cfg.param_dtype))
+        xp = np if isinstance(query_positions, np.ndarray) and isinstance(
+            key_positions, np.ndarray) else jnp
+        rel = key_positions[None, :] - query_positions[:, None]
+        buckets = attn_lib.relative_position_bucket(
+            rel, self.bidirectional, cfg.relpos_buckets, cfg.relpos_max_distance, xp=xp)
+        bias = jnp.take(table, jnp.asarray(buckets), axis=1)  # [heads, q_len, k_len]
+        return bias[None].astype(jnp.float32)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with T5's conventions: no 1/sqrt(d_kv) scaling, no biases.
+
+    Optional per-layer ``prefix`` = (key, value) each [batch or 1, prefix_len, heads, head_dim]
+    is prepended to the keys/values (visible to every query, zero position bias).
+    """
+
+    config: T5Config
+    decode_cache: bool = False  # decoder self-attention: keep a key/value cache when decoding
+
+    @nn.compact
+    def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Array, deterministic: bool,
+                 decode: bool = False, prefix: Optional[Tuple[Array, Array]] = None) -> Array:
+        """inputs_q [B, Q, D], inputs_kv [B, K, D], bias [B|1, H, Q, K] (mask folded in)."""
+        cfg = self.config
+        dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        hk = cfg.num_heads * cfg.head_dim
+        # T5X initialises the query kernel 1/sqrt(d_kv) smaller instead of scaling the logits.
+        q_init = nn.initializers.variance_scaling(1.0 / cfg.head_dim, "fan_in", "truncated_normal")
+        proj = functools.partial(Kernel, hk, ("embed", "joined_kv"), dt, pdt)
+
+        def heads(x):
+            x = x.reshape(x.shape[:-1] + (cfg.num_heads, cfg.head_dim))
+            return nn.with_logical_constraint(x, ("batch", "length", "heads", "kv"))
+
+        q = heads(proj(init=q_init, name="query")(inputs_q))
+        k = heads(proj(name="key")(inputs_kv))
+        v = heads(proj(name="value")(inputs_kv))
+
+        if decode and self.decode_cache:
+            k, v, bias = self._update_cache(k, v, bias)
+
+        if prefix is not None:
+            pk, pv = prefix
+            batch = q.shape[0]
+            pk = jnp.broadcast_to(pk.astype(dt), (batch,) + pk.shape[1:])
+            pv = jnp.broadcast_to(pv.astype(dt), (batch,) + pv.shape[1:])
+            k = jnp.concatenate([pk, k], axis=1)
+            v = jnp.concatenate([pv, v], axis=1)
+            pad = jnp.zeros(bias.shape[:-1] + (pk.shape[1],), bias.dtype)
+            bias = jnp.concatenate([pad, bias], axis=-1)
+
+        dropout_rng = None
+        if not deterministic and cfg.dropout_rate > 0:
+            dropout_rng = self.make_rng("dropout")
+        out = attn_lib.attend(q, k, v, bias, impl=cfg.attention_impl,
+                              dropout_rate=cfg.dropout_rate, dropout_rng=dropout_rng, dtype=dt)
+        out = out.reshape(out.shape[:2] + (hk,))
+        out = Kernel(cfg.emb_dim, ("joined_kv", "embed"), dt, pdt, name="out")(out)
+        return checkpoint_name(out, "attention_out")
+
+    def _update_cache(self, k: Array, v: Array, bias: Array):
+        """Write this step's key/value [B, 1, H, Dh] into the cache; attend to all cached steps.
+
+        On the initialising call (shapes only) the cache is created with the full target length.
+        """
+        initialized = self.has_variable("cache", "cached_key")
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        if not initialized:
+            return k, v, bias
+        if k.shape[1] != 1:
+            raise ValueError(f"cached decoding takes one token per step, got {k.shape[1]}")
+        i = index.value
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, i, 0, 0))
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, i, 0, 0))
+        index.value = i + 1
+        return cached_k.value, cached_v.value, bias
+
+
+class EncoderLayer(nn.Module):
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, x, bias, prefix, deterministic, decode=False):
+        cfg = self.config
+        dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        drop = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+        h = RMSNorm(cfg.layer_norm_eps, dt, pdt, name="pre_attention_layer_norm")(x)
+        h = Attention(cfg, name="attention")(h, h, bias, deterministic, prefix=prefix)
+        x = x + drop(h, deterministic=deterministic)
+        h = RMSNorm(cfg.layer_norm_eps, dt, pdt, name="pre_mlp_layer_norm")(x)
+        h = MlpBlock(cfg, name="mlp")(h, deterministic)
+        x = x + drop(h, deterministic=deterministic)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class DecoderLayer(nn.Module):
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, x, encoded, self_bias, cross_bias, prefixes, deterministic, decode=False):
+        cfg = self.config
+        dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        self_prefix, cross_prefix = prefixes
+        drop = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+        h = RMSNorm(cfg.layer_norm_eps, dt, pdt, name="pre_self_attention_layer_norm")(x)
+        h = Attention(cfg, decode_cache=True, name="self_attention")(
+            h, h, self_bias, deterministic, decode=decode, prefix=self_prefix)
+        x = x + drop(h, deterministic=deterministic)
+        h = RMSNorm(cfg.layer_norm_eps, dt, pdt, name="pre_cross_attention_layer_norm")(x)
+        h = Attention(cfg, name="encoder_decoder_attention")(
+            h, encoded, cross_bias, deterministic, prefix=cross_prefix)
+        x = x + drop(h, deterministic=deterministic)
+        h = RMSNorm(cfg.layer_norm_eps, dt, pdt, name="pre_mlp_layer_norm")(x)
+        h = MlpBlock(cfg, name="mlp")(h, deterministic)
+        x = x + drop(h, deterministic=deterministic)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+def _remat_encoder_layer(cfg):
+    if cfg.remat_policy == "none":
+        return EncoderLayer
+    return nn.remat(EncoderLayer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False,
+                    static_argnums=(4, 5))
+
+
+def _remat_decoder_layer(cfg):
+    if cfg.remat_policy == "none":
+        return DecoderLayer
+    return nn.remat(DecoderLayer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False,
+                    static_argnums=(6, 7))
+
+
+def _prefix_for(prefixes: Optional[Mapping[str, Tuple[Array, Array]]], key: str, layer: int):
+    if not prefixes or prefixes.get(key) is None:
+        return None
+    k, v = prefixes[key]
+    return k[layer], v[layer]
+
+
+class Encoder(nn.Module):
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array, deterministic: bool,
+                 prefixes=None, deep_prompts: Optional[Array] = None,
+                 prompt_positions: Optional[Array] = None) -> Array:
+        """x [B, L, D] embedded inputs (prompt included), mask [B, L] -> encoded [B, L, D].
+
+        ``deep_prompts`` [layers, P, D] or [layers, B, P, D] replace the hidden states at the
+        prompt positions (``prompt_positions`` [B, L] int, -1 where not a prompt) before every
+        layer after the first (layer 0 sees the input prompt).
+        """
+        cfg = self.config
+        length = x.shape[1]
+        positions = np.arange(length)
+        bias = RelativePositionBias(cfg, bidirectional=True, name="relpos_bias")(positions, positions)
+        bias = bias + attn_lib.mask_to_bias(mask[:, None, None, :])
+        x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+        layer_cls = _remat_encoder_layer(cfg)
+        for i in range(cfg.num_encoder_layers):
+            if deep_prompts is not None and i > 0:
+                x = prompts_lib.replace_prompt_positions(x, deep_prompts[i], prompt_positions)
+            x = layer_cls(cfg, name=f"layers_{i}")(
+                x, bias, _prefix_for(prefixes, "encoder", i), deterministic, False)
+        dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        x = RMSNorm(cfg.layer_norm_eps, dt, pdt, name="encoder_norm")(x)
+        return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+
+
+class Decoder(nn.Module):
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, y: Array, encoded: Array, decoder_mask: Array, cross_mask: Array,
+                 deterministic: bool, decode: bool = False, prefixes=None) -> Array:
+        """y [B, T, D] embedded decoder inputs -> logits float32 [B, T, vocab].
+
+        decoder_mask [B, 1, T, T'] and cross_mask [B, 1, T, L] are boolean attention masks.
+        When decoding with the cache, T == 1 and T' is the cache length.
+        """
+        cfg = self.config
+        relpos = RelativePositionBias(cfg, bidirectional=False, name="relpos_bias")
+        if decode and self.has_variable("cache", "position"):
+            # One cached step: the query sits at `step`; keys are the whole cache, of which
+            # positions <= step are filled.
+            position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
+            step = position.value
+            position.value = step + 1
+            cache_len = self.variables["cache"]["layers_0"]["self_attention"]["cached_key"].shape[1]
+            keys = jnp.arange(cache_len)
+            self_bias = relpos(jnp.reshape(step, (1,)), keys)
+            self_bias = self_bias + attn_lib.mask_to_bias((keys <= step)[None, None, None, :])
+        else:
+            if decode:  # the initialising call creates the step counter
+                self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
+            positions = np.arange(y.shape[1])
+            self_bias = relpos(positions, positions) + attn_lib.mask_to_bias(decoder_mask)
+        cross_bias = attn_lib.mask_to_bias(cross_mask)
+        y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
+        layer_cls = _remat_decoder_layer(cfg)
+        for i in range(cfg.num_decoder_layers):
+            layer_prefixes = (_prefix_for(prefixes, "decoder_self", i),
+                              _prefix_for(prefixes, "decoder_cross", i))
+            y = layer_cls(cfg, name=f"layers_{i}")(
+                y, encoded, self_bias, cross_bias, layer_prefixes, deterministic, decode)
+        dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        y = RMSNorm(cfg.layer_norm_eps, dt, pdt, name="decoder_norm")(y)
+        y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
+        # Untied output projection, computed in float32 as T5X does.
+        logits = Kernel(cfg.vocab_size, ("embed", "vocab"), jnp.float32, pdt,
+                        name="logits_dense")(y)
+        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
+class T5(nn.Module):
+    """T5 1.1 encoder-decoder; the soft prompt is an input combined after the token embedding."""
+
+    config: T5Config
+
+    def setup(self):
+        cfg = self.config
+        self.token_embedder = Embed(cfg, name="token_embedder")
+        self.encoder = Encoder(cfg, name="encoder")
+        self.decoder = Decoder(cfg, name="decoder")
+
+    def encode(self, encoder_input_tokens: Array, prompt: Optional[Array] = None,
+               prompt_mode: str = "prepend", enable_dropout: bool = False,
+               prefixes=None, deep_prompts: Optional[Array] = None) -> Tuple[Array, Array]:
+        """Tokens [B, L] (+ prompt [P, D] or [B, P, D]) -> (encoded [B, L+P, D], mask [B, L+P])."""
+        mask = encoder_input_tokens > 0
+        x = self.token_embedder(encoder_input_tokens)
+        prompt_positions = None
+        if prompt is not None:
+            x, mask, prompt_positions = prompts_lib.combine_prompt(
+                x, mask, prompt.astype(x.dtype), prompt_mode)
+        elif deep_prompts is not None:
+            raise ValueError("deep_prompts need a prompt (the positions they replace)")
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        encoded = self.encoder(x, mask, not enable_dropout, prefixes=prefixes,
+                               deep_prompts=deep_prompts, prompt_positions=prompt_positions)
+        return encoded, mask
+
+    def decode(self, encoded: Array, encoder_mask: Array, decoder_input_tokens: Array,
+               decoder_target_tokens: Optional[Array] = None, enable_dropout: bool = False,
+               decode: bool = False, prefixes=None) -> Array:
+        """encoded [B, L, D], encoder_mask [B, L], decoder_input_tokens [B, T] -> logits [B, T, V].
+
+        Masks follow T5X: decoder keys and queries where the *target* is padding are masked (the
+        decoder's first input is id 0, so input tokens cannot tell padding). With ``decode=True``
+        (mutable 'cache'): the first call, over the full target length, creates the cache; each
+        later call takes one token [B, 1] and attends to every cached step so far.
+        """
+        y = self.token_embedder(decoder_input_tokens)
+        if decode or decoder_target_tokens is None:
+            valid = jnp.ones(decoder_input_tokens.shape, bool)
+        else:
+            valid = decoder_target_tokens > 0
+        length = y.shape[1]
+        causal = np.tril(np.ones((length, length), bool))
+        decoder_mask = causal[None, None] & valid[:, None, :, None] & valid[:, None, None, :]
+        cross_mask = valid[:, None, :, None] & encoder_mask[:, None, None, :]
+        return self.decoder(y, encoded, decoder_mask, cross_mask, not enable_dropout,
+                            decode=decode, prefixes=prefixes)
+
+    def __call__(self, batch: Mapping[str, Array], prompt: Optional[Array] = None,
+                 prompt_mode: str = "prepend", enable_dropout: bool = False,
+                 prefixes=None, deep_prompts: Optional[Array] = None) -> Array:
+        """Teacher-forced logits float32 [B, T, vocab] for a SeqIO encoder-decoder batch."""
+        encoded, mask = self.encode(batch["encoder_input_tokens"], prompt, prompt_mode,
+                                    enable_dropout, prefixes=prefixes, deep_prompts=deep_prompts)
+        return self.decode(encoded, mask, batch["decoder_input_tokens"],
+                           batch.get("decoder_target_tokens"), enable_dropout, prefixes=prefixes)
+
+
+class Embed(nn.Module):
+    """Shared token embedding [vocab, embed] (T5X: ``token_embedder/embedding``)."""
+
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, ids: Array) -> Array:
+        cfg = self.config
+        table = _param(self, "embedding", nn.initializers.normal(stddev=1.0),
+                       (cfg.vocab_size, cfg.emb_dim), ("vocab", "embed"), _dtype(cfg.param_dtype))
+        return jnp.take(table, ids, axis=0).astype(_dtype(cfg.dtype))
+
+
+def dummy_batch(batch_size: int = 1, input_len: int = 4, target_len: int = 2) -> Dict[str, Array]:
+    ones = lambda n: jnp.ones((batch_size, n), jnp.int32)  # noqa: E731
+    return {"encoder_input_tokens": ones(input_len), "decoder_input_tokens": ones(target_len),
+            "decoder_target_tokens": ones(target_len),
+            "decoder_loss_weights": jnp.ones((batch_size, target_len), jnp.float32)}
+
+
+def _boxed_init(config: T5Config, rng: Array) -> PyTree:
+    return T5(config).init(rng, dummy_batch())["params"]
+
+
+def init_params(config: T5Config, rng: Array) -> PyTree:
+    """Random T5X-style initial weights (plain arrays) for ``config``."""
+    return nn.meta.unbox(jax.jit(_boxed_init, static_argnums=0)(config, rng))
+
+
+def param_shapes(config: T5Config) -> PyTree:
+    """ShapeDtypeStruct per parameter, computed abstractly (nothing is allocated)."""
+    return nn.meta.unbox(jax.eval_shape(functools.partial(_boxed_init, config), jax.random.PRNGKey(0)))
+
+
+def logical_axes(config: T5Config) -> PyTree:
+    """PartitionSpec of *logical* axis names per parameter (``('embed', 'mlp')`` ...)."""
+    boxed = jax.eval_shape(functools.partial(_boxed_init, config), jax.random.PRNGKey(0))
+    return nn.get_partition_spec(boxed)

@@ -1,0 +1,27 @@
+"""Shared pytest setup.
+
+Eight fake CPU devices are requested *before* jax is imported anywhere, so the mesh tests can
+build 1x8, 2x4, 4x2 and 8x1 meshes; single-device tests are unaffected (they use device 0).
+"""
+
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# TensorFlow (only used by tasks/ and the data bridge) must not grab GPU memory or spam logs.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+# Real third-party fixtures live beside the checkout, read-only; they are never copied in.
+FIXTURES = pathlib.Path(
+    os.environ.get("PROMPT_T5X_FIXTURES",
+                   pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> pathlib.Path:
+    if not FIXTURES.is_dir():
+        pytest.skip(f"shared fixtures not found at {FIXTURES} (set PROMPT_T5X_FIXTURES)")
+    return FIXTURES
