@@ -29,6 +29,12 @@ COMMANDS: Dict[str, Tuple[str, str, str]] = {
                 "Prompt/model tuning over model sizes -> scaling.csv + scaling.png."),
     "show-task": ("prompt_t5x.task_cli", "show_task_main",
                   "Print preprocessed examples of a task (strings and token ids)."),
+    "eval": ("prompt_t5x.evaluation", "eval_main",
+             "Evaluate a prompt (or --ensemble) on a task split -> metrics JSON, gin-configured."),
+    "infer": ("prompt_t5x.evaluation", "infer_main",
+              "Predict a task split with a prompt (or --ensemble) -> predictions JSONL."),
+    "neighbors": ("prompt_t5x.neighbors", "main",
+                  "Nearest vocabulary tokens (cosine) of each soft-prompt vector."),
 }
 
 

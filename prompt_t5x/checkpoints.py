@@ -1,0 +1,574 @@
+"""Read (and write) T5X checkpoints: the legacy msgpack + TensorStore format and the Orbax format.
+
+Layouts understood (facts from T5X's ``checkpoints.py``, checked against the real fixture):
+
+* **Legacy** -- ``checkpoint_<step>/checkpoint`` is a flax msgpack blob
+  ``{'version': 3, 'optimizer': {'target': params,
+  'state': {'step': int32, 'param_states': ...}}}``.
+  Small arrays are inline (msgpack ext type 1); partitioned ones are replaced by a TensorStore spec
+  dict ``{'driver': 'zarr',
+  'kvstore': {'driver': 'file'|'gfile'|'gcs', 'path': 'target.encoder...'},
+  'metadata': {...}}`` whose path is *relative* to the checkpoint directory (gzip'ed zarr v2).
+  A single msgpack file with every array inline is the same blob without specs.
+* **Orbax** (current T5X) -- ``checkpoint_<step>/state/`` written by orbax's PyTree handler with the
+  state dict ``{'target': params, 'state': {'step', 'param_states'}}``: ``_METADATA`` (JSON tree),
+  one zarr array per leaf named by its ``.``-joined keys, or an OCDBT store (``manifest.ocdbt``);
+  older orbax versions keep small leaves in an aggregate msgpack file ``state/checkpoint``.
+
+Paths may be local or any TensorStore kvstore URL (``gs://bucket/dir``, ``memory://``...). Nothing
+is read until asked: :class:`LazyArray` reads whole arrays, slices, or exactly the slices each
+device of a ``jax.sharding.Sharding`` needs (so a model never has to fit on one host).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorstore as ts
+from flax import serialization
+
+from prompt_t5x import strict_loading
+
+FORMAT_LEGACY = "T5X legacy"
+FORMAT_ORBAX = "T5X Orbax"
+LEGACY_VERSION = 3
+_CHUNK_BYTES = 64 * 1024 * 1024  # T5X's chunk target: large enough for GCS, small for partitions
+_STEP_DIR = re.compile(r"^checkpoint_(\d+)$")
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths: local files or TensorStore kvstore URLs (gs://bucket/dir, memory://...).
+
+# One TensorStore context per process: it owns the chunk cache and the concurrency limits, and
+# makes ``memory://`` stores visible across opens (used by the tests of the remote-path code).
+TS_CONTEXT = ts.Context()
+
+
+def is_remote(path: str) -> bool:
+    return "://" in str(path)
+
+
+def kvstore_spec(path: str):
+    """TensorStore kvstore spec for a local path or a kvstore URL."""
+    path = str(path)
+    if is_remote(path):
+        return path
+    spec = {"driver": "file", "path": os.path.abspath(path)}
+    if path.endswith("/"):
+        spec["path"] += "/"
+    return spec
+
+
+def _join(path: str, *parts: str) -> str:
+    return "/".join([str(path).rstrip("/")] + [p.strip("/") for p in parts])
+
+
+def _dirname(path: str) -> str:
+    path = str(path).rstrip("/")
+    return path.rsplit("/", 1)[0] if is_remote(path) else os.path.dirname(os.path.abspath(path))
+
+
+def _kvstore(directory: str) -> ts.KvStore:
+    return ts.KvStore.open(kvstore_spec(str(directory).rstrip("/") + "/"),
+                           context=TS_CONTEXT).result()
+
+
+def read_bytes(path: str, length: Optional[int] = None) -> Optional[bytes]:
+    """Contents of a file (first ``length`` bytes), or None if there is no such file."""
+    path = str(path)
+    if not is_remote(path):
+        if not os.path.isfile(path):
+            return None
+        with open(path, "rb") as f:
+            return f.read() if length is None else f.read(length)
+    parent, name = path.rstrip("/").rsplit("/", 1)
+    result = _kvstore(parent).read(name).result()
+    if result.state != "value":
+        return None
+    data = bytes(result.value)
+    return data if length is None else data[:length]
+
+
+def is_file(path: str) -> bool:
+    return os.path.isfile(path) if not is_remote(path) else read_bytes(path) is not None
+
+
+def listdir(path: str) -> list:
+    """Names directly under a directory (files and sub-directories)."""
+    if not is_remote(path):
+        return sorted(os.listdir(path)) if os.path.isdir(path) else []
+    keys = _kvstore(path).list().result()
+    return sorted({bytes(k).decode().split("/", 1)[0] for k in keys})
+
+
+def is_dir(path: str) -> bool:
+    return os.path.isdir(path) if not is_remote(path) else bool(listdir(path))
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Write a whole file; locally via a temporary file + rename so readers never see half."""
+    path = str(path)
+    if is_remote(path):
+        parent, name = path.rstrip("/").rsplit("/", 1)
+        _kvstore(parent).write(name, data).result()  # object stores replace objects atomically
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class CheckpointError(ValueError):
+    """A path is not a checkpoint we can read, or the checkpoint is damaged."""
+
+
+def _cast(x: np.ndarray, dtype) -> np.ndarray:
+    """Cast floating arrays to ``dtype`` (integers such as the step are never cast)."""
+    if dtype is None or not jnp.issubdtype(x.dtype, jnp.floating):
+        return x
+    return x.astype(jnp.dtype(dtype))
+
+
+def _index_key(index: Tuple[slice, ...]) -> tuple:
+    return tuple((s.start, s.stop, s.step) for s in index)
+
+
+class LazyArray:
+    """One saved array, inline (already in memory) or behind a TensorStore spec (read on demand)."""
+
+    def __init__(self, name: str, *, value: Optional[np.ndarray] = None,
+                 spec: Optional[dict] = None):
+        if (value is None) == (spec is None):
+            raise ValueError("LazyArray needs exactly one of value= or spec=")
+        self.name = name
+        self._value = None if value is None else np.asarray(value)
+        self._spec = spec
+        self._store = None
+
+    def _open(self):
+        if self._store is None:
+            try:
+                self._store = ts.open(self._spec, open=True, read=True,
+                                      context=TS_CONTEXT).result()
+            except Exception as e:  # tensorstore raises ValueError/OSError subclasses
+                raise CheckpointError(f"cannot open array {self.name!r} of the checkpoint "
+                                      f"({self._spec.get('kvstore')}): {e}") from e
+        return self._store
+
+    @property
+    def is_inline(self) -> bool:
+        return self._value is not None
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return self._value.shape if self.is_inline else tuple(self._open().shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._value.dtype if self.is_inline else np.dtype(self._open().dtype.numpy_dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def read(self, index: Tuple[slice, ...] = (), dtype=None) -> np.ndarray:
+        """Read ``self[index]`` (only the chunks covering it are fetched), cast to ``dtype``."""
+        if self.is_inline:
+            return _cast(self._value[index], dtype)
+        try:
+            data = self._open()[index].read().result()
+        except Exception as e:
+            raise CheckpointError(f"cannot read array {self.name!r} of the checkpoint: {e}") from e
+        return _cast(np.asarray(data), dtype)
+
+    def to_jax(self, sharding: jax.sharding.Sharding, dtype=None) -> jax.Array:
+        """A global ``jax.Array`` laid out by ``sharding``.
+
+        Each host reads only the slices its own devices hold (and each distinct slice once).
+        """
+        cache: Dict[tuple, np.ndarray] = {}  # replicated shards are read once, not once per device
+
+        def fetch(index):
+            key = _index_key(index)
+            if key not in cache:
+                cache[key] = self.read(index, dtype)
+            return cache[key]
+
+        return jax.make_array_from_callback(self.shape, sharding, fetch)
+
+    def __repr__(self):
+        where = "inline" if self.is_inline else "tensorstore"
+        return f"LazyArray({self.name!r}, {where})"
+
+
+@dataclasses.dataclass
+class T5XCheckpoint:
+    """An opened checkpoint: every saved leaf as a :class:`LazyArray`, keyed by ``/`` names.
+
+    ``arrays`` holds the whole saved state (``target/...`` parameters, ``state/step``,
+    ``state/param_states/...``); :attr:`params` is the ``target`` subtree.
+    """
+
+    path: str
+    format: str
+    step: Optional[int]
+    arrays: Dict[str, LazyArray]
+
+    @property
+    def params(self) -> Dict[str, LazyArray]:
+        return {k[len("target/"):]: v for k, v in self.arrays.items() if k.startswith("target/")}
+
+    def param_shapes(self) -> Dict[str, Tuple[int, ...]]:
+        return {k: v.shape for k, v in self.params.items()}
+
+    def num_params(self) -> int:
+        return int(sum(np.prod(s, dtype=np.int64) for s in self.param_shapes().values()))
+
+    def infer_config(self, **overrides):
+        return strict_loading.infer_config(self.param_shapes(), source=self.path, **overrides)
+
+    def load_params(self, config=None, *, shardings: Any = None, dtype=None,
+                    allow_missing: Sequence[str] = (), allow_unexpected: Sequence[str] = ()):
+        """Strictly load the parameters for ``config`` (inferred from the shapes when None).
+
+        Args:
+          config: a ``t5.T5Config``; checked against the checkpoint's shapes (clear error if not).
+          shardings: None (numpy arrays on the host), one ``Sharding`` for every parameter, a
+            ``{name: Sharding}`` dict / nested tree, or ``fn(name, shape) -> Sharding``.
+          dtype: cast floating weights to this dtype while reading (e.g. ``'bfloat16'``).
+          allow_missing / allow_unexpected: glob patterns for intended partial loads; missing
+            parameters are *absent* from the result (the caller fills them in explicitly).
+
+        Returns:
+          ``(params, config)``: nested parameter dict in our tree layout, and the config used.
+        """
+        from prompt_t5x import t5  # lazily: the model module is only needed for the shape check
+
+        shapes = self.param_shapes()
+        if config is None:
+            config = self.infer_config()
+        else:
+            strict_loading.check_config(shapes, config, source=self.path)
+        expected = strict_loading.flatten(t5.param_shapes(config))
+        strict_loading.check_tree(self.params, expected, allow_missing=allow_missing,
+                                  allow_unexpected=allow_unexpected, source=self.path)
+        flat_shardings = _sharding_lookup(shardings)
+        out = {}
+        for name, arr in self.params.items():
+            if name not in expected:
+                continue
+            sharding = flat_shardings(name, arr.shape)
+            out[name] = arr.read((), dtype) if sharding is None else arr.to_jax(sharding, dtype)
+        return strict_loading.unflatten(out), config
+
+
+def _sharding_lookup(shardings) -> Callable[[str, tuple], Optional[jax.sharding.Sharding]]:
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+        return lambda name, shape: shardings
+    if callable(shardings):
+        return shardings
+    flat = strict_loading.flatten(shardings) if any(
+        isinstance(v, Mapping) for v in shardings.values()) else dict(shardings)
+
+    def lookup(name, shape):
+        if name not in flat:
+            raise CheckpointError(f"no sharding given for parameter {name!r}")
+        return flat[name]
+
+    return lookup
+
+
+class Loaded(NamedTuple):
+    params: Dict[str, Any]
+    config: Any
+    step: Optional[int]
+    path: str
+    format: str
+
+
+def load_t5x(path: str, config=None, *, step: Optional[int] = None, shardings: Any = None,
+             dtype=None, allow_missing: Sequence[str] = (),
+             allow_unexpected: Sequence[str] = ()) -> Loaded:
+    """Open the T5X checkpoint at ``path``; strictly load its parameters (see ``load_params``)."""
+    ckpt = open_checkpoint(path, step=step)
+    params, config = ckpt.load_params(config, shardings=shardings, dtype=dtype,
+                                      allow_missing=allow_missing,
+                                      allow_unexpected=allow_unexpected)
+    return Loaded(params, config, ckpt.step, ckpt.path, ckpt.format)
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding and opening checkpoints.
+
+
+def checkpoint_steps(model_dir: str) -> list:
+    """Steps of the ``checkpoint_<step>`` directories directly under ``model_dir``, ascending."""
+    steps = set()
+    for name in listdir(model_dir):
+        m = _STEP_DIR.match(name)
+        if m:
+            steps.add(int(m.group(1)))
+    return sorted(steps)
+
+
+def detect_format(path: str) -> Optional[str]:
+    """``FORMAT_LEGACY`` / ``FORMAT_ORBAX`` for a checkpoint dir or msgpack file, else None."""
+    if is_file(path):
+        head = read_bytes(path, length=64)
+        return FORMAT_LEGACY if head and _looks_like_msgpack_map(head) else None
+    if is_file(_join(path, "checkpoint")):
+        return FORMAT_LEGACY
+    if _orbax_state_dir(path) is not None:
+        return FORMAT_ORBAX
+    return None
+
+
+def _looks_like_msgpack_map(head: bytes) -> bool:
+    first = head[0]
+    return 0x80 <= first <= 0x8F or first in (0xDE, 0xDF)  # fixmap / map16 / map32
+
+
+def _orbax_state_dir(path: str) -> Optional[str]:
+    for candidate in (_join(path, "state"), path):
+        # Old orbax kept an aggregate msgpack 'checkpoint' inside state/ instead of _METADATA.
+        if is_file(_join(candidate, "_METADATA")) or (
+                candidate.endswith("state") and is_file(_join(candidate, "checkpoint"))):
+            return candidate
+    return None
+
+
+def open_checkpoint(path: str, *, step: Optional[int] = None) -> T5XCheckpoint:
+    """Open a T5X checkpoint lazily.
+
+    ``path`` may be a model dir (the latest ``checkpoint_<step>`` is used unless ``step`` is
+    given), a ``checkpoint_<step>`` dir (legacy or Orbax), an Orbax ``state`` dir, or a msgpack
+    file.
+    """
+    path = str(path).rstrip("/") or str(path)
+    fmt = detect_format(path)
+    if fmt is None:
+        steps = checkpoint_steps(path) if is_dir(path) else []
+        if not steps:
+            raise CheckpointError(
+                f"{path} is not a T5X checkpoint: expected a 'checkpoint' msgpack file (legacy "
+                f"format), a 'state/_METADATA' (Orbax format) or checkpoint_<step> directories.")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise CheckpointError(f"no checkpoint_{step} under {path}; available steps: {steps}")
+        return open_checkpoint(_join(path, f"checkpoint_{step}"))
+    if fmt == FORMAT_LEGACY:
+        return _open_legacy(path)
+    return _open_orbax(path)
+
+
+def _step_from_dirname(path: str) -> Optional[int]:
+    parts = [p for p in path.split("/") if p]
+    for part in reversed(parts[-2:]):
+        m = _STEP_DIR.match(part)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def _is_ts_spec(node: Any) -> bool:
+    return isinstance(node, dict) and "driver" in node and ("kvstore" in node or "path" in node)
+
+
+def _flatten_state(tree: Any, prefix: str = "") -> Dict[str, Any]:
+    """Flatten a restored state dict, treating TensorStore spec dicts as leaves."""
+    if isinstance(tree, dict) and not _is_ts_spec(tree):
+        flat = {}
+        for key, value in tree.items():
+            flat.update(_flatten_state(value, f"{prefix}/{key}" if prefix else str(key)))
+        return flat
+    return {} if tree is None else {prefix: tree}
+
+
+def _legacy_spec(ckpt_dir: str, saved: dict, name: str) -> dict:
+    """Turn a saved spec (relative path, writer's kvstore driver) into one readable from here."""
+    kvstore = saved.get("kvstore") or {}
+    relative = kvstore.get("path", saved.get("path"))
+    if not relative:
+        raise CheckpointError(f"TensorStore spec of {name!r} has no path: {saved}")
+    meta = dict(saved.get("metadata") or {})
+    if meta.get("dtype") == "<u2":
+        raise CheckpointError(f"{name!r} is stored as uint16 (pre-2021 bfloat16 encoding, "
+                              "checkpoint version 2); re-save it with a current T5X.")
+    # chunks/compressor are read from the zarr metadata itself; keeping only the shape and dtype
+    # lets a store written with other chunking still open.
+    spec_meta = {k: meta[k] for k in ("shape", "dtype") if k in meta}
+    return {"driver": saved.get("driver", "zarr"), "metadata": spec_meta,
+            "kvstore": kvstore_spec(_join(ckpt_dir, relative))}
+
+
+def _open_legacy(path: str) -> T5XCheckpoint:
+    file_path = path if is_file(path) else _join(path, "checkpoint")
+    ckpt_dir = _dirname(file_path)
+    raw = read_bytes(file_path)
+    try:
+        contents = serialization.msgpack_restore(raw)
+    except Exception as e:
+        raise CheckpointError(f"{file_path} is truncated or not a T5X msgpack checkpoint "
+                              f"({type(e).__name__}: {e}); restore an intact copy.") from e
+    if not isinstance(contents, dict):
+        raise CheckpointError(f"{file_path} does not hold a T5X state dict")
+    version = contents.get("version", 0)
+    state = contents.get("optimizer") if version >= 1 else contents
+    if not isinstance(state, dict) or "target" not in state:
+        raise CheckpointError(f"{file_path} has no optimizer 'target' (found keys "
+                              f"{sorted(contents)}); is it a T5X checkpoint?")
+    arrays = {}
+    for name, leaf in _flatten_state(state).items():
+        if _is_ts_spec(leaf):
+            arrays[name] = LazyArray(name, spec=_legacy_spec(ckpt_dir, leaf, name))
+        else:
+            arrays[name] = LazyArray(name, value=np.asarray(leaf))
+    step = int(arrays["state/step"].read()) if "state/step" in arrays else _step_from_dirname(path)
+    return T5XCheckpoint(path=path, format=FORMAT_LEGACY, step=step, arrays=arrays)
+
+
+def _open_orbax(path: str) -> T5XCheckpoint:
+    state_dir = _orbax_state_dir(path)
+    meta_raw = read_bytes(_join(state_dir, "_METADATA"))
+    aggregate_raw = read_bytes(_join(state_dir, "checkpoint"))
+    aggregate = {}
+    if aggregate_raw is not None:
+        try:
+            aggregate = _flatten_state(serialization.msgpack_restore(aggregate_raw))
+        except Exception as e:
+            raise CheckpointError(f"{state_dir}/checkpoint is corrupted: {e}") from e
+    leaves: Dict[str, Optional[Any]] = {}  # name -> inline value, or None for a stored array
+    use_ocdbt = use_zarr3 = False
+    if meta_raw is not None:
+        try:
+            meta = json.loads(meta_raw)
+            for entry in meta["tree_metadata"].values():
+                keys = [str(k["key"]) for k in entry["key_metadata"]]
+                name = "/".join(keys)
+                skip = (entry.get("value_metadata") or {}).get("skip_deserialize", False)
+                leaves[name] = aggregate[name] if skip and name in aggregate else None
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{state_dir}/_METADATA is corrupted: {e}") from e
+        use_ocdbt = bool(meta.get("use_ocdbt", False))
+        use_zarr3 = bool(meta.get("use_zarr3", False))
+    else:  # pre-_METADATA orbax: the aggregate file holds the tree with placeholders
+        for name, value in aggregate.items():
+            is_placeholder = isinstance(value, str) and value.startswith("PLACEHOLDER://")
+            leaves[name] = None if is_placeholder else value
+        use_ocdbt = is_file(_join(state_dir, "manifest.ocdbt"))
+    arrays = {}
+    for name, value in leaves.items():
+        if value is not None:
+            arrays[name] = LazyArray(name, value=np.asarray(value))
+            continue
+        stored = name.replace("/", ".")
+        if use_ocdbt:
+            kvstore = {"driver": "ocdbt", "base": kvstore_spec(state_dir + "/"),
+                       "path": stored}
+        else:
+            kvstore = kvstore_spec(_join(state_dir, stored))
+        arrays[name] = LazyArray(name, spec={"driver": "zarr3" if use_zarr3 else "zarr",
+                                             "kvstore": kvstore})
+    if not any(k.startswith("target/") for k in arrays):
+        raise CheckpointError(f"{state_dir} holds no 'target' parameters; is it a T5X checkpoint?")
+    step = int(arrays["state/step"].read()) if "state/step" in arrays else _step_from_dirname(path)
+    return T5XCheckpoint(path=path, format=FORMAT_ORBAX, step=step, arrays=arrays)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing the legacy format.
+
+
+def _chunk_shape(shape: Sequence[int], itemsize: int, target_bytes: int = _CHUNK_BYTES) -> list:
+    """Largest chunk whose dims divide ``shape`` and whose size is <= ``target_bytes``.
+
+    The largest dimension is shrunk to its next smaller divisor until the chunk fits, so chunks
+    tile the array exactly (as T5X requires for partitioned writes).
+    """
+    chunk = list(shape)
+    while chunk and int(np.prod(chunk, dtype=np.int64)) * itemsize > target_bytes:
+        axis = int(np.argmax(chunk))
+        size, full = chunk[axis], shape[axis]
+        chunk[axis] = max(d for d in range(1, size) if full % d == 0) if size > 1 else 1
+    return [max(1, c) for c in chunk]
+
+
+def _zarr_dtype(dtype: np.dtype) -> str:
+    return "bfloat16" if dtype == jnp.bfloat16 else np.dtype(dtype).str
+
+
+def default_in_tensorstore(name: str, array: Any) -> bool:
+    """T5X's layout for T5 1.1: partitioned weights (kernels, embeddings) go to TensorStore,
+    layer-norm scales and relative-position tables stay inline in the msgpack file."""
+    return len(array.shape) >= 2 and not name.endswith("rel_embedding")
+
+
+def _write_zarr(ckpt_dir: str, name: str, array: Any, dtype) -> dict:
+    stored = name.replace("/", ".")
+    np_dtype = jnp.dtype(dtype) if dtype is not None else np.dtype(array.dtype)
+    meta = {"shape": list(array.shape), "chunks": _chunk_shape(array.shape, np_dtype.itemsize),
+            "dtype": _zarr_dtype(np_dtype), "compressor": {"id": "gzip", "level": 1}}
+    store = ts.open({"driver": "zarr", "metadata": meta,
+                     "kvstore": kvstore_spec(_join(ckpt_dir, stored))},
+                    create=True, delete_existing=True, context=TS_CONTEXT).result()
+    if isinstance(array, jax.Array) and (not array.is_fully_addressable
+                                         or len(array.addressable_shards) > 1):
+        # Each host writes the shards it holds (one replica each), never the whole array.
+        for shard in array.addressable_shards:
+            if shard.replica_id == 0:
+                store[shard.index].write(_cast(np.asarray(shard.data), dtype)).result()
+    else:
+        store.write(_cast(np.asarray(array), dtype)).result()
+    kvstore = ({"driver": "gcs", "bucket": "t5x-dummy-bucket", "path": stored}
+               if ckpt_dir.startswith("gs://") else {"driver": "file", "path": stored})
+    return {"driver": "zarr", "kvstore": kvstore, "metadata": meta}
+
+
+def save_t5x_checkpoint(path: str, params: Mapping[str, Any], *, step: int,
+                        param_states: Optional[Mapping[str, Any]] = None,
+                        single_file: bool = False, dtype=None,
+                        in_tensorstore: Callable[[str, Any], bool] = default_in_tensorstore) -> str:
+    """Write ``params`` (nested dict, our == T5X's tree) as a legacy T5X checkpoint.
+
+    Args:
+      path: the ``checkpoint_<step>`` directory to create (or, with ``single_file``, the msgpack
+        file to write). Local or a kvstore URL (``gs://...``).
+      step: stored as ``state/step`` (Adafactor's step offset on restore).
+      param_states: optional optimizer slots (T5X layout) to store alongside.
+      single_file: put every array inline in one msgpack file.
+      dtype: cast floating weights before writing (e.g. ``'bfloat16'``).
+      in_tensorstore: which parameters become gzip'ed zarr arrays beside the msgpack file.
+
+    Returns the path of the msgpack file. It is written last (and atomically for local paths), so
+    a crash mid-save never leaves a readable-but-incomplete checkpoint.
+    """
+    path = str(path).rstrip("/")
+    file_path = path if single_file else _join(path, "checkpoint")
+    target = {}
+    for name, array in strict_loading.flatten(params).items():
+        if not single_file and in_tensorstore(name, array):
+            target[name] = _write_zarr(path, "target/" + name, array, dtype)
+        else:
+            target[name] = _cast(np.asarray(array), dtype)
+    state = {"step": np.asarray(step, np.int32),
+             "param_states": {k: np.asarray(v) for k, v in
+                              strict_loading.flatten(param_states or {}).items()}}
+    blob = {"version": LEGACY_VERSION,
+            "optimizer": {"target": strict_loading.unflatten(target),
+                          "state": {"step": state["step"],
+                                    "param_states": strict_loading.unflatten(
+                                        state["param_states"])}}}
+    if jax.process_index() == 0:
+        write_bytes_atomic(file_path, serialization.msgpack_serialize(blob))
+    return file_path
