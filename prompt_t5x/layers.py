@@ -71,8 +71,11 @@ class MlpBlock(nn.Module):
     def __call__(self, x: Array, deterministic: bool) -> Array:
         cfg = self.config
         dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
-        wi_0 = Kernel(cfg.mlp_dim, ("embed", "mlp"), dt, pdt, name="wi_0")(x)
-        wi_1 = Kernel(cfg.mlp_dim, ("embed", "mlp"), dt, pdt, name="wi_1")(x)
+        # Named so a remat policy can keep (or recompute) the wide [B, L, mlp] activations.
+        wi_0 = checkpoint_name(Kernel(cfg.mlp_dim, ("embed", "mlp"), dt, pdt, name="wi_0")(x),
+                               "mlp_wi_0")
+        wi_1 = checkpoint_name(Kernel(cfg.mlp_dim, ("embed", "mlp"), dt, pdt, name="wi_1")(x),
+                               "mlp_wi_1")
         h = nn.gelu(wi_0, approximate=True) * wi_1
         h = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(h, deterministic=deterministic)
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
@@ -128,9 +131,9 @@ class Attention(nn.Module):
             x = x.reshape(x.shape[:-1] + (cfg.num_heads, cfg.head_dim))
             return nn.with_logical_constraint(x, ("batch", "length", "heads", "kv"))
 
-        q = heads(proj(init=q_init, name="query")(inputs_q))
-        k = heads(proj(name="key")(inputs_kv))
-        v = heads(proj(name="value")(inputs_kv))
+        q = checkpoint_name(heads(proj(init=q_init, name="query")(inputs_q)), "query")
+        k = checkpoint_name(heads(proj(name="key")(inputs_kv)), "key")
+        v = checkpoint_name(heads(proj(name="value")(inputs_kv)), "value")
 
         if decode and self.decode_cache:
             k, v, bias = self._update_cache(k, v, bias)

@@ -40,6 +40,13 @@ REMAT_POLICIES = {
     # wide MLP hidden activations [batch, length, mlp]
     "save_attention_and_mlp_out": jax.checkpoint_policies.save_only_these_names(
         "attention_out", "mlp_out"),
+    # Like dots_no_batch but without the MLP output (the frozen-weight backward never needs it).
+    "qkv_mlp_in": jax.checkpoint_policies.save_only_these_names(
+        "query", "key", "value", "attention_out", "mlp_wi_0", "mlp_wi_1"),
+    # Keep the attention projections only; recompute the wide MLP activations (fits larger
+    # models at ~20% more matmul work).
+    "qkv_only": jax.checkpoint_policies.save_only_these_names(
+        "query", "key", "value", "attention_out"),
 }
 
 
