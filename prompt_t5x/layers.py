@@ -118,7 +118,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Array, deterministic: bool,
-                 decode: bool = False, prefix: Optional[Tuple[Array, Array]] = None) -> Array:
+                 decode: bool = False, prefix: Optional[Tuple[Array, Array]] = None,
+                 kv: Optional[Tuple[Array, Array]] = None) -> Array:
         """inputs_q [B, Q, D], inputs_kv [B, K, D], bias [B|1, H, Q, K] (mask folded in)."""
         cfg = self.config
         dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
@@ -132,8 +133,13 @@ class Attention(nn.Module):
             return nn.with_logical_constraint(x, ("batch", "length", "heads", "kv"))
 
         q = checkpoint_name(heads(proj(init=q_init, name="query")(inputs_q)), "query")
-        k = checkpoint_name(heads(proj(name="key")(inputs_kv)), "key")
-        v = checkpoint_name(heads(proj(name="value")(inputs_kv)), "value")
+        if kv is not None:
+            # Precomputed keys/values [B, K, H, Dh] (cross-attention while decoding: the
+            # encoder output does not change between steps, so project it once).
+            k, v = (x.astype(dt) for x in kv)
+        else:
+            k = checkpoint_name(heads(proj(name="key")(inputs_kv)), "key")
+            v = checkpoint_name(heads(proj(name="value")(inputs_kv)), "value")
 
         if decode and self.decode_cache:
             k, v, bias = self._update_cache(k, v, bias)
@@ -198,7 +204,8 @@ class DecoderLayer(nn.Module):
     config: T5Config
 
     @nn.compact
-    def __call__(self, x, encoded, self_bias, cross_bias, prefixes, deterministic, decode=False):
+    def __call__(self, x, encoded, self_bias, cross_bias, prefixes, deterministic, decode=False,
+                 cross_kv=None):
         cfg = self.config
         dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         self_prefix, cross_prefix = prefixes
@@ -209,7 +216,7 @@ class DecoderLayer(nn.Module):
         x = x + drop(h, deterministic=deterministic)
         h = RMSNorm(cfg.layer_norm_eps, dt, pdt, name="pre_cross_attention_layer_norm")(x)
         h = Attention(cfg, name="encoder_decoder_attention")(
-            h, encoded, cross_bias, deterministic, prefix=cross_prefix)
+            h, encoded, cross_bias, deterministic, prefix=cross_prefix, kv=cross_kv)
         x = x + drop(h, deterministic=deterministic)
         h = RMSNorm(cfg.layer_norm_eps, dt, pdt, name="pre_mlp_layer_norm")(x)
         h = MlpBlock(cfg, name="mlp")(h, deterministic)

@@ -189,7 +189,8 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, y: Array, encoded: Array, decoder_mask: Array, cross_mask: Array,
-                 deterministic: bool, decode: bool = False, prefixes=None) -> Array:
+                 deterministic: bool, decode: bool = False, prefixes=None,
+                 cross_kv: Optional[Tuple[Array, Array]] = None) -> Array:
         """y [B, T, D] embedded decoder inputs -> logits float32 [B, T, vocab].
 
         decoder_mask [B, 1, T, T'] and cross_mask [B, 1, T, L] are boolean attention masks.
@@ -218,8 +219,10 @@ class Decoder(nn.Module):
         for i in range(cfg.num_decoder_layers):
             layer_prefixes = (_prefix_for(prefixes, "decoder_self", i),
                               _prefix_for(prefixes, "decoder_cross", i))
+            layer_kv = None if cross_kv is None else (cross_kv[0][i], cross_kv[1][i])
             y = layer_cls(cfg, name=f"layers_{i}")(
-                y, encoded, self_bias, cross_bias, layer_prefixes, deterministic, decode)
+                y, encoded, self_bias, cross_bias, layer_prefixes, deterministic, decode,
+                layer_kv)
         dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         y = RMSNorm(cfg.layer_norm_eps, dt, pdt, name="decoder_norm")(y)
         y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
@@ -259,13 +262,15 @@ class T5(nn.Module):
 
     def decode(self, encoded: Array, encoder_mask: Array, decoder_input_tokens: Array,
                decoder_target_tokens: Optional[Array] = None, enable_dropout: bool = False,
-               decode: bool = False, prefixes=None) -> Array:
+               decode: bool = False, prefixes=None,
+               cross_kv: Optional[Tuple[Array, Array]] = None) -> Array:
         """encoded [B, L, D], encoder_mask [B, L], decoder_input_tokens [B, T] -> logits [B, T, V].
 
         Masks follow T5X: decoder keys and queries where the *target* is padding are masked (the
         decoder's first input is id 0, so input tokens cannot tell padding). With ``decode=True``
         (mutable 'cache'): the first call, over the full target length, creates the cache; each
-        later call takes one token [B, 1] and attends to every cached step so far.
+        later call takes one token [B, 1] and attends to every cached step so far. ``cross_kv``
+        (from ``cross_attention_kv``) spares re-projecting ``encoded`` at every decoding step.
         """
         y = self.token_embedder(decoder_input_tokens)
         if decode or decoder_target_tokens is None:
@@ -277,7 +282,24 @@ class T5(nn.Module):
         decoder_mask = causal[None, None] & valid[:, None, :, None] & valid[:, None, None, :]
         cross_mask = valid[:, None, :, None] & encoder_mask[:, None, None, :]
         return self.decoder(y, encoded, decoder_mask, cross_mask, not enable_dropout,
-                            decode=decode, prefixes=prefixes)
+                            decode=decode, prefixes=prefixes, cross_kv=cross_kv)
+
+    def cross_attention_kv(self, encoded: Array) -> Tuple[Array, Array]:
+        """Every decoder layer's cross-attention keys and values, each [layers, B, L, H, Dh].
+
+        The same arithmetic as the layers' own projections, done once per decoded batch.
+        """
+        cfg = self.config
+        dt = dtype_of(cfg.dtype)
+        decoder = nn.meta.unbox(self.variables["params"]["decoder"])
+        shape = encoded.shape[:2] + (cfg.num_heads, cfg.head_dim)
+        keys, values = [], []
+        for i in range(cfg.num_decoder_layers):
+            attn = decoder[f"layers_{i}"]["encoder_decoder_attention"]
+            x = encoded.astype(dt)
+            keys.append(jnp.dot(x, attn["key"]["kernel"].astype(dt)).reshape(shape))
+            values.append(jnp.dot(x, attn["value"]["kernel"].astype(dt)).reshape(shape))
+        return jnp.stack(keys), jnp.stack(values)
 
     def __call__(self, batch: Mapping[str, Array], prompt: Optional[Array] = None,
                  prompt_mode: str = "prepend", enable_dropout: bool = False,
