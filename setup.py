@@ -43,8 +43,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["prompt_t5x", "prompt_t5x.*", "tasks", "tasks.*"]),
-    package_data={"prompt_t5x": ["assets/*"]},
+    # gin/ stays at the top of the repo (T5X layout) and is installed as prompt_t5x/gin, where
+    # gin_cli also looks, so --gin_file=runs/... works from any directory after a plain install.
+    packages=find_packages(include=["prompt_t5x", "prompt_t5x.*", "tasks", "tasks.*"])
+    + ["prompt_t5x.gin"],
+    package_dir={"prompt_t5x.gin": "gin"},
+    package_data={"prompt_t5x": ["assets/*"], "prompt_t5x.gin": ["*/*.gin"]},
     include_package_data=True,
     install_requires=CORE,
     extras_require={"data": DATA, "plot": PLOT, "reference": REFERENCE, "test": TEST,

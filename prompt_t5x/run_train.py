@@ -1,0 +1,278 @@
+"""``prompt-t5x train``: a gin-configured prompt-tuning (or model-tuning) run.
+
+  prompt-t5x train --gin_file=models/base.gin --gin_file=runs/prompt_tuning.gin \\
+      --gin.MODEL_DIR="'/tmp/pt_rte'" --gin.TASK="'super_glue_rte_v102'"
+
+Everything is a binding of the ``train`` configurable (see ``gin/runs/prompt_tuning.gin`` for the
+full table). The order of work is chosen so that bad input fails *before* anything is written:
+the gin configuration, the checkpoint path, the vocabulary and the task are all checked first,
+and a model directory created by a run that then fails before its first checkpoint is removed.
+
+Frozen weights come from ``train.checkpoint``: a T5X checkpoint (legacy or Orbax; a model dir
+picks its latest step), a Hugging Face T5 directory, or ``None`` for random weights (tiny tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import sys
+from typing import Any, List, Mapping, Optional, Sequence
+
+import gin
+import jax
+
+from prompt_t5x import configurables, gin_cli, run_data, train_checkpoints
+from prompt_t5x import t5 as t5_lib
+from prompt_t5x.cli import UsageError
+from prompt_t5x.training_loop import LoopConfig, LoopResult, NonFiniteError, run_loop
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One training run, as bound in gin (``train.*``)."""
+
+    model_dir: str
+    task: str
+    model: t5_lib.T5Config
+    method: configurables.MethodSpec
+    optimizer: Any                          # optax.GradientTransformation
+    loop: LoopConfig
+    checkpoint: Optional[str] = None        # T5X checkpoint / HF dir / None = random weights
+    vocabulary: Optional[str] = None        # SentencePiece model; None = $PROMPT_T5X_VOCAB / T5's
+    data_dir: Optional[str] = None          # local-file tasks (tasks.local_files)
+    task_modules: Sequence[str] = ()        # user modules that register more SeqIO tasks
+    batch_size: int = 32
+    inputs_length: int = 512
+    targets_length: int = 8
+    train_split: str = "train"
+    eval_split: str = "validation"
+    max_eval_examples: Optional[int] = None
+    rank_classification: bool = True
+    seed: int = 0
+
+    def replace(self, **kw) -> "RunConfig":
+        return dataclasses.replace(self, **kw)
+
+
+@gin.configurable("train")
+def train_config(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED,
+                 model: t5_lib.T5Config = gin.REQUIRED, checkpoint: Optional[str] = None,
+                 vocabulary: Optional[str] = None, data_dir: Optional[str] = None,
+                 task_modules: Sequence[str] = (),
+                 method: Optional[configurables.MethodSpec] = None, optimizer: Any = None,
+                 train_steps: int = 30000, batch_size: int = 32,
+                 feature_lengths: Mapping[str, int] = None, num_microbatches: int = 1,
+                 log_every: int = 100, eval_every: int = 1000, checkpoint_every: int = 1000,
+                 keep_checkpoints: int = 3, metric: str = "accuracy", metric_mode: str = "max",
+                 early_stopping_patience: Optional[int] = None, train_split: str = "train",
+                 eval_split: str = "validation", max_eval_examples: Optional[int] = None,
+                 rank_classification: bool = True, z_loss: float = 1e-4,
+                 tensorboard: bool = True, progress_bar: bool = True, seed: int = 0
+                 ) -> RunConfig:
+    """The ``train`` gin configurable: every knob of a run (defaults: the paper's recipe)."""
+    from prompt_t5x import optim
+    lengths = dict(feature_lengths or {"inputs": 512, "targets": 8})
+    unknown = set(lengths) - {"inputs", "targets"}
+    if unknown or len(lengths) != 2:
+        raise UsageError(f"train.feature_lengths must be {{'inputs': L, 'targets': T}}, got "
+                         f"{lengths}")
+    try:
+        loop = LoopConfig(train_steps=train_steps, log_every=log_every, eval_every=eval_every,
+                          checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+                          metric=metric, metric_mode=metric_mode,
+                          early_stopping_patience=early_stopping_patience,
+                          num_microbatches=num_microbatches, z_loss=z_loss,
+                          tensorboard=tensorboard, progress_bar=progress_bar)
+    except ValueError as e:
+        raise UsageError(f"train: {e}") from None
+    if batch_size % num_microbatches:
+        raise UsageError(f"train.batch_size={batch_size} is not divisible by "
+                         f"train.num_microbatches={num_microbatches}")
+    return RunConfig(model_dir=os.path.expanduser(str(model_dir)), task=task, model=model,
+                     method=method or configurables.prompt_tuning(),
+                     optimizer=optimizer or optim.adafactor(), loop=loop,
+                     checkpoint=checkpoint, vocabulary=vocabulary, data_dir=data_dir,
+                     task_modules=tuple(task_modules), batch_size=batch_size,
+                     inputs_length=int(lengths["inputs"]), targets_length=int(lengths["targets"]),
+                     train_split=train_split, eval_split=eval_split,
+                     max_eval_examples=max_eval_examples,
+                     rank_classification=rank_classification, seed=seed)
+
+
+configurables.register("train", train_config)
+
+
+# ------------------------------------------------------------------------- input checks ----
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def checkpoint_kind(path: Optional[str]) -> str:
+    """'random' | 'quickstart' | 'hf' | 'trained' | 't5x' for ``train.checkpoint``; UsageError
+    if it is not there."""
+    if path in (None, "", "random"):
+        return "random"
+    if path == "quickstart":
+        return "quickstart"
+    from prompt_t5x import checkpoints, hf_checkpoint
+    if _is_remote(path):
+        return "t5x"   # existence is checked when it is opened (no listing of remote stores here)
+    if not os.path.exists(path):
+        raise UsageError(f"checkpoint {path!r} not found. Set --gin.CHECKPOINT to a T5X "
+                         "checkpoint dir (checkpoint_<step>/ or a model dir), a Hugging Face T5 "
+                         "dir, or None for random weights.")
+    if os.path.isdir(path) and hf_checkpoint.is_hf_t5_dir(path):
+        return "hf"
+    if train_checkpoints.find_model_dir(path):
+        return "trained"
+    if checkpoints.detect_format(path) or (os.path.isdir(path)
+                                           and checkpoints.checkpoint_steps(path)):
+        return "t5x"
+    raise UsageError(f"{path!r} is neither a T5X checkpoint (no 'checkpoint' file, Orbax "
+                     "'_METADATA' or checkpoint_<step>/ dirs) nor a Hugging Face T5 dir "
+                     "(config.json + model.safetensors).")
+
+
+def check_vocabulary(path: Optional[str]) -> None:
+    if path and not _is_remote(path) and not os.path.isfile(path):
+        raise UsageError(f"vocabulary {path!r} not found: set --gin.VOCABULARY to a "
+                         "SentencePiece .model file (T5's cc_all.32000.100extra).")
+
+
+def load_frozen_params(checkpoint: Optional[str], config: t5_lib.T5Config, seed: int = 0,
+                       kind: Optional[str] = None):
+    """The pretrained T5 params (nested dict) for ``config`` from ``checkpoint``: a T5X
+    checkpoint, a Hugging Face T5 dir, a model-tuning training run's dir, or None/'random' for
+    the seeded random weights ``PRNGKey(seed + 1)``. UsageError when it is missing or does not
+    fit ``config``."""
+    from prompt_t5x import checkpoints, hf_checkpoint, strict_loading
+    kind = kind or checkpoint_kind(checkpoint)
+    try:
+        if kind == "random":
+            return t5_lib.init_params(config, jax.random.PRNGKey(seed + 1))
+        if kind == "hf":
+            return hf_checkpoint.load_hf_t5(checkpoint, config)[0]
+        if kind == "trained":
+            return _params_of_training_run(checkpoint, config)
+        if kind == "quickstart":
+            return _quickstart_params(config)
+        return checkpoints.load_t5x(checkpoint, config).params
+    except (strict_loading.CheckpointMismatchError, checkpoints.CheckpointError,
+            hf_checkpoint.HFCheckpointError, train_checkpoints.TrainCheckpointError,
+            FileNotFoundError, ValueError) as e:
+        raise UsageError(f"cannot load checkpoint {checkpoint!r} for this model "
+                         f"(is the model gin file the right size?): {e}") from None
+
+
+def _quickstart_params(config: t5_lib.T5Config):
+    """The quickstart's pretrained tiny T5 (``prompt_t5x/assets``); ``config`` must be its own
+    (``models/quickstart.gin``), dropout aside."""
+    from prompt_t5x import quickstart
+    asset_config, params = quickstart.load_asset()
+    if asset_config.replace(dropout_rate=config.dropout_rate) != config:
+        raise UsageError("checkpoint 'quickstart' is the quickstart's tiny T5; use "
+                         "--gin_file=models/quickstart.gin for its size and vocabulary")
+    return params
+
+
+def _params_of_training_run(checkpoint: str, config: t5_lib.T5Config):
+    """All T5 weights saved by an earlier model-tuning run (e.g. the scaling sweep's pretrain)."""
+    from prompt_t5x import strict_loading
+    params, _ = train_checkpoints.read_trainable(train_checkpoints.find_model_dir(checkpoint))
+    if not (isinstance(params, Mapping) and "token_embedder" in params):
+        raise UsageError(f"{checkpoint!r} is a training run that did not train the whole "
+                         "model (a prompt-tuning run?); use a model-tuning run's directory.")
+    strict_loading.check_tree(strict_loading.flatten(params),
+                              strict_loading.flatten(t5_lib.param_shapes(config)),
+                              source=checkpoint)
+    return jax.tree.map(jax.numpy.asarray, params)
+
+
+# ----------------------------------------------------------------------------- the run ----
+def execute(run: RunConfig, *, gin_config: str = "") -> LoopResult:
+    """Check every input, then train. Removes ``model_dir`` if this call created it and failed
+    before writing anything worth keeping."""
+    kind = checkpoint_kind(run.checkpoint)
+    check_vocabulary(run.vocabulary)
+    prompt_length = run.method.prompt_length if run.method.kind == "prompt_tuning" else 0
+    source = run_data.open_data(run, prompt_length)
+    if source.vocab_size is not None and source.vocab_size > run.model.vocab_size:
+        raise UsageError(f"task {run.task!r} has a vocabulary of {source.vocab_size} ids but "
+                         f"the model's vocab_size is {run.model.vocab_size}: pick a model gin "
+                         "file / t5.get_config.vocab_size that matches the task's vocabulary.")
+    created = not os.path.exists(run.model_dir)
+    try:
+        return _train(run, kind, source, gin_config)
+    except BaseException:
+        ckpt_dir = os.path.join(run.model_dir, "checkpoints")
+        if created and not (os.path.isdir(ckpt_dir) and any(
+                n.isdigit() for n in os.listdir(ckpt_dir))):
+            shutil.rmtree(run.model_dir, ignore_errors=True)
+        raise
+
+
+def _train(run: RunConfig, kind: str, source, gin_config: str) -> LoopResult:
+    from prompt_t5x import validation
+    params = load_frozen_params(run.checkpoint, run.model, run.seed, kind)
+    model = t5_lib.T5(run.model)
+    method = run.method.build(model, source.label_words, source.encode)
+    initial_trainable = None
+    frozen = params
+    if run.method.kind == "model_tuning":
+        frozen, initial_trainable = method.split(params)
+    eval_list = validation.limit_examples(source.eval_batches(), run.max_eval_examples)
+    use_rank = run.rank_classification and bool(source.label_words)
+    predict = None
+    if not use_rank and source.decode_for_metrics and source.vocabulary is not None:
+        from prompt_t5x import decoding, evaluation
+        predict = evaluation.make_decode_predict(
+            method, frozen, source.vocabulary,
+            decoding.DecodeSpec("greedy", max_decode_len=run.targets_length))
+    evaluate = validation.make_evaluator(
+        method, frozen, eval_list,
+        examples=source.eval_examples() if (use_rank or predict) else None,
+        label_words=source.label_words if use_rank else None, encode=source.encode,
+        compute_metrics=source.compute_metrics, predict=predict, z_loss=run.loop.z_loss)
+    return run_loop(method=method, optimizer=run.optimizer, frozen=frozen,
+                    make_batches=source.train_batches, model_dir=run.model_dir,
+                    config=run.loop, evaluate=evaluate, rng=jax.random.PRNGKey(run.seed),
+                    initial_trainable=initial_trainable, batch_size=run.batch_size,
+                    model_config=run.model, frozen_checkpoint=run.checkpoint,
+                    gin_config=gin_config)
+
+
+def parse_run(argv: Sequence[str], prog: str = "prompt-t5x train") -> "tuple[RunConfig, str]":
+    """Command line -> (RunConfig, operative gin text). UsageError on any bad input."""
+    gin_args = gin_cli.split_argv(argv)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__.replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="gin flags: --gin_file=PATH (repeatable; searched in --gin_search_paths, the "
+               "current dir and the gin/ dir), --gin.NAME=VALUE (repeatable).")
+    parser.parse_args(gin_args.rest)
+    gin_cli.parse(gin_args)
+    run = gin_cli.call(train_config)
+    return run, gin_cli.operative_config()
+
+
+def _summary(run: RunConfig, result: LoopResult) -> str:
+    best = ("no evaluation" if result.best_value is None else
+            f"best validation {run.loop.metric}={result.best_value:.4f} at step {result.best_step}")
+    return (f"trained {run.method.kind} on {run.task} to step {result.last_step}"
+            + (f" (resumed from {result.resumed_from})" if result.resumed_from else "")
+            + (", stopped early" if result.stopped_early else "")
+            + f"; {best}. Outputs in {run.model_dir}")
+
+
+def main(argv: List[str]) -> int:
+    run, gin_text = parse_run(argv)
+    try:
+        result = execute(run, gin_config=gin_text)
+    except NonFiniteError as e:
+        print(f"prompt-t5x train: error: {e}", file=sys.stderr)
+        return 1
+    print(_summary(run, result))
+    return 0

@@ -1,0 +1,303 @@
+"""The training loop around the jitted train step: logging, evaluation, checkpoints, resume.
+
+What one call of ``run_loop`` does, step by step:
+
+1. Resume: restore the newest intact training checkpoint under ``model_dir`` (trainable state,
+   optimizer state, step, rng) and the data position saved with it; continue from there. The best
+   validation result so far is read back from ``best.json``.
+2. Train: ``train.train_step_fn`` (gradient accumulation over ``num_microbatches``), jitted here
+   together with two small on-device accumulators, so the host never waits for the device
+   between steps: the running sums of the logged metrics, and a *non-finite guard* that records
+   the first step whose loss, gradient norm or updated parameters are NaN/Inf.
+3. Every ``log_every`` steps (the only per-step-interval host sync): fetch the sums, write train
+   scalars (TensorBoard + ``metrics.jsonl``), update the progress bar with steps/s and examples/s,
+   and stop with ``NonFiniteError`` if the guard tripped (no checkpoint is written after that
+   point, so the last checkpoint on disk is the last good one).
+4. Every ``eval_every`` steps and at the end: ``evaluate(trainable) -> {metric: value}``,
+   validation scalars, best-by-metric bookkeeping (``best.json``, ``prompts/best.npy``, the
+   checkpointer keeps that step) and optional early stopping after ``early_stopping_patience``
+   evaluations without improvement.
+5. Every ``checkpoint_every`` steps and at the end: a training checkpoint with the data position.
+
+This module imports no TensorFlow: data arrives as an iterator of numpy batches from a factory
+``make_batches(position)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from prompt_t5x import train as train_lib
+from prompt_t5x import train_checkpoints
+from prompt_t5x.methods import Method
+from prompt_t5x.metrics_writer import MetricsWriter
+
+PyTree = Any
+Batch = Mapping[str, np.ndarray]
+# Scalars averaged over the logging window (the rest are reported at the window's last step).
+_AVERAGED = ("loss", "z_loss", "accuracy", "grad_norm")
+_GUARDED = ("loss", "grad_norm", "param_norm")
+
+
+class NonFiniteError(RuntimeError):
+    """The loss, the gradients or the trainable parameters became NaN/Inf."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    train_steps: int = 30000
+    log_every: int = 100
+    eval_every: int = 1000             # 0: evaluate only at the end
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3          # latest N training checkpoints (the best one is kept too)
+    metric: str = "accuracy"           # validation metric for the best checkpoint / early stop
+    metric_mode: str = "max"           # 'max' or 'min'
+    early_stopping_patience: Optional[int] = None  # evaluations without improvement
+    num_microbatches: int = 1          # gradient accumulation
+    z_loss: float = 1e-4
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        if self.train_steps < 1:
+            raise ValueError(f"train_steps must be >= 1, got {self.train_steps}")
+        for name in ("log_every", "checkpoint_every", "num_microbatches", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        if self.metric_mode not in ("max", "min"):
+            raise ValueError(f"metric_mode must be 'max' or 'min', got {self.metric_mode!r}")
+
+
+@dataclasses.dataclass
+class LoopResult:
+    last_step: int
+    best_step: Optional[int]
+    best_value: Optional[float]
+    best_metrics: Dict[str, float]
+    stopped_early: bool
+    evaluations: List[Dict[str, float]]
+    resumed_from: Optional[int]
+
+
+def _is_better(value: float, best: Optional[float], mode: str) -> bool:
+    if value is None or not math.isfinite(value):
+        return False
+    return best is None or (value > best if mode == "max" else value < best)
+
+
+@functools.lru_cache(maxsize=8)
+def make_guarded_step(method: Method, optimizer: optax.GradientTransformation,
+                      num_microbatches: int = 1, z_loss: float = 1e-4):
+    """Jitted ``(state, frozen, batch, acc) -> (state, acc, last)``; ``acc`` = (metric sums,
+    guard), ``last`` = the step's other metrics (param/prompt norms, tokens).
+
+    The guard is ``[first bad step, loss, grad_norm, param_norm]`` at the first non-finite step
+    (step -1 while all is well). Everything stays on device; state and accumulators are donated.
+    Cached per (method, optimizer) object, so a resumed or repeated run in the same process
+    (scaling sweeps, tests) reuses the compiled step.
+    """
+    step_fn = train_lib.train_step_fn(method, optimizer, z_loss=z_loss,
+                                      num_microbatches=num_microbatches)
+
+    def guarded(state, frozen, batch, acc):
+        sums, guard = acc
+        new_state, metrics = step_fn(state, frozen, batch)
+        values = jnp.stack([metrics[k].astype(jnp.float32) for k in _GUARDED])
+        ok = jnp.all(jnp.isfinite(values))
+        first = jnp.logical_and(guard[0] < 0, jnp.logical_not(ok))
+        guard = jnp.where(first, jnp.concatenate([new_state.step[None].astype(jnp.float32),
+                                                  values]), guard)
+        sums = {k: sums[k] + metrics[k].astype(jnp.float32) for k in _AVERAGED}
+        last = {k: v.astype(jnp.float32) for k, v in metrics.items() if k not in _AVERAGED}
+        return new_state, ({**sums, "steps": acc[0]["steps"] + 1.0}, guard), last
+
+    return jax.jit(guarded, donate_argnums=(0, 3))
+
+
+def _fresh_acc():
+    sums = {k: jnp.zeros((), jnp.float32) for k in _AVERAGED}
+    sums["steps"] = jnp.zeros((), jnp.float32)
+    return sums, jnp.asarray([-1.0, 0.0, 0.0, 0.0], jnp.float32)
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a core dependency
+        return None
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
+
+
+class _Best:
+    """Best validation result, persisted as ``<model_dir>/best.json``."""
+
+    def __init__(self, model_dir: str, metric: str, mode: str):
+        self.path = os.path.join(model_dir, "best.json")
+        self.metric, self.mode = metric, mode
+        self.step: Optional[int] = None
+        self.value: Optional[float] = None
+        self.metrics: Dict[str, float] = {}
+        self.evals_since = 0
+        if os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                saved = json.load(f)
+            if saved.get("metric") == metric:
+                self.step, self.value = saved["step"], saved["value"]
+                self.metrics = saved.get("metrics", {})
+                self.evals_since = saved.get("evaluations_since_best", 0)
+
+    def update(self, step: int, metrics: Mapping[str, float], trainable: PyTree) -> bool:
+        value = metrics.get(self.metric)
+        improved = _is_better(value, self.value, self.mode)
+        if improved:
+            self.step, self.value, self.metrics = step, float(value), dict(metrics)
+            self.evals_since = 0
+            if isinstance(trainable, Mapping) and "prompt" in trainable:
+                os.makedirs(os.path.join(os.path.dirname(self.path), "prompts"), exist_ok=True)
+                np.save(os.path.join(os.path.dirname(self.path), "prompts", "best.npy"),
+                        np.asarray(jax.device_get(trainable["prompt"]), np.float32))
+        else:
+            self.evals_since += 1
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"metric": self.metric, "mode": self.mode, "step": self.step,
+                       "value": self.value, "metrics": self.metrics,
+                       "evaluations_since_best": self.evals_since}, f, indent=1)
+        os.replace(tmp, self.path)
+        return improved
+
+
+def _data_state(batches, fallback_position: int) -> Dict[str, Any]:
+    if hasattr(batches, "state"):
+        return dict(batches.state())
+    return {"position": getattr(batches, "position", fallback_position)}
+
+
+def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen: PyTree,
+             make_batches: Callable[[int], Iterator[Batch]], model_dir: str, config: LoopConfig,
+             evaluate: Optional[Callable[[PyTree], Dict[str, float]]] = None,
+             rng: Optional[jax.Array] = None, initial_trainable: Optional[PyTree] = None,
+             batch_size: Optional[int] = None, model_config: Any = None,
+             frozen_checkpoint: Optional[str] = None, gin_config: str = "") -> LoopResult:
+    """Train ``method`` on the batches until ``config.train_steps``; see the module docstring.
+
+    ``make_batches(position)`` returns an iterator of numpy batches starting at batch
+    ``position`` (0 for a new run, the saved position when resuming). ``evaluate`` maps the
+    trainable tree to validation metrics; it must contain ``config.metric`` for best-checkpoint
+    tracking and early stopping to work.
+    """
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    os.makedirs(model_dir, exist_ok=True)
+    state = train_lib.create_train_state(method, optimizer, frozen, rng,
+                                         trainable=initial_trainable)
+    checkpointer = train_checkpoints.TrainCheckpointer(
+        model_dir, keep_last=config.keep_checkpoints,
+        best_metric=f"validation/{config.metric}" if evaluate else None,
+        best_mode=config.metric_mode)
+    restored, manifest = checkpointer.restore_latest_good(state)
+    resumed_from, position = None, 0
+    if restored is not None:
+        state, resumed_from = restored, int(manifest["step"])
+        position = int(manifest.get("data_state", {}).get("position", resumed_from))
+    best = _Best(model_dir, config.metric, config.metric_mode)
+    start = int(jax.device_get(state.step))
+    result = LoopResult(start, best.step, best.value, best.metrics, False, [], resumed_from)
+    if start >= config.train_steps:
+        checkpointer.close()
+        return result
+
+    def save(step_state, metrics=None):
+        checkpointer.save(step_state, data_state=_data_state(batches, position),
+                          metrics=metrics, model_config=model_config,
+                          frozen_checkpoint=frozen_checkpoint, gin_config=gin_config)
+
+    step_fn = make_guarded_step(method, optimizer, config.num_microbatches, config.z_loss)
+    batches = make_batches(position)
+    train_writer = MetricsWriter(model_dir, "train", config.tensorboard)
+    eval_writer = MetricsWriter(model_dir, "validation", config.tensorboard)
+    bar = _progress(config.train_steps, start, config.progress_bar)
+    acc = _fresh_acc()
+    window_start, window_steps = time.perf_counter(), 0
+    step = start
+    try:
+        while step < config.train_steps:
+            batch = next(batches)
+            examples = int(next(iter(batch.values())).shape[0]) if batch_size is None \
+                else batch_size
+            state, acc, last = step_fn(state, frozen, batch, acc)
+            step += 1
+            window_steps += 1
+            is_last = step == config.train_steps
+            do_eval = evaluate is not None and (is_last or (config.eval_every
+                                                            and step % config.eval_every == 0))
+            do_ckpt = is_last or do_eval or step % config.checkpoint_every == 0
+            if step % config.log_every == 0 or do_ckpt:
+                # The one host sync of a logging window; also the NaN guard's check, which
+                # must run before any checkpoint of this state is written.
+                sums, guard = jax.device_get(acc)
+                last = jax.device_get(last)
+                if guard[0] >= 0:
+                    good = checkpointer.latest_step()
+                    where = (f"the last good checkpoint is step {good} in {checkpointer.directory}"
+                             if good is not None else "no checkpoint was written before it")
+                    raise NonFiniteError(
+                        f"non-finite values at training step {int(guard[0])}: loss={guard[1]:g}, "
+                        f"grad_norm={guard[2]:g}, param_norm={guard[3]:g}. Training stopped; "
+                        f"{where}. Lower the learning rate, check the data, or resume from "
+                        "that checkpoint.")
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                n = max(float(sums["steps"]), 1.0)
+                scalars = {k: float(sums[k]) / n for k in _AVERAGED}
+                scalars.update({k: float(v) for k, v in last.items()})
+                scalars["steps_per_second"] = window_steps / elapsed
+                scalars["examples_per_second"] = window_steps * examples / elapsed
+                train_writer.write(step, scalars)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{scalars['loss']:.4f}",
+                                    steps_s=f"{scalars['steps_per_second']:.2f}",
+                                    ex_s=f"{scalars['examples_per_second']:.1f}", refresh=False)
+                    bar.update(step - bar.n)
+                acc = _fresh_acc()
+                window_start, window_steps = time.perf_counter(), 0
+            metrics = None
+            if do_eval:
+                values = {k: float(v) for k, v in evaluate(state.params).items()}
+                eval_writer.write(step, values)
+                improved = best.update(step, values, state.params)
+                result.evaluations.append({"step": step, **values})
+                metrics = {f"validation/{k}": v for k, v in values.items()}
+                if bar is not None:
+                    bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in
+                                                           sorted(values.items()))
+                              + (" (best)" if improved else ""))
+                if (config.early_stopping_patience is not None
+                        and best.evals_since >= config.early_stopping_patience):
+                    result.stopped_early = True
+            if do_ckpt or result.stopped_early:
+                save(state, metrics)
+            if result.stopped_early:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        train_writer.close()
+        eval_writer.close()
+        checkpointer.close()
+    result.last_step = step
+    result.best_step, result.best_value, result.best_metrics = best.step, best.value, best.metrics
+    return result

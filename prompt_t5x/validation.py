@@ -1,0 +1,101 @@
+"""Validation during training: teacher-forced loss/accuracy plus the task's own metrics.
+
+``make_evaluator`` returns ``evaluate(trainable) -> {name: value}`` over a fixed, cached list of
+eval batches (``data.eval_batches``: every example once, padding rows all-zero and masked):
+
+- ``loss`` / ``token_accuracy``: teacher-forced, summed over target tokens of real rows
+  (``train.make_eval_step``), so padding never counts;
+- for classification tasks (label words known): rank classification (score each label string,
+  predict the best; ``prompt_t5x.rank_classification``), and the task's metric functions on the
+  predicted label words (``compute_metrics``, e.g. ``accuracy``, ``f1``, ``mcc``);
+- otherwise, if a ``predict`` function is given (greedy decoding), the task's metrics on the
+  decoded strings.
+
+Pure jax/numpy; the data-facing pieces (batches, examples, ``compute_metrics``) are passed in.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+
+from prompt_t5x import rank_classification as rank_lib
+from prompt_t5x import train as train_lib
+from prompt_t5x.methods import Method
+
+PyTree = Any
+Batch = Mapping[str, np.ndarray]
+MODEL_KEYS = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
+              "decoder_loss_weights")
+
+
+def limit_examples(batches: Sequence[Batch], max_examples: Optional[int]) -> List[Batch]:
+    """The first ``max_examples`` real examples: later rows are masked, later batches dropped."""
+    if max_examples is None:
+        return list(batches)
+    out, seen = [], 0
+    for batch in batches:
+        if seen >= max_examples:
+            break
+        mask = np.asarray(batch["example_mask"], bool).copy()
+        keep = np.cumsum(mask) + seen <= max_examples
+        mask &= keep
+        seen += int(mask.sum())
+        batch = dict(batch)
+        batch["example_mask"] = mask
+        # Masked rows must not contribute to the teacher-forced loss either.
+        batch["decoder_loss_weights"] = batch["decoder_loss_weights"] * mask[:, None]
+        out.append(batch)
+    return out
+
+
+def make_evaluator(method: Method, frozen: PyTree, batches: Sequence[Batch], *,
+                   examples: Optional[Sequence[Mapping[str, Any]]] = None,
+                   label_words: Optional[Sequence[str]] = None,
+                   encode: Optional[Callable[[str], Sequence[int]]] = None,
+                   compute_metrics: Optional[Callable[[Sequence, Sequence[str]],
+                                                      Dict[str, float]]] = None,
+                   predict: Optional[Callable[[PyTree, Batch], Sequence[str]]] = None,
+                   z_loss: float = 1e-4) -> Callable[[PyTree], Dict[str, float]]:
+    """See the module docstring. ``examples`` are the split's preprocessed examples in
+    ``example_index`` order (needed for ``compute_metrics``)."""
+    batches = list(batches)
+    if not batches:
+        raise ValueError("no validation batches: the validation split is empty")
+    eval_step = train_lib.make_eval_step(method, z_loss=z_loss)
+    classify = None
+    if label_words and encode is not None and compute_metrics is not None:
+        targets_length = batches[0]["decoder_target_tokens"].shape[1]
+        classify = rank_lib.make_rank_classifier(
+            method, rank_lib.encode_labels(list(label_words), encode, targets_length))
+
+    def evaluate(trainable: PyTree) -> Dict[str, float]:
+        loss_sum = correct = tokens = 0.0
+        predictions: List[str] = []
+        indices: List[int] = []
+        for batch in batches:
+            model_batch = {k: batch[k] for k in MODEL_KEYS}
+            sums = eval_step(trainable, frozen, model_batch)
+            mask = np.asarray(batch["example_mask"], bool)
+            if classify is not None:
+                _, predicted = classify(frozen, trainable, batch["encoder_input_tokens"])
+                predictions += rank_lib.predicted_label_words(np.asarray(predicted),
+                                                              list(label_words), mask)
+            elif predict is not None and compute_metrics is not None:
+                decoded = list(predict(trainable, batch))
+                predictions += [d for d, m in zip(decoded, mask) if m]
+            indices += [int(i) for i in np.asarray(batch["example_index"])[mask]]
+            sums = jax.device_get(sums)
+            loss_sum += float(sums["loss_sum"])
+            correct += float(sums["correct"])
+            tokens += float(sums["tokens"])
+        results = {"loss": loss_sum / max(tokens, 1.0),
+                   "token_accuracy": correct / max(tokens, 1.0)}
+        if predictions and compute_metrics is not None and examples is not None:
+            ordered = [examples[i] for i in indices]
+            results.update({k: float(v) for k, v in compute_metrics(ordered, predictions).items()})
+        return results
+
+    return evaluate
