@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
@@ -34,98 +33,13 @@ import numpy as np
 import tensorstore as ts
 from flax import serialization
 
-from prompt_t5x import strict_loading
+from prompt_t5x import storage, strict_loading
 
 FORMAT_LEGACY = "T5X legacy"
 FORMAT_ORBAX = "T5X Orbax"
 LEGACY_VERSION = 3
 _CHUNK_BYTES = 64 * 1024 * 1024  # T5X's chunk target: large enough for GCS, small for partitions
 _STEP_DIR = re.compile(r"^checkpoint_(\d+)$")
-
-
-# ----------------------------------------------------------------------------------------------
-# Paths: local files or TensorStore kvstore URLs (gs://bucket/dir, memory://...).
-
-# One TensorStore context per process: it owns the chunk cache and the concurrency limits, and
-# makes ``memory://`` stores visible across opens (used by the tests of the remote-path code).
-TS_CONTEXT = ts.Context()
-
-
-def is_remote(path: str) -> bool:
-    return "://" in str(path)
-
-
-def kvstore_spec(path: str):
-    """TensorStore kvstore spec for a local path or a kvstore URL."""
-    path = str(path)
-    if is_remote(path):
-        return path
-    spec = {"driver": "file", "path": os.path.abspath(path)}
-    if path.endswith("/"):
-        spec["path"] += "/"
-    return spec
-
-
-def _join(path: str, *parts: str) -> str:
-    return "/".join([str(path).rstrip("/")] + [p.strip("/") for p in parts])
-
-
-def _dirname(path: str) -> str:
-    path = str(path).rstrip("/")
-    return path.rsplit("/", 1)[0] if is_remote(path) else os.path.dirname(os.path.abspath(path))
-
-
-def _kvstore(directory: str) -> ts.KvStore:
-    return ts.KvStore.open(kvstore_spec(str(directory).rstrip("/") + "/"),
-                           context=TS_CONTEXT).result()
-
-
-def read_bytes(path: str, length: Optional[int] = None) -> Optional[bytes]:
-    """Contents of a file (first ``length`` bytes), or None if there is no such file."""
-    path = str(path)
-    if not is_remote(path):
-        if not os.path.isfile(path):
-            return None
-        with open(path, "rb") as f:
-            return f.read() if length is None else f.read(length)
-    parent, name = path.rstrip("/").rsplit("/", 1)
-    result = _kvstore(parent).read(name).result()
-    if result.state != "value":
-        return None
-    data = bytes(result.value)
-    return data if length is None else data[:length]
-
-
-def is_file(path: str) -> bool:
-    return os.path.isfile(path) if not is_remote(path) else read_bytes(path) is not None
-
-
-def listdir(path: str) -> list:
-    """Names directly under a directory (files and sub-directories)."""
-    if not is_remote(path):
-        return sorted(os.listdir(path)) if os.path.isdir(path) else []
-    keys = _kvstore(path).list().result()
-    return sorted({bytes(k).decode().split("/", 1)[0] for k in keys})
-
-
-def is_dir(path: str) -> bool:
-    return os.path.isdir(path) if not is_remote(path) else bool(listdir(path))
-
-
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    """Write a whole file; locally via a temporary file + rename so readers never see half."""
-    path = str(path)
-    if is_remote(path):
-        parent, name = path.rstrip("/").rsplit("/", 1)
-        _kvstore(parent).write(name, data).result()  # object stores replace objects atomically
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class CheckpointError(ValueError):
@@ -159,7 +73,7 @@ class LazyArray:
         if self._store is None:
             try:
                 self._store = ts.open(self._spec, open=True, read=True,
-                                      context=TS_CONTEXT).result()
+                                      context=storage.TS_CONTEXT).result()
             except Exception as e:  # tensorstore raises ValueError/OSError subclasses
                 raise CheckpointError(f"cannot open array {self.name!r} of the checkpoint "
                                       f"({self._spec.get('kvstore')}): {e}") from e
@@ -314,7 +228,7 @@ def load_t5x(path: str, config=None, *, step: Optional[int] = None, shardings: A
 def checkpoint_steps(model_dir: str) -> list:
     """Steps of the ``checkpoint_<step>`` directories directly under ``model_dir``, ascending."""
     steps = set()
-    for name in listdir(model_dir):
+    for name in storage.listdir(model_dir):
         m = _STEP_DIR.match(name)
         if m:
             steps.add(int(m.group(1)))
@@ -323,10 +237,10 @@ def checkpoint_steps(model_dir: str) -> list:
 
 def detect_format(path: str) -> Optional[str]:
     """``FORMAT_LEGACY`` / ``FORMAT_ORBAX`` for a checkpoint dir or msgpack file, else None."""
-    if is_file(path):
-        head = read_bytes(path, length=64)
+    if storage.is_file(path):
+        head = storage.read_bytes(path, length=64)
         return FORMAT_LEGACY if head and _looks_like_msgpack_map(head) else None
-    if is_file(_join(path, "checkpoint")):
+    if storage.is_file(storage.join(path, "checkpoint")):
         return FORMAT_LEGACY
     if _orbax_state_dir(path) is not None:
         return FORMAT_ORBAX
@@ -339,10 +253,10 @@ def _looks_like_msgpack_map(head: bytes) -> bool:
 
 
 def _orbax_state_dir(path: str) -> Optional[str]:
-    for candidate in (_join(path, "state"), path):
+    for candidate in (storage.join(path, "state"), path):
         # Old orbax kept an aggregate msgpack 'checkpoint' inside state/ instead of _METADATA.
-        if is_file(_join(candidate, "_METADATA")) or (
-                candidate.endswith("state") and is_file(_join(candidate, "checkpoint"))):
+        if storage.is_file(storage.join(candidate, "_METADATA")) or (
+                candidate.endswith("state") and storage.is_file(storage.join(candidate, "checkpoint"))):
             return candidate
     return None
 
@@ -357,7 +271,7 @@ def open_checkpoint(path: str, *, step: Optional[int] = None) -> T5XCheckpoint:
     path = str(path).rstrip("/") or str(path)
     fmt = detect_format(path)
     if fmt is None:
-        steps = checkpoint_steps(path) if is_dir(path) else []
+        steps = checkpoint_steps(path) if storage.is_dir(path) else []
         if not steps:
             raise CheckpointError(
                 f"{path} is not a T5X checkpoint: expected a 'checkpoint' msgpack file (legacy "
@@ -366,7 +280,7 @@ def open_checkpoint(path: str, *, step: Optional[int] = None) -> T5XCheckpoint:
             step = steps[-1]
         elif step not in steps:
             raise CheckpointError(f"no checkpoint_{step} under {path}; available steps: {steps}")
-        return open_checkpoint(_join(path, f"checkpoint_{step}"))
+        return open_checkpoint(storage.join(path, f"checkpoint_{step}"))
     if fmt == FORMAT_LEGACY:
         return _open_legacy(path)
     return _open_orbax(path)
@@ -409,13 +323,13 @@ def _legacy_spec(ckpt_dir: str, saved: dict, name: str) -> dict:
     # lets a store written with other chunking still open.
     spec_meta = {k: meta[k] for k in ("shape", "dtype") if k in meta}
     return {"driver": saved.get("driver", "zarr"), "metadata": spec_meta,
-            "kvstore": kvstore_spec(_join(ckpt_dir, relative))}
+            "kvstore": storage.kvstore_spec(storage.join(ckpt_dir, relative))}
 
 
 def _open_legacy(path: str) -> T5XCheckpoint:
-    file_path = path if is_file(path) else _join(path, "checkpoint")
-    ckpt_dir = _dirname(file_path)
-    raw = read_bytes(file_path)
+    file_path = path if storage.is_file(path) else storage.join(path, "checkpoint")
+    ckpt_dir = storage.dirname(file_path)
+    raw = storage.read_bytes(file_path)
     try:
         contents = serialization.msgpack_restore(raw)
     except Exception as e:
@@ -440,8 +354,8 @@ def _open_legacy(path: str) -> T5XCheckpoint:
 
 def _open_orbax(path: str) -> T5XCheckpoint:
     state_dir = _orbax_state_dir(path)
-    meta_raw = read_bytes(_join(state_dir, "_METADATA"))
-    aggregate_raw = read_bytes(_join(state_dir, "checkpoint"))
+    meta_raw = storage.read_bytes(storage.join(state_dir, "_METADATA"))
+    aggregate_raw = storage.read_bytes(storage.join(state_dir, "checkpoint"))
     aggregate = {}
     if aggregate_raw is not None:
         try:
@@ -466,7 +380,7 @@ def _open_orbax(path: str) -> T5XCheckpoint:
         for name, value in aggregate.items():
             is_placeholder = isinstance(value, str) and value.startswith("PLACEHOLDER://")
             leaves[name] = None if is_placeholder else value
-        use_ocdbt = is_file(_join(state_dir, "manifest.ocdbt"))
+        use_ocdbt = storage.is_file(storage.join(state_dir, "manifest.ocdbt"))
     arrays = {}
     for name, value in leaves.items():
         if value is not None:
@@ -474,10 +388,10 @@ def _open_orbax(path: str) -> T5XCheckpoint:
             continue
         stored = name.replace("/", ".")
         if use_ocdbt:
-            kvstore = {"driver": "ocdbt", "base": kvstore_spec(state_dir + "/"),
+            kvstore = {"driver": "ocdbt", "base": storage.kvstore_spec(state_dir + "/"),
                        "path": stored}
         else:
-            kvstore = kvstore_spec(_join(state_dir, stored))
+            kvstore = storage.kvstore_spec(storage.join(state_dir, stored))
         arrays[name] = LazyArray(name, spec={"driver": "zarr3" if use_zarr3 else "zarr",
                                              "kvstore": kvstore})
     if not any(k.startswith("target/") for k in arrays):
@@ -520,8 +434,8 @@ def _write_zarr(ckpt_dir: str, name: str, array: Any, dtype) -> dict:
     meta = {"shape": list(array.shape), "chunks": _chunk_shape(array.shape, np_dtype.itemsize),
             "dtype": _zarr_dtype(np_dtype), "compressor": {"id": "gzip", "level": 1}}
     store = ts.open({"driver": "zarr", "metadata": meta,
-                     "kvstore": kvstore_spec(_join(ckpt_dir, stored))},
-                    create=True, delete_existing=True, context=TS_CONTEXT).result()
+                     "kvstore": storage.kvstore_spec(storage.join(ckpt_dir, stored))},
+                    create=True, delete_existing=True, context=storage.TS_CONTEXT).result()
     if isinstance(array, jax.Array) and (not array.is_fully_addressable
                                          or len(array.addressable_shards) > 1):
         # Each host writes the shards it holds (one replica each), never the whole array.
@@ -554,7 +468,7 @@ def save_t5x_checkpoint(path: str, params: Mapping[str, Any], *, step: int,
     a crash mid-save never leaves a readable-but-incomplete checkpoint.
     """
     path = str(path).rstrip("/")
-    file_path = path if single_file else _join(path, "checkpoint")
+    file_path = path if single_file else storage.join(path, "checkpoint")
     target = {}
     for name, array in strict_loading.flatten(params).items():
         if not single_file and in_tensorstore(name, array):
@@ -570,5 +484,5 @@ def save_t5x_checkpoint(path: str, params: Mapping[str, Any], *, step: int,
                                     "param_states": strict_loading.unflatten(
                                         state["param_states"])}}}
     if jax.process_index() == 0:
-        write_bytes_atomic(file_path, serialization.msgpack_serialize(blob))
+        storage.write_bytes_atomic(file_path, serialization.msgpack_serialize(blob))
     return file_path

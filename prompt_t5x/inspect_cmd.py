@@ -31,9 +31,9 @@ def describe(path: str) -> Dict[str, Any]:
 
     Raises ``ValueError`` when the path is not something we understand.
     """
-    from prompt_t5x import checkpoints, export, hf_checkpoint, train_checkpoints
+    from prompt_t5x import checkpoints, export, hf_checkpoint, storage, train_checkpoints
 
-    remote = checkpoints.is_remote(path)
+    remote = storage.is_remote(path)
     if not remote and not os.path.exists(path):
         raise ValueError(f"{path} does not exist")
     if not remote and os.path.isfile(path) and path.endswith(".npy"):

@@ -11,7 +11,7 @@ import pytest
 import tensorstore as ts
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from prompt_t5x import checkpoints, cli, strict_loading, t5
+from prompt_t5x import checkpoints, cli, storage, strict_loading, t5
 
 FIXTURE = "t5x/t5_1_1_tiny_checkpoint_3"
 
@@ -107,13 +107,13 @@ def test_legacy_write_read_round_trip(tmp_path, test_params, root):
     config, params = test_params
     base = str(tmp_path) if root == "local" else f"memory://{tmp_path.name}"
     slots = {"encoder": {"encoder_norm": {"scale": {"v": np.arange(32, dtype=np.float32)}}}}
-    checkpoints.save_t5x_checkpoint(checkpoints._join(base, "checkpoint_42"), params, step=42,
+    checkpoints.save_t5x_checkpoint(storage.join(base, "checkpoint_42"), params, step=42,
                                     param_states=slots)
     loaded = checkpoints.load_t5x(base)  # model dir -> latest checkpoint_<step>
     assert loaded.step == 42 and loaded.format == checkpoints.FORMAT_LEGACY
     assert loaded.config == config.replace(dropout_rate=0.1, dtype="bfloat16")
     _assert_same(loaded.params, params)
-    ckpt = checkpoints.open_checkpoint(checkpoints._join(base, "checkpoint_42"))
+    ckpt = checkpoints.open_checkpoint(storage.join(base, "checkpoint_42"))
     np.testing.assert_array_equal(
         ckpt.arrays["state/param_states/encoder/encoder_norm/scale/v"].read(), np.arange(32))
     assert not ckpt.params["decoder/logits_dense/kernel"].is_inline
