@@ -133,17 +133,20 @@ def get_config(size: str, **overrides) -> T5Config:
     return SIZES[size].replace(**overrides)
 
 
+# The layers are a Python loop, not a scan: prevent_cse=True stops XLA from merging the
+# recomputation with the forward pass (which silently undoes the remat). Measured on base with
+# full remat: compiled matmul FLOPs 1.37e12 with False (no recompute left) vs 1.57e12 with True.
 def _remat_encoder_layer(cfg):
     if cfg.remat_policy == "none":
         return EncoderLayer
-    return nn.remat(EncoderLayer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False,
+    return nn.remat(EncoderLayer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=True,
                     static_argnums=(4, 5))
 
 
 def _remat_decoder_layer(cfg):
     if cfg.remat_policy == "none":
         return DecoderLayer
-    return nn.remat(DecoderLayer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False,
+    return nn.remat(DecoderLayer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=True,
                     static_argnums=(6, 7))
 
 

@@ -66,10 +66,15 @@ def _loss_weights(batch: Batch) -> jax.Array:
 
 
 def _split_microbatches(batch: Batch, n: int) -> Batch:
+    """[B, ...] -> [n, B/n, ...] with microbatch i = rows i, i+n, i+2n, ...
+
+    Strided rather than contiguous: with the batch sharded over the mesh's 'data' axis, every
+    microbatch then holds rows of every data shard, so all devices work on every microbatch.
+    """
     def split(x):
         if x.shape[0] % n:
             raise ValueError(f"batch size {x.shape[0]} is not divisible by {n} microbatches")
-        return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+        return jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
     return {k: split(v) for k, v in batch.items()}
 
 
