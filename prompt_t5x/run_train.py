@@ -10,6 +10,15 @@ and a model directory created by a run that then fails before its first checkpoi
 
 Frozen weights come from ``train.checkpoint``: a T5X checkpoint (legacy or Orbax; a model dir
 picks its latest step), a Hugging Face T5 directory, or ``None`` for random weights (tiny tests).
+
+Partitioning: ``train.mesh = 'DATAxMODEL'`` (e.g. '4x2'; 'auto' = the backend's default,
+``sharding.default_mesh_config``) runs the step on a ('data', 'model') device mesh with T5X's
+logical-axis rules (``train.parameter_partitioning_dims`` / ``activation_partitioning_dims``):
+the frozen weights are created or read straight into their shards, the trainable state is
+replicated and the batch is split over 'data'. ``train.mesh = None`` (default) trains on one
+device as before in a single-process run, and uses the 'auto' mesh in a multi-process run.
+Multi-host: ``--coordinator_address/--num_processes/--process_id`` (or the environment; TPU pods
+need nothing) join the JAX cluster before anything touches a device.
 """
 
 from __future__ import annotations
@@ -24,7 +33,8 @@ from typing import Any, List, Mapping, Optional, Sequence
 import gin
 import jax
 
-from prompt_t5x import configurables, gin_cli, run_data, train_checkpoints
+from prompt_t5x import configurables, distributed, gin_cli, run_data, train_checkpoints
+from prompt_t5x import sharding as sharding_lib
 from prompt_t5x import t5 as t5_lib
 from prompt_t5x.cli import UsageError
 from prompt_t5x.training_loop import LoopConfig, LoopResult, NonFiniteError, run_loop
@@ -52,6 +62,9 @@ class RunConfig:
     max_eval_examples: Optional[int] = None
     rank_classification: bool = True
     seed: int = 0
+    mesh: Optional[str] = None              # 'DATAxMODEL' | 'auto' | None (see module doc)
+    parameter_partitioning_dims: int = 1
+    activation_partitioning_dims: int = 1
 
     def replace(self, **kw) -> "RunConfig":
         return dataclasses.replace(self, **kw)
@@ -70,8 +83,9 @@ def train_config(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED,
                  early_stopping_patience: Optional[int] = None, train_split: str = "train",
                  eval_split: str = "validation", max_eval_examples: Optional[int] = None,
                  rank_classification: bool = True, z_loss: float = 1e-4,
-                 tensorboard: bool = True, progress_bar: bool = True, seed: int = 0
-                 ) -> RunConfig:
+                 tensorboard: bool = True, progress_bar: bool = True, seed: int = 0,
+                 mesh: Optional[str] = None, parameter_partitioning_dims: int = 1,
+                 activation_partitioning_dims: int = 1) -> RunConfig:
     """The ``train`` gin configurable: every knob of a run (defaults: the paper's recipe)."""
     from prompt_t5x import optim
     lengths = dict(feature_lengths or {"inputs": 512, "targets": 8})
@@ -91,6 +105,13 @@ def train_config(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED,
     if batch_size % num_microbatches:
         raise UsageError(f"train.batch_size={batch_size} is not divisible by "
                          f"train.num_microbatches={num_microbatches}")
+    if mesh is not None:
+        _mesh_config(str(mesh), parameter_partitioning_dims, activation_partitioning_dims)
+    for name, dims in (("parameter_partitioning_dims", parameter_partitioning_dims),
+                       ("activation_partitioning_dims", activation_partitioning_dims)):
+        if dims not in (1, 2):
+            raise UsageError(f"train.{name}={dims!r} must be 1 or 2 (T5X's switches: 2 also "
+                             "splits 'embed' over the other mesh axis).")
     return RunConfig(model_dir=os.path.expanduser(str(model_dir)), task=task, model=model,
                      method=method or configurables.prompt_tuning(),
                      optimizer=optimizer or optim.adafactor(), loop=loop,
@@ -99,7 +120,10 @@ def train_config(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED,
                      inputs_length=int(lengths["inputs"]), targets_length=int(lengths["targets"]),
                      train_split=train_split, eval_split=eval_split,
                      max_eval_examples=max_eval_examples,
-                     rank_classification=rank_classification, seed=seed)
+                     rank_classification=rank_classification, seed=seed,
+                     mesh=None if mesh is None else str(mesh),
+                     parameter_partitioning_dims=parameter_partitioning_dims,
+                     activation_partitioning_dims=activation_partitioning_dims)
 
 
 configurables.register("train", train_config)
@@ -191,6 +215,81 @@ def _params_of_training_run(checkpoint: str, config: t5_lib.T5Config):
     return jax.tree.map(jax.numpy.asarray, params)
 
 
+# ----------------------------------------------------------------------------- the mesh ----
+def _mesh_config(text: str, parameter_dims: int = 1,
+                 activation_dims: int = 1) -> sharding_lib.MeshConfig:
+    switches = dict(parameter_partitioning_dims=parameter_dims,
+                    activation_partitioning_dims=activation_dims)
+    if text.strip().lower() == "auto":
+        default = sharding_lib.default_mesh_config(jax.default_backend(),
+                                                   jax.local_device_count())
+        return dataclasses.replace(default, **switches)
+    try:
+        return sharding_lib.MeshConfig.parse(text, **switches)
+    except ValueError as e:
+        raise UsageError(f"train.mesh: {e}") from None
+
+
+def build_mesh(run: RunConfig):
+    """(mesh, rules) for ``run``, or (None, None) for an unpartitioned one-device run.
+
+    UsageError (before anything is written) when the mesh does not fit the devices, the batch
+    or the model's dimensions.
+    """
+    text = run.mesh
+    if text is None:
+        if jax.process_count() == 1:
+            return None, None
+        text = "auto"   # several processes must share one mesh
+    mesh_config = _mesh_config(text, run.parameter_partitioning_dims,
+                               run.activation_partitioning_dims)
+    devices = jax.devices()
+    wanted = mesh_config.data * mesh_config.model
+    if (mesh_config.data > 0 and mesh_config.model > 0 and wanted < len(devices)
+            and len(devices) % wanted == 0 and jax.process_count() == 1):
+        # One process may train on a sub-mesh (e.g. '1x1' on a multi-device host); several
+        # processes must cover every device, since each feeds its own.
+        devices = devices[:wanted]
+    try:
+        data, model = mesh_config.shape(len(devices))
+    except ValueError as e:
+        raise UsageError(f"train.mesh={text!r}: {e} (the mesh must use all {len(devices)} "
+                         "devices, or a divisor of them in a one-process run)") from None
+    per_microbatch = run.batch_size // run.loop.num_microbatches
+    if per_microbatch % data:
+        raise UsageError(f"train.mesh={text!r}: the batch of {per_microbatch} examples (per "
+                         f"microbatch) is not divisible by the mesh's 'data' size {data}; change "
+                         "train.batch_size or the mesh.")
+    mesh = sharding_lib.make_mesh(mesh_config, devices)
+    rules = mesh_config.rules()
+    from prompt_t5x import partitioning
+    try:
+        partitioning.abstract_frozen(run.model, mesh, rules)
+    except ValueError as e:
+        raise UsageError(f"train.mesh={text!r} ({data}x{model}) does not fit the model: {e}") \
+            from None
+    return mesh, rules
+
+
+def load_sharded_frozen_params(checkpoint: Optional[str], config: t5_lib.T5Config, seed: int,
+                               kind: str, mesh, rules):
+    """:func:`load_frozen_params` straight into the shards the rules give each parameter:
+    random weights are generated per shard and T5X checkpoints read per shard; the other
+    sources (HF, quickstart, training runs) are read on the host and then placed."""
+    from prompt_t5x import checkpoints, partitioning, strict_loading
+    shardings = partitioning.shardings_of(partitioning.abstract_frozen(config, mesh, rules))
+    if kind == "random":
+        return partitioning.init_frozen(config, jax.random.PRNGKey(seed + 1), mesh, rules)
+    if kind == "t5x":
+        try:
+            return checkpoints.load_t5x(checkpoint, config, shardings=shardings).params
+        except (strict_loading.CheckpointMismatchError, checkpoints.CheckpointError,
+                FileNotFoundError, ValueError) as e:
+            raise UsageError(f"cannot load checkpoint {checkpoint!r} for this model "
+                             f"(is the model gin file the right size?): {e}") from None
+    return jax.device_put(load_frozen_params(checkpoint, config, seed, kind), shardings)
+
+
 # ----------------------------------------------------------------------------- the run ----
 def execute(run: RunConfig, *, gin_config: str = "") -> LoopResult:
     """Check every input, then train. Removes ``model_dir`` if this call created it and failed
@@ -203,20 +302,26 @@ def execute(run: RunConfig, *, gin_config: str = "") -> LoopResult:
         raise UsageError(f"task {run.task!r} has a vocabulary of {source.vocab_size} ids but "
                          f"the model's vocab_size is {run.model.vocab_size}: pick a model gin "
                          "file / t5.get_config.vocab_size that matches the task's vocabulary.")
+    mesh, rules = build_mesh(run)
     created = not os.path.exists(run.model_dir)
     try:
-        return _train(run, kind, source, gin_config)
+        return _train(run, kind, source, gin_config, mesh, rules)
     except BaseException:
         ckpt_dir = os.path.join(run.model_dir, "checkpoints")
-        if created and not (os.path.isdir(ckpt_dir) and any(
+        if created and distributed.is_primary() and not (os.path.isdir(ckpt_dir) and any(
                 n.isdigit() for n in os.listdir(ckpt_dir))):
             shutil.rmtree(run.model_dir, ignore_errors=True)
         raise
 
 
-def _train(run: RunConfig, kind: str, source, gin_config: str) -> LoopResult:
+def _train(run: RunConfig, kind: str, source, gin_config: str, mesh=None,
+           rules=None) -> LoopResult:
     from prompt_t5x import validation
-    params = load_frozen_params(run.checkpoint, run.model, run.seed, kind)
+    if mesh is None:
+        params = load_frozen_params(run.checkpoint, run.model, run.seed, kind)
+    else:
+        params = load_sharded_frozen_params(run.checkpoint, run.model, run.seed, kind, mesh,
+                                            rules)
     model = t5_lib.T5(run.model)
     method = run.method.build(model, source.label_words, source.encode)
     initial_trainable = None
@@ -241,7 +346,7 @@ def _train(run: RunConfig, kind: str, source, gin_config: str) -> LoopResult:
                     config=run.loop, evaluate=evaluate, rng=jax.random.PRNGKey(run.seed),
                     initial_trainable=initial_trainable, batch_size=run.batch_size,
                     model_config=run.model, frozen_checkpoint=run.checkpoint,
-                    gin_config=gin_config)
+                    gin_config=gin_config, mesh=mesh, rules=rules)
 
 
 def parse_run(argv: Sequence[str], prog: str = "prompt-t5x train") -> "tuple[RunConfig, str]":
@@ -252,7 +357,13 @@ def parse_run(argv: Sequence[str], prog: str = "prompt-t5x train") -> "tuple[Run
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="gin flags: --gin_file=PATH (repeatable; searched in --gin_search_paths, the "
                "current dir and the gin/ dir), --gin.NAME=VALUE (repeatable).")
-    parser.parse_args(gin_args.rest)
+    distributed.add_flags(parser)
+    args = parser.parse_args(gin_args.rest)
+    try:
+        # Joins the cluster before gin builds anything that could touch a device.
+        distributed.initialize_from_args(args)
+    except ValueError as e:
+        raise UsageError(f"multi-host setup: {e}") from None
     gin_cli.parse(gin_args)
     run = gin_cli.call(train_config)
     return run, gin_cli.operative_config()

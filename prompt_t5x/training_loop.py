@@ -19,6 +19,15 @@ What one call of ``run_loop`` does, step by step:
    evaluations without improvement.
 5. Every ``checkpoint_every`` steps and at the end: a training checkpoint with the data position.
 
+Partitioned runs (``mesh`` given): the frozen weights stay in the shardings they arrive in (the
+caller creates them there, see ``run_train``), the train state is replicated, the guarded step is
+jitted with those in/out shardings (state and accumulators still donated) and runs under the mesh
+and the logical-axis rules. Each host's batches are the *global* batch from ``make_batches``;
+the loop keeps this host's rows (``distributed.data_shard(mesh)``) and assembles the global
+``jax.Array`` split over 'data' (``sharding.shard_batch``). Orbax checkpoint saves are collective
+(every process calls them; orbax writes replicated arrays once); ``best.json`` and
+``prompts/*.npy`` are written by process 0 between barriers.
+
 This module imports no TensorFlow: data arrives as an iterator of numpy batches from a factory
 ``make_batches(position)``.
 """
@@ -38,6 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from prompt_t5x import distributed
+from prompt_t5x import sharding as sharding_lib
 from prompt_t5x import train as train_lib
 from prompt_t5x import train_checkpoints
 from prompt_t5x.methods import Method
@@ -90,6 +101,8 @@ class LoopResult:
     stopped_early: bool
     evaluations: List[Dict[str, float]]
     resumed_from: Optional[int]
+    # The shardings of the frozen tree the step ran with (partitioned runs; None otherwise).
+    frozen_shardings: Optional[PyTree] = None
 
 
 def _is_better(value: float, best: Optional[float], mode: str) -> bool:
@@ -101,13 +114,35 @@ def _is_better(value: float, best: Optional[float], mode: str) -> bool:
 @functools.lru_cache(maxsize=8)
 def make_guarded_step(method: Method, optimizer: optax.GradientTransformation,
                       num_microbatches: int = 1, z_loss: float = 1e-4):
-    """Jitted ``(state, frozen, batch, acc) -> (state, acc, last)``; ``acc`` = (metric sums,
+    """:func:`guarded_step_fn` jitted on one device, state and accumulators donated."""
+    return jax.jit(guarded_step_fn(method, optimizer, num_microbatches, z_loss),
+                   donate_argnums=(0, 3))
+
+
+def make_sharded_guarded_step(method: Method, optimizer: optax.GradientTransformation,
+                              mesh, rules, frozen_shardings: PyTree,
+                              num_microbatches: int = 1, z_loss: float = 1e-4):
+    """:func:`guarded_step_fn` partitioned over ``mesh``: state, accumulators and outputs
+    replicated, ``frozen`` in ``frozen_shardings``, the batch split over 'data'. Runs (and
+    traces) under the mesh + ``rules`` so the model's activation constraints bind to the mesh.
+    """
+    from prompt_t5x import partitioning
+    rep = sharding_lib.replicated(mesh)
+    jitted = jax.jit(guarded_step_fn(method, optimizer, num_microbatches, z_loss),
+                     in_shardings=(rep, frozen_shardings, sharding_lib.batch_sharding(mesh), rep),
+                     out_shardings=(rep, rep, rep), donate_argnums=(0, 3))
+    return partitioning.ShardedFunction(jitted, mesh, rules)
+
+
+def guarded_step_fn(method: Method, optimizer: optax.GradientTransformation,
+                    num_microbatches: int = 1, z_loss: float = 1e-4):
+    """Pure ``(state, frozen, batch, acc) -> (state, acc, last)``; ``acc`` = (metric sums,
     guard), ``last`` = the step's other metrics (param/prompt norms, tokens).
 
     The guard is ``[first bad step, loss, grad_norm, param_norm]`` at the first non-finite step
-    (step -1 while all is well). Everything stays on device; state and accumulators are donated.
-    Cached per (method, optimizer) object, so a resumed or repeated run in the same process
-    (scaling sweeps, tests) reuses the compiled step.
+    (step -1 while all is well). Everything stays on device. The one-device jit is cached per
+    (method, optimizer) object, so a resumed or repeated run in the same process (scaling
+    sweeps, tests) reuses the compiled step.
     """
     step_fn = train_lib.train_step_fn(method, optimizer, z_loss=z_loss,
                                       num_microbatches=num_microbatches)
@@ -124,7 +159,7 @@ def make_guarded_step(method: Method, optimizer: optax.GradientTransformation,
         last = {k: v.astype(jnp.float32) for k, v in metrics.items() if k not in _AVERAGED}
         return new_state, ({**sums, "steps": acc[0]["steps"] + 1.0}, guard), last
 
-    return jax.jit(guarded, donate_argnums=(0, 3))
+    return guarded
 
 
 def _fresh_acc():
@@ -161,18 +196,22 @@ class _Best:
                 self.metrics = saved.get("metrics", {})
                 self.evals_since = saved.get("evaluations_since_best", 0)
 
-    def update(self, step: int, metrics: Mapping[str, float], trainable: PyTree) -> bool:
+    def update(self, step: int, metrics: Mapping[str, float], trainable: PyTree,
+               write: bool = True) -> bool:
+        """Bookkeeping on every process; files only where ``write`` (process 0)."""
         value = metrics.get(self.metric)
         improved = _is_better(value, self.value, self.mode)
         if improved:
             self.step, self.value, self.metrics = step, float(value), dict(metrics)
             self.evals_since = 0
-            if isinstance(trainable, Mapping) and "prompt" in trainable:
+            if write and isinstance(trainable, Mapping) and "prompt" in trainable:
                 os.makedirs(os.path.join(os.path.dirname(self.path), "prompts"), exist_ok=True)
                 np.save(os.path.join(os.path.dirname(self.path), "prompts", "best.npy"),
                         np.asarray(jax.device_get(trainable["prompt"]), np.float32))
         else:
             self.evals_since += 1
+        if not write:
+            return improved
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump({"metric": self.metric, "mode": self.mode, "step": self.step,
@@ -188,23 +227,54 @@ def _data_state(batches, fallback_position: int) -> Dict[str, Any]:
     return {"position": getattr(batches, "position", fallback_position)}
 
 
+def _place_frozen(frozen: PyTree, mesh):
+    """(frozen on ``mesh``, its shardings): arrays already on the mesh keep their sharding (the
+    rules' layout chosen by the caller); anything else is replicated onto it."""
+    rep = sharding_lib.replicated(mesh)
+
+    def sharding_of(leaf):
+        current = getattr(leaf, "sharding", None)
+        if (isinstance(current, jax.sharding.NamedSharding)
+                and current.mesh.devices.shape == mesh.devices.shape
+                and (current.mesh.devices == mesh.devices).all()):
+            return current
+        return rep
+
+    shardings = jax.tree_util.tree_map(sharding_of, frozen)
+    return jax.device_put(frozen, shardings), shardings
+
+
 def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen: PyTree,
              make_batches: Callable[[int], Iterator[Batch]], model_dir: str, config: LoopConfig,
              evaluate: Optional[Callable[[PyTree], Dict[str, float]]] = None,
              rng: Optional[jax.Array] = None, initial_trainable: Optional[PyTree] = None,
              batch_size: Optional[int] = None, model_config: Any = None,
-             frozen_checkpoint: Optional[str] = None, gin_config: str = "") -> LoopResult:
+             frozen_checkpoint: Optional[str] = None, gin_config: str = "",
+             mesh=None, rules: Optional[sharding_lib.Rules] = None) -> LoopResult:
     """Train ``method`` on the batches until ``config.train_steps``; see the module docstring.
 
     ``make_batches(position)`` returns an iterator of numpy batches starting at batch
     ``position`` (0 for a new run, the saved position when resuming). ``evaluate`` maps the
     trainable tree to validation metrics; it must contain ``config.metric`` for best-checkpoint
     tracking and early stopping to work.
+
+    ``mesh`` (a ``jax.sharding.Mesh`` with 'data'/'model' axes) and ``rules`` (logical-axis
+    rules) partition the run; ``frozen`` should then already be sharded on ``mesh`` (leaves that
+    are not are replicated onto it). Without a mesh everything runs on the default device.
     """
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    os.makedirs(model_dir, exist_ok=True)
-    state = train_lib.create_train_state(method, optimizer, frozen, rng,
-                                         trainable=initial_trainable)
+    if distributed.is_primary():
+        os.makedirs(model_dir, exist_ok=True)
+    frozen_shardings = None
+    if mesh is not None:
+        from prompt_t5x import partitioning
+        rules = tuple(rules) if rules is not None else sharding_lib.logical_axis_rules()
+        frozen, frozen_shardings = _place_frozen(frozen, mesh)
+        state = partitioning.create_train_state(method, optimizer, frozen, rng, mesh, rules,
+                                                trainable=initial_trainable)
+    else:
+        state = train_lib.create_train_state(method, optimizer, frozen, rng,
+                                             trainable=initial_trainable)
     checkpointer = train_checkpoints.TrainCheckpointer(
         model_dir, keep_last=config.keep_checkpoints,
         best_metric=f"validation/{config.metric}" if evaluate else None,
@@ -212,21 +282,39 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
     restored, manifest = checkpointer.restore_latest_good(state)
     resumed_from, position = None, 0
     if restored is not None:
+        if mesh is not None:
+            restored = jax.device_put(restored, sharding_lib.replicated(mesh))
         state, resumed_from = restored, int(manifest["step"])
         position = int(manifest.get("data_state", {}).get("position", resumed_from))
     best = _Best(model_dir, config.metric, config.metric_mode)
     start = int(jax.device_get(state.step))
-    result = LoopResult(start, best.step, best.value, best.metrics, False, [], resumed_from)
+    result = LoopResult(start, best.step, best.value, best.metrics, False, [], resumed_from,
+                        frozen_shardings)
     if start >= config.train_steps:
         checkpointer.close()
         return result
 
     def save(step_state, metrics=None):
+        # Collective: orbax coordinates the processes itself (process 0 writes replicated
+        # arrays and the manifest); the barrier keeps hosts in step around it.
         checkpointer.save(step_state, data_state=_data_state(batches, position),
                           metrics=metrics, model_config=model_config,
                           frozen_checkpoint=frozen_checkpoint, gin_config=gin_config)
+        distributed.barrier(f"checkpoint_{int(jax.device_get(step_state.step))}")
 
-    step_fn = make_guarded_step(method, optimizer, config.num_microbatches, config.z_loss)
+    if mesh is None:
+        step_fn = make_guarded_step(method, optimizer, config.num_microbatches, config.z_loss)
+        place_batch = lambda batch: batch  # noqa: E731 - jit moves numpy onto the device
+    else:
+        step_fn = make_sharded_guarded_step(method, optimizer, mesh, rules, frozen_shardings,
+                                            config.num_microbatches, config.z_loss)
+        shard = distributed.data_shard(mesh)
+
+        def place_batch(batch):
+            # Every host sees the global batch; keep this host's rows, assemble the global array.
+            rows = shard.rows(int(next(iter(batch.values())).shape[0]))
+            return sharding_lib.shard_batch({k: np.asarray(v)[rows] for k, v in batch.items()},
+                                            mesh)
     batches = make_batches(position)
     train_writer = MetricsWriter(model_dir, "train", config.tensorboard)
     eval_writer = MetricsWriter(model_dir, "validation", config.tensorboard)
@@ -239,7 +327,7 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
             batch = next(batches)
             examples = int(next(iter(batch.values())).shape[0]) if batch_size is None \
                 else batch_size
-            state, acc, last = step_fn(state, frozen, batch, acc)
+            state, acc, last = step_fn(state, frozen, place_batch(batch), acc)
             step += 1
             window_steps += 1
             is_last = step == config.train_steps
@@ -278,7 +366,8 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
             if do_eval:
                 values = {k: float(v) for k, v in evaluate(state.params).items()}
                 eval_writer.write(step, values)
-                improved = best.update(step, values, state.params)
+                with distributed.primary_writes(f"best_{step}") as primary:
+                    improved = best.update(step, values, state.params, write=primary)
                 result.evaluations.append({"step": step, **values})
                 metrics = {f"validation/{k}": v for k, v in values.items()}
                 if bar is not None:
