@@ -103,8 +103,13 @@ class MetricsWriter:
     as T5X lays them out); the JSONL file is shared: ``<model_dir>/metrics.jsonl``.
     """
 
-    def __init__(self, model_dir: str, split: str, tensorboard: bool = True):
+    def __init__(self, model_dir: str, split: str, tensorboard: bool = True,
+                 enabled: bool = True):
+        """``enabled=False`` (every host but process 0 of a multi-host run) writes nothing."""
         self.split = split
+        self._jsonl = self._events = None
+        if not enabled:
+            return
         os.makedirs(model_dir, exist_ok=True)
         self._jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a", encoding="utf-8")
         self._events = None
@@ -116,6 +121,8 @@ class MetricsWriter:
             self._events.write(tfrecord(version_event()))
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        if self._jsonl is None:
+            return
         clean = {k: float(v) for k, v in scalars.items()}
         record = {"step": int(step), "split": self.split}
         # JSON has no NaN/Inf: write them as strings so the file stays parseable.
@@ -127,7 +134,8 @@ class MetricsWriter:
             self._events.flush()
 
     def close(self) -> None:
-        self._jsonl.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
         if self._events is not None:
             self._events.close()
 

@@ -316,8 +316,9 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
             return sharding_lib.shard_batch({k: np.asarray(v)[rows] for k, v in batch.items()},
                                             mesh)
     batches = make_batches(position)
-    train_writer = MetricsWriter(model_dir, "train", config.tensorboard)
-    eval_writer = MetricsWriter(model_dir, "validation", config.tensorboard)
+    primary = jax.process_index() == 0   # one host writes the metrics of a multi-host run
+    train_writer = MetricsWriter(model_dir, "train", config.tensorboard, enabled=primary)
+    eval_writer = MetricsWriter(model_dir, "validation", config.tensorboard, enabled=primary)
     bar = _progress(config.train_steps, start, config.progress_bar)
     acc = _fresh_acc()
     window_start, window_steps = time.perf_counter(), 0
