@@ -181,6 +181,13 @@ def test_core_imports_no_tensorflow():
     code = ("import sys\n"
             "import prompt_t5x, prompt_t5x.t5, prompt_t5x.train, prompt_t5x.optim, "
             "prompt_t5x.prompts, prompt_t5x.methods, prompt_t5x.hf_interop, prompt_t5x.cli\n"
+            # everything a GPU machine without TensorFlow runs: checkpoints, decoding, mesh,
+            # bench and the train/eval commands on the generated tasks
+            "import prompt_t5x.checkpoints, prompt_t5x.train_checkpoints, prompt_t5x.export, "
+            "prompt_t5x.hf_checkpoint, prompt_t5x.decoding, prompt_t5x.rank_classification, "
+            "prompt_t5x.ensemble, prompt_t5x.sharding, prompt_t5x.partitioning, "
+            "prompt_t5x.distributed, prompt_t5x.bench, prompt_t5x.run_train, "
+            "prompt_t5x.training_loop, prompt_t5x.evaluation, prompt_t5x.quickstart\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
             "('tensorflow', 'seqio', 'tensorflow_datasets'))\n"
             "assert not bad, bad\n")
