@@ -43,10 +43,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from prompt_t5x import bench_report
 from prompt_t5x import flops as flops_lib
 
 H100_BF16_PEAK = 790e12  # dense bf16 FLOP/s measured on the issue's H100 (nominal 989e12)
-PHASES = ("train", "rank", "decode")
+PHASES = bench_report.PHASES
 
 
 # ----------------------------------------------------------------------------- flags
@@ -211,14 +212,6 @@ def compiled_memory(compiled) -> Dict[str, int]:
     return out
 
 
-def _figures(timing: Dict[str, float], examples: int, tokens: int, step_flops: int,
-             peak_flops: float) -> Dict[str, float]:
-    t = timing["median_s"]
-    return {"examples_per_s": examples / t, "tokens_per_s": tokens / t,
-            "pipelined_examples_per_s": examples / timing["pipelined_s"],
-            "flops_per_step": step_flops, "mfu": step_flops / t / peak_flops}
-
-
 # ----------------------------------------------------------------------------- phases
 
 def _method(args, cfg):
@@ -324,7 +317,7 @@ def bench_train(args, cfg, frozen, rng) -> Dict[str, Any]:
     timing = time_calls(call, args.steps, args.warmup)
     analytic = flops_lib.train_step_flops(cfg, args.batch, args.encoder_len, args.decoder_len)
     out = {"compile_s": compile_s, **timing,
-           **_figures(timing, args.batch, args.batch * (args.encoder_len + args.decoder_len),
+           **bench_report.figures(timing, args.batch, args.batch * (args.encoder_len + args.decoder_len),
                       analytic.total, args.peak_flops),
            "mfu_issue_convention": analytic.issue_convention / timing["median_s"] / args.peak_flops,
            "flops_cost_analysis": flops_lib.cost_analysis_flops(compiled),
@@ -351,7 +344,7 @@ def bench_rank(args, cfg, frozen, trainable, rng) -> Dict[str, Any]:
                                                      args.decoder_len, args.num_candidates)
     tokens = args.batch * (args.encoder_len + args.num_candidates * args.decoder_len)
     return {"compile_s": compile_s, "num_candidates": args.num_candidates, **timing,
-            **_figures(timing, args.batch, tokens, step_flops, args.peak_flops),
+            **bench_report.figures(timing, args.batch, tokens, step_flops, args.peak_flops),
             "compiled_memory": compiled_memory(compiled), "device_peak_bytes": device_peak_bytes()}
 
 
@@ -381,7 +374,7 @@ def bench_decode(args, cfg, frozen, trainable, rng) -> Dict[str, Any]:
     step_flops = flops_lib.greedy_decode_flops(cfg, args.batch, args.encoder_len, length,
                                                cross_kv_cached=True)
     return {"compile_s": compile_s, "decode_len": length, **timing,
-            **_figures(timing, args.batch, args.batch * length, step_flops, args.peak_flops),
+            **bench_report.figures(timing, args.batch, args.batch * length, step_flops, args.peak_flops),
             "generated_tokens_per_s": args.batch * length / timing["median_s"],
             "compiled_memory": compiled_memory(compiled), "device_peak_bytes": device_peak_bytes()}
 
@@ -390,7 +383,7 @@ def run_ours(args) -> Dict[str, Any]:
     import jax
     from prompt_t5x import optim, train
     result: Dict[str, Any] = {"impl": "prompt_t5x", "config": vars(args).copy(),
-                              "versions": versions(), "device": device_name()}
+                              "versions": bench_report.versions(), "device": bench_report.device_name()}
     result["config"].pop("json", None)
     if args.aot:
         result["aot_train"] = aot_train(args)
@@ -411,75 +404,6 @@ def run_ours(args) -> Dict[str, Any]:
     if "decode" in wanted:
         result["decode"] = bench_decode(args, cfg, frozen, trainable, rng)
     return result
-
-
-# ----------------------------------------------------------------------------- reporting
-
-def versions() -> Dict[str, str]:
-    import importlib.metadata as md
-    out = {}
-    for name in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def device_name() -> str:
-    import jax
-    d = jax.local_devices()[0]
-    return f"{d.platform}:{getattr(d, 'device_kind', '?')}"
-
-
-def _gib(n: Optional[float]) -> str:
-    return "-" if n is None else f"{n / 2**30:.2f} GiB"
-
-
-def format_phase(name: str, r: Dict[str, Any]) -> str:
-    if "skipped" in r:
-        return f"  {name:7s} skipped: {r['skipped']}"
-    mem = r.get("device_peak_bytes")
-    mem_text = (f"device peak {_gib(mem)}" if mem is not None else
-                f"compiled est. {_gib(r.get('compiled_memory', {}).get('estimated_peak_bytes'))}")
-    if r.get("host_peak_rss_bytes") is not None:
-        mem_text = f"host RSS peak {_gib(r['host_peak_rss_bytes'])}"
-    line = (f"  {name:7s} {r['examples_per_s']:10.2f} ex/s {r['tokens_per_s']:12.0f} tok/s  "
-            f"median {r['median_s'] * 1e3:9.2f} ms  MFU {100 * r['mfu']:6.3g}%")
-    if "mfu_issue_convention" in r:
-        line += f" (2xfwd {100 * r['mfu_issue_convention']:.3g}%)"
-    return line + f"  {mem_text}  compile {r.get('compile_s', 0):.1f}s"
-
-
-def format_result(r: Dict[str, Any]) -> str:
-    c = r["config"]
-    head = (f"{r['impl']} on {r['device']}: size={c['size']} batch={c['batch']} "
-            f"encoder={c['encoder_len']} (prompt {c['prompt_len']}) decoder={c['decoder_len']} "
-            f"remat={c.get('remat')} attention={c.get('attention')} dtype={c['dtype']} "
-            f"param_dtype={c['param_dtype']}")
-    lines = [head]
-    if "aot_train" in r:
-        a = r["aot_train"]
-        lines.append(f"  AOT train step: analytic {a['flops_analytic']:.4e} FLOPs, HLO dots "
-                     f"{a['flops_hlo_dots']:.4e}, cost_analysis {a['flops_cost_analysis']:.4e}; "
-                     f"compiled est. peak {_gib(a['compiled_memory'].get('estimated_peak_bytes'))}"
-                     f" (temp {_gib(a['compiled_memory'].get('temp_size_in_bytes'))}); "
-                     f"compile {a['compile_s']:.1f}s")
-        lines.append(f"  saved activations {_gib(a.get('saved_residual_bytes'))} + frozen weights "
-                     f"{_gib(a.get('frozen_bytes'))} (backend-independent)")
-    for name in PHASES:
-        if name in r:
-            lines.append(format_phase(name, r[name]))
-    return "\n".join(lines)
-
-
-def format_ratio(ours: Dict[str, Any], peer: Dict[str, Any]) -> str:
-    lines = ["ratio prompt_t5x / peer (examples/s):"]
-    for name in PHASES:
-        a, b = ours.get(name, {}), peer.get(name, {})
-        if "examples_per_s" in a and "examples_per_s" in b:
-            lines.append(f"  {name:7s} {a['examples_per_s'] / b['examples_per_s']:.3f}x")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -524,13 +448,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             ours = _child("prompt_t5x.bench", base, os.path.join(tmp, "ours.json"))
             peer = _child("prompt_t5x.peft_peer", peer_argv, os.path.join(tmp, "peer.json"))
-        print(format_result(ours))
-        print(format_result(peer))
-        print(format_ratio(ours, peer))
+        print(bench_report.format_result(ours))
+        print(bench_report.format_result(peer))
+        print(bench_report.format_ratio(ours, peer))
         result: Dict[str, Any] = {"ours": ours, "peer": peer}
     else:
         result = run_ours(args)
-        print(format_result(result))
+        print(bench_report.format_result(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1, default=float)

@@ -38,7 +38,8 @@ import numpy as np
 os.environ.setdefault("USE_TF", "0")
 os.environ.setdefault("USE_TORCH", "1")
 
-from prompt_t5x import bench  # noqa: E402  (flags, batch generation and reporting are shared)
+from prompt_t5x import bench  # noqa: E402  (flags and batch generation are shared)
+from prompt_t5x import bench_report  # noqa: E402  (so are the figures and their printing)
 from prompt_t5x import flops as flops_lib  # noqa: E402
 
 REQUIREMENTS = {"torch": "torch", "transformers": "transformers>=4.40,<5", "peft": "peft>=0.13"}
@@ -160,7 +161,7 @@ def bench_train(args, cfg, peft_model, device, rng) -> Dict[str, Any]:
     timing = time_calls(step, args.steps, args.warmup, device)
     analytic = flops_lib.train_step_flops(cfg, args.batch, args.encoder_len, args.decoder_len)
     out = {"compile_s": first_s, **timing,
-           **bench._figures(timing, args.batch, args.batch * (args.encoder_len + args.decoder_len),
+           **bench_report.figures(timing, args.batch, args.batch * (args.encoder_len + args.decoder_len),
                             analytic.total, args.peak_flops),
            "mfu_issue_convention": analytic.issue_convention / timing["median_s"] / args.peak_flops,
            **_peak_memory(device), "final_loss": float(state["loss"].detach().float().cpu())}
@@ -200,7 +201,7 @@ def bench_rank(args, cfg, peft_model, device, rng) -> Dict[str, Any]:
     timing = time_calls(scores, args.steps, args.warmup, device)
     step_flops = flops_lib.rank_classification_flops(cfg, b, args.encoder_len, t, c)
     return {"compile_s": first_s, "num_candidates": c, **timing,
-            **bench._figures(timing, b, b * (args.encoder_len + c * t), step_flops,
+            **bench_report.figures(timing, b, b * (args.encoder_len + c * t), step_flops,
                              args.peak_flops), **_peak_memory(device)}
 
 
@@ -228,7 +229,7 @@ def bench_decode(args, cfg, peft_model, device, rng) -> Dict[str, Any]:
     step_flops = flops_lib.greedy_decode_flops(cfg, args.batch, args.encoder_len, length,
                                                cross_kv_cached=True)
     return {"compile_s": first_s, "decode_len": length, "generated_shape": list(out.shape),
-            **timing, **bench._figures(timing, args.batch, args.batch * length, step_flops,
+            **timing, **bench_report.figures(timing, args.batch, args.batch * length, step_flops,
                                        args.peak_flops),
             "generated_tokens_per_s": args.batch * length / timing["median_s"],
             **_peak_memory(device)}
@@ -243,7 +244,7 @@ def run_peer(args) -> Dict[str, Any]:
     config["remat"] = "grad_ckpt" if args.grad_ckpt else "none"
     config["attention"] = "hf-eager" + ("+torch.compile" if args.compile else "")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    result: Dict[str, Any] = {"impl": "peft", "config": config, "versions": bench.versions(),
+    result: Dict[str, Any] = {"impl": "peft", "config": config, "versions": bench_report.versions(),
                               "device": f"{device.type}:{name}"}
     rng = np.random.default_rng(args.seed)
     start = time.perf_counter()
@@ -265,7 +266,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.aot:
         raise bench._usage_error("--aot is for prompt_t5x only")
     result = run_peer(args)
-    print(bench.format_result(result))
+    print(bench_report.format_result(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1, default=float)

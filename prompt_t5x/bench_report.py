@@ -1,0 +1,86 @@
+"""The figures of a benchmark run and how they are printed, shared by ``prompt-t5x bench``
+(``prompt_t5x.bench``) and its peer (``prompt_t5x.peft_peer``), so both report the same numbers
+computed the same way (examples/s and tokens/s from the median step, MFU over a given peak).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+PHASES = ("train", "rank", "decode")
+
+
+def figures(timing: Dict[str, float], examples: int, tokens: int, step_flops: int,
+             peak_flops: float) -> Dict[str, float]:
+    t = timing["median_s"]
+    return {"examples_per_s": examples / t, "tokens_per_s": tokens / t,
+            "pipelined_examples_per_s": examples / timing["pipelined_s"],
+            "flops_per_step": step_flops, "mfu": step_flops / t / peak_flops}
+
+
+
+def versions() -> Dict[str, str]:
+    import importlib.metadata as md
+    out = {}
+    for name in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def device_name() -> str:
+    import jax
+    d = jax.local_devices()[0]
+    return f"{d.platform}:{getattr(d, 'device_kind', '?')}"
+
+
+def _gib(n: Optional[float]) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def format_phase(name: str, r: Dict[str, Any]) -> str:
+    if "skipped" in r:
+        return f"  {name:7s} skipped: {r['skipped']}"
+    mem = r.get("device_peak_bytes")
+    mem_text = (f"device peak {_gib(mem)}" if mem is not None else
+                f"compiled est. {_gib(r.get('compiled_memory', {}).get('estimated_peak_bytes'))}")
+    if r.get("host_peak_rss_bytes") is not None:
+        mem_text = f"host RSS peak {_gib(r['host_peak_rss_bytes'])}"
+    line = (f"  {name:7s} {r['examples_per_s']:10.2f} ex/s {r['tokens_per_s']:12.0f} tok/s  "
+            f"median {r['median_s'] * 1e3:9.2f} ms  MFU {100 * r['mfu']:6.3g}%")
+    if "mfu_issue_convention" in r:
+        line += f" (2xfwd {100 * r['mfu_issue_convention']:.3g}%)"
+    return line + f"  {mem_text}  compile {r.get('compile_s', 0):.1f}s"
+
+
+def format_result(r: Dict[str, Any]) -> str:
+    c = r["config"]
+    head = (f"{r['impl']} on {r['device']}: size={c['size']} batch={c['batch']} "
+            f"encoder={c['encoder_len']} (prompt {c['prompt_len']}) decoder={c['decoder_len']} "
+            f"remat={c.get('remat')} attention={c.get('attention')} dtype={c['dtype']} "
+            f"param_dtype={c['param_dtype']}")
+    lines = [head]
+    if "aot_train" in r:
+        a = r["aot_train"]
+        lines.append(f"  AOT train step: analytic {a['flops_analytic']:.4e} FLOPs, HLO dots "
+                     f"{a['flops_hlo_dots']:.4e}, cost_analysis {a['flops_cost_analysis']:.4e}; "
+                     f"compiled est. peak {_gib(a['compiled_memory'].get('estimated_peak_bytes'))}"
+                     f" (temp {_gib(a['compiled_memory'].get('temp_size_in_bytes'))}); "
+                     f"compile {a['compile_s']:.1f}s")
+        lines.append(f"  saved activations {_gib(a.get('saved_residual_bytes'))} + frozen weights "
+                     f"{_gib(a.get('frozen_bytes'))} (backend-independent)")
+    for name in PHASES:
+        if name in r:
+            lines.append(format_phase(name, r[name]))
+    return "\n".join(lines)
+
+
+def format_ratio(ours: Dict[str, Any], peer: Dict[str, Any]) -> str:
+    lines = ["ratio prompt_t5x / peer (examples/s):"]
+    for name in PHASES:
+        a, b = ours.get(name, {}), peer.get(name, {})
+        if "examples_per_s" in a and "examples_per_s" in b:
+            lines.append(f"  {name:7s} {a['examples_per_s'] / b['examples_per_s']:.3f}x")
+    return "\n".join(lines)
