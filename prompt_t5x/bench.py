@@ -462,11 +462,5 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Exception as e:  # noqa: BLE001 -- UsageError -> status 2 as in the cli
-        from prompt_t5x.cli import UsageError
-        if isinstance(e, UsageError):
-            print(f"prompt-t5x bench: error: {e}", file=sys.stderr)
-            sys.exit(2)
-        raise
+    from prompt_t5x import cli
+    sys.exit(cli.run("bench", main, sys.argv[1:]))

@@ -62,9 +62,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"prompt-t5x: unknown command {name!r}.\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, func_name, _ = COMMANDS[name]
-    func = getattr(importlib.import_module(module_name), func_name)
+    return run(name, getattr(importlib.import_module(module_name), func_name), rest)
+
+
+def run(name: str, func, argv: List[str]) -> int:
+    """``func(argv)`` as command ``name``: a UsageError is one message and exit status 2.
+
+    Also the entry point of modules run as ``python -m`` children (bench and its peer).
+    """
     try:
-        return int(func(rest) or 0)
+        return int(func(argv) or 0)
     except UsageError as e:
         print(f"prompt-t5x {name}: error: {e}", file=sys.stderr)
         return 2
