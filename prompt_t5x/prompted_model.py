@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
@@ -43,12 +42,6 @@ def _manifest_for(source: str, step: Optional[int]) -> Optional[Dict[str, Any]]:
         return train_checkpoints.TrainCheckpointer(model_dir).read_manifest(step)
     except train_checkpoints.TrainCheckpointError as e:
         raise UsageError(f"prompt {source!r}: {e}") from None
-
-
-def _gin_value(gin_text: str, name: str) -> Optional[str]:
-    """The literal bound to ``name`` in an operative gin config (as a string), if any."""
-    m = re.search(rf"^{re.escape(name)}\s*=\s*(.+?)\s*$", gin_text or "", re.M)
-    return m.group(1) if m else None
 
 
 def load_prompts(sources: Sequence[str], step: Optional[int] = None
@@ -82,7 +75,8 @@ def load_frozen(checkpoint: Optional[str], manifest: Optional[Dict[str, Any]] = 
     from prompt_t5x import checkpoints, hf_checkpoint, run_train, strict_loading
     if checkpoint is None and manifest is not None:
         checkpoint = manifest.get("frozen_checkpoint") or "random"
-        seed = int(_gin_value(manifest.get("gin_config", ""), "train.seed") or 0)
+        # The run's frozen weights: random ones are re-made from the run's own seed.
+        seed = int(manifest.get("run", {}).get("seed", 0))
     if config is None and manifest is not None and manifest.get("model_config"):
         config = t5_lib.T5Config.from_dict(manifest["model_config"])
     if checkpoint is None:
@@ -142,8 +136,7 @@ def load(sources: Sequence[str], *, checkpoint: Optional[str] = None,
     frozen = jax.device_put(frozen)
     mode = prompt_mode
     if mode is None and manifest is not None:
-        found = _gin_value(manifest.get("gin_config", ""), "methods.prompt_tuning.prompt_mode")
-        mode = found.strip("'\"") if found else None
+        mode = manifest.get("run", {}).get("prompt_mode")
     try:
         method = _prompt_method(config, prompts.shape[1], mode or "prepend")
     except ValueError as e:

@@ -346,7 +346,10 @@ def _train(run: RunConfig, kind: str, source, gin_config: str, mesh=None,
                     config=run.loop, evaluate=evaluate, rng=jax.random.PRNGKey(run.seed),
                     initial_trainable=initial_trainable, batch_size=run.batch_size,
                     model_config=run.model, frozen_checkpoint=run.checkpoint,
-                    gin_config=gin_config, mesh=mesh, rules=rules)
+                    gin_config=gin_config, mesh=mesh, rules=rules,
+                    run_info={"seed": run.seed, "method": run.method.kind,
+                              "prompt_length": run.method.prompt_length,
+                              "prompt_mode": run.method.prompt_mode})
 
 
 def parse_run(argv: Sequence[str], prog: str = "prompt-t5x train") -> "tuple[RunConfig, str]":

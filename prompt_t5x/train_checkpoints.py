@@ -112,17 +112,21 @@ class TrainCheckpointer:
 
     def save(self, state: Any, *, data_state: Optional[Mapping[str, Any]] = None,
              metrics: Optional[Mapping[str, float]] = None, model_config: Any = None,
-             frozen_checkpoint: Optional[str] = None, gin_config: str = "") -> int:
+             frozen_checkpoint: Optional[str] = None, gin_config: str = "",
+             run: Optional[Mapping[str, Any]] = None) -> int:
         """Save ``state`` (a ``train.TrainState``) at its own step; returns the step.
 
         ``data_state`` is the data-iterator position (JSON), ``metrics`` drive keep-best (the
-        ``best_metric`` must be among them for the step to compete).
+        ``best_metric`` must be among them for the step to compete). ``run`` (JSON) records what
+        evaluating the run needs besides its weights: the seed of random frozen weights and the
+        method (kind, prompt length, prompt mode).
         """
         step = int(jax.device_get(state.step))
         config_dict = model_config.to_dict() if hasattr(model_config, "to_dict") else model_config
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
         manifest = {"format": MANIFEST_FORMAT, "step": step, "model_config": config_dict,
                     "frozen_checkpoint": frozen_checkpoint, "gin_config": gin_config,
+                    "run": dict(run or {}),
                     "metrics": metrics, "data_state": dict(data_state or {}),
                     "checksum": state_checksum(state), "saved_at": time.time()}
         ranked = metrics if self.best_metric in metrics else None

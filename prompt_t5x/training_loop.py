@@ -250,6 +250,7 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
              rng: Optional[jax.Array] = None, initial_trainable: Optional[PyTree] = None,
              batch_size: Optional[int] = None, model_config: Any = None,
              frozen_checkpoint: Optional[str] = None, gin_config: str = "",
+             run_info: Optional[Dict[str, Any]] = None,
              mesh=None, rules: Optional[sharding_lib.Rules] = None) -> LoopResult:
     """Train ``method`` on the batches until ``config.train_steps``; see the module docstring.
 
@@ -297,10 +298,11 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
     def save(step_state, metrics=None):
         # Collective: orbax coordinates the processes itself (process 0 writes replicated
         # arrays and the manifest); the barrier keeps hosts in step around it.
-        checkpointer.save(step_state, data_state=_data_state(batches, position),
-                          metrics=metrics, model_config=model_config,
-                          frozen_checkpoint=frozen_checkpoint, gin_config=gin_config)
-        distributed.barrier(f"checkpoint_{int(jax.device_get(step_state.step))}")
+        saved = checkpointer.save(step_state, data_state=_data_state(batches, position),
+                                  metrics=metrics, model_config=model_config,
+                                  frozen_checkpoint=frozen_checkpoint, gin_config=gin_config,
+                                  run=run_info)
+        distributed.barrier(f"checkpoint_{saved}")
 
     if mesh is None:
         step_fn = make_guarded_step(method, optimizer, config.num_microbatches, config.z_loss)

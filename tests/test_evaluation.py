@@ -172,7 +172,9 @@ def test_train_then_eval_and_infer_from_the_model_dir(world, tmp_path):
     assert cli.main(["train", "--gin_file=models/tiny.gin", "--gin_file=runs/prompt_tuning.gin",
                      f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=2",
                      "--gin.PROMPT_LENGTH=4", "--gin.EVAL_EVERY=2", "--gin.train.progress_bar=False",
-                     "--gin.train.tensorboard=False"] + common) == 0
+                     "--gin.train.tensorboard=False", "--gin.train.seed=3",
+                     # not the defaults, so eval must really read them from the manifest
+                     "--gin.methods.prompt_tuning.prompt_mode='before_eos'"] + common) == 0
     best = json.loads((model_dir / "best.json").read_text())
     assert best["step"] == 2
     out = tmp_path / "eval"
@@ -185,12 +187,13 @@ def test_train_then_eval_and_infer_from_the_model_dir(world, tmp_path):
                      f"--gin.OUTPUT_DIR='{out}'"] + common) == 0
     rows = [json.loads(r) for r in
             (out / "local_glue_sst2_validation_predictions.jsonl").read_text().splitlines()]
-    # Reference: train's random frozen weights (seed 0 + 1) and the step-2 prompt it saved.
+    # Reference: train's random frozen weights (seed 3 + 1), its prompt mode and the step-2
+    # prompt it saved.
     import tasks
     config = t5.get_config("tiny", dropout_rate=0.1)
-    frozen = t5.init_params(config, jax.random.PRNGKey(1))
+    frozen = t5.init_params(config, jax.random.PRNGKey(4))
     prompt = np.load(model_dir / "prompts" / "step_2.npy")
-    method = methods.PromptTuning(t5.T5(config), prompt_length=4)
+    method = methods.PromptTuning(t5.T5(config), prompt_length=4, prompt_mode="before_eos")
     labels = rank_classification.encode_labels(
         ["negative", "positive"], tasks.vocab.get_vocabulary(world["vocab"]).encode, 4)
     scores, _ = rank_classification.make_rank_classifier(method, labels)(
