@@ -314,12 +314,14 @@ def decode(method: Method, frozen: PyTree, trainable: PyTree, encoder_input_toke
     encoded, mask = model.apply(variables, encoder_input_tokens, method=T5.encode,
                                 **encode_kwargs)
     batch = encoded.shape[0]
+    # Cross-attention keys/values depend on the encoding only: project them once, not per step
+    # (and before the rows are replicated per beam). Each is [layers, B, L, H, Dh].
+    cross_kv = model.apply(variables, encoded, method=T5.cross_attention_kv)
     if spec.strategy == "beam":
         # Every beam of an example shares its encoding: rows b*K .. b*K + K-1.
         encoded = jnp.repeat(encoded, spec.beam_size, axis=0)
         mask = jnp.repeat(mask, spec.beam_size, axis=0)
-    # Cross-attention keys/values depend on the encoding only: project them once, not per step.
-    cross_kv = model.apply(variables, encoded, method=T5.cross_attention_kv)
+        cross_kv = tuple(jnp.repeat(x, spec.beam_size, axis=1) for x in cross_kv)
     decode_kwargs = {**decode_kwargs, "cross_kv": cross_kv}
     cache = init_cache(model, variables, encoded, mask, spec.max_decode_len, decode_kwargs)
     step = make_step_fn(model, variables, encoded, mask, decode_kwargs)

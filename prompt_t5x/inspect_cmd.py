@@ -31,7 +31,8 @@ def describe(path: str) -> Dict[str, Any]:
 
     Raises ``ValueError`` when the path is not something we understand.
     """
-    from prompt_t5x import checkpoints, export, hf_checkpoint, storage, train_checkpoints
+    from prompt_t5x import (checkpoints, export, hf_checkpoint, storage, strict_loading,
+                            train_checkpoints)
 
     remote = storage.is_remote(path)
     if not remote and not os.path.exists(path):
@@ -60,7 +61,7 @@ def describe(path: str) -> Dict[str, Any]:
         ckpt = train_checkpoints.TrainCheckpointer(model_dir, read_only=True)
         manifest = ckpt.read_manifest()
         params, step = train_checkpoints.read_trainable(model_dir, manifest["step"])
-        sizes = {k: list(np.shape(v)) for k, v in _flat(params).items()}
+        sizes = {k: list(np.shape(v)) for k, v in strict_loading.flatten(params).items()}
         details = [f"  steps saved     {ckpt.all_steps()}",
                    f"  frozen model    {manifest.get('frozen_checkpoint')}",
                    f"  trainable       {sizes if len(sizes) <= 4 else f'{len(sizes)} arrays'}"]
@@ -82,15 +83,6 @@ def describe(path: str) -> Dict[str, Any]:
         note = []
     return {"format": ckpt.format, "step": ckpt.step, "config": config,
             "num_params": ckpt.num_params(), "details": [f"  path            {ckpt.path}"] + note}
-
-
-def _flat(tree, prefix=""):
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flat(v, f"{prefix}/{k}" if prefix else str(k)))
-        return out
-    return {prefix: tree}
 
 
 def format_description(path: str, info: Dict[str, Any]) -> str:

@@ -187,7 +187,7 @@ class EncoderLayer(nn.Module):
     config: T5Config
 
     @nn.compact
-    def __call__(self, x, bias, prefix, deterministic, decode=False):
+    def __call__(self, x, bias, prefix, deterministic):
         cfg = self.config
         dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         drop = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))

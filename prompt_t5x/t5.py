@@ -134,14 +134,14 @@ def get_config(size: str, **overrides) -> T5Config:
 
 
 # The layers are a Python loop, not a scan: prevent_cse=True stops XLA from merging the
-# recomputation with the forward pass (which silently undoes part of the remat). Measured on
-# base with full remat: compiled matmul FLOPs 1.18e12 without remat, 1.37e12 with
-# prevent_cse=False (part of the recomputation merged away), 1.57e12 with True.
+# recomputation with the forward pass (which silently undoes part of the remat). Measured with
+# `prompt-t5x plan` on base, full remat, while this flag was still False (docs/scaling.md):
+# compiled matmul FLOPs 1.18e12 without remat, 1.37e12 with False, 1.57e12 with True.
 def _remat_encoder_layer(cfg):
     if cfg.remat_policy == "none":
         return EncoderLayer
     return nn.remat(EncoderLayer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=True,
-                    static_argnums=(4, 5))
+                    static_argnums=(4,))
 
 
 def _remat_decoder_layer(cfg):
@@ -182,7 +182,7 @@ class Encoder(nn.Module):
             if deep_prompts is not None and i > 0:
                 x = prompts_lib.replace_prompt_positions(x, deep_prompts[i], prompt_positions)
             x = layer_cls(cfg, name=f"layers_{i}")(
-                x, bias, _prefix_for(prefixes, "encoder", i), deterministic, False)
+                x, bias, _prefix_for(prefixes, "encoder", i), deterministic)
         dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         x = RMSNorm(cfg.layer_norm_eps, dt, pdt, name="encoder_norm")(x)
         return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)

@@ -21,7 +21,7 @@ import hashlib
 import logging
 import os
 import time
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
 import numpy as np
@@ -241,8 +241,8 @@ def find_model_dir(path: str) -> Optional[str]:
     return None
 
 
-def read_trainable(model_dir: str, step: Optional[int] = None) -> Dict[str, Any]:
-    """The saved trainable params (numpy, nested dict) without a template -- e.g. for export."""
+def read_trainable(model_dir: str, step: Optional[int] = None) -> Tuple[Dict[str, Any], int]:
+    """(saved trainable params as a numpy nested dict, step), without a template (export)."""
     ckpt = TrainCheckpointer(model_dir, read_only=True)
     step = ckpt._resolve_step(step)
     try:

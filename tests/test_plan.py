@@ -38,7 +38,8 @@ def test_plan_one_reports_sharded_weights_memory_and_flops(mesh_text, param_dims
     assert row["weights_gib"] < row["arguments_gib"] < row["weights_gib"] + 1e-3
     assert row["peak_gib"] >= row["arguments_gib"]
     # XLA's count includes element-wise work on top of the matmuls of prompt_t5x.flops
-    assert 0.9 <= row["tflops_compiled"] / row["tflops_analytic"] <= 2.0
+    # the compiled step does every counted matmul (so never less) plus a little bookkeeping
+    assert 1.0 <= row["tflops_compiled"] / row["tflops_analytic"] <= 1.5
     assert all(row["fits"].values())
 
 

@@ -192,3 +192,10 @@ def test_core_imports_no_tensorflow():
             "('tensorflow', 'seqio', 'tensorflow_datasets'))\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_microbatches_are_strided_so_each_spans_every_data_shard():
+    split = train._split_microbatches({"x": jnp.arange(12).reshape(6, 2)}, 2)["x"]
+    assert split.shape == (2, 3, 2)
+    np.testing.assert_array_equal(np.asarray(split[0, :, 0]), [0, 4, 8])   # rows 0, 2, 4
+    np.testing.assert_array_equal(np.asarray(split[1, :, 0]), [2, 6, 10])  # rows 1, 3, 5
