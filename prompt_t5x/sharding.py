@@ -24,6 +24,7 @@ Mesh axes are created as ``AxisType.Auto``: flax's logical constraints are
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Mapping, Optional, Sequence, Tuple
 
@@ -225,6 +226,17 @@ def check_divisible(shapes: PyTree, shardings: PyTree) -> None:
                          + ". Pick a mesh whose axes divide these sizes.")
 
 
+@functools.lru_cache(maxsize=8)
+def _local_data_rows(mesh: Mesh) -> int:
+    """How many 'data' coordinates this process's devices occupy (its rows split over that
+    many). Cached: it is a fact of the mesh, and shard_batch runs at every training step."""
+    data_axis = mesh.axis_names.index("data")
+    mine = np.vectorize(lambda d: d.process_index == jax.process_index(), otypes=[bool])(
+        mesh.devices)
+    return int(np.moveaxis(mine, data_axis, 0).reshape(mine.shape[data_axis], -1)
+               .any(axis=1).sum())
+
+
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict:
     """This host's rows of a batch -> global ``jax.Array`` s split over 'data'.
 
@@ -232,12 +244,7 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict:
     ``distributed.data_shard``) and the result is the global batch that no host holds in full.
     """
     sharding = batch_sharding(mesh)
-    # The 'data' coordinates this process's devices occupy: its rows are split over that many.
-    data_axis = mesh.axis_names.index("data")
-    mine = np.vectorize(lambda d: d.process_index == jax.process_index(), otypes=[bool])(
-        mesh.devices)
-    local_rows = int(np.moveaxis(mine, data_axis, 0).reshape(mine.shape[data_axis], -1)
-                     .any(axis=1).sum())
+    local_rows = _local_data_rows(mesh)
     out = {}
     for name, value in batch.items():
         value = np.asarray(value)

@@ -35,15 +35,21 @@ def resolve_vocab_path(vocab_path: Optional[str] = None) -> str:
             or DEFAULT_VOCAB_PATH)
 
 
-@functools.lru_cache(maxsize=None)
 def get_vocabulary(vocab_path: Optional[str] = None) -> seqio.SentencePieceVocabulary:
-    """One vocabulary object per path (SentencePiece loads lazily, on first encode)."""
-    return seqio.SentencePieceVocabulary(resolve_vocab_path(vocab_path), extra_ids=EXTRA_IDS)
+    """The vocabulary at ``resolve_vocab_path(vocab_path)``: resolved on every call (so a later
+    ``register_all(vocab_path=...)`` is seen), one object per resolved path."""
+    return _vocabulary_at(resolve_vocab_path(vocab_path))
+
+
+@functools.lru_cache(maxsize=None)
+def _vocabulary_at(path: str) -> seqio.SentencePieceVocabulary:
+    # SentencePiece loads lazily, on first encode.
+    return seqio.SentencePieceVocabulary(path, extra_ids=EXTRA_IDS)
 
 
 def output_features(vocab_path: Optional[str] = None) -> Dict[str, seqio.Feature]:
     """``inputs`` / ``targets`` features, both with EOS appended, as T5 tasks use."""
-    vocab = get_vocabulary(resolve_vocab_path(vocab_path))
+    vocab = get_vocabulary(vocab_path)
     return {
         "inputs": seqio.Feature(vocabulary=vocab, add_eos=True, required=False),
         "targets": seqio.Feature(vocabulary=vocab, add_eos=True),
