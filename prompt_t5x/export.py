@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from prompt_t5x import hf_checkpoint
+from prompt_t5x import hf_checkpoint, storage
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -124,10 +124,7 @@ def export_prompt(source: str, out: str, *, fmt: Optional[str] = None, step: Opt
     if fmt == "npy":
         if not out.endswith(".npy"):
             raise ExportError(f"--format npy needs an output path ending in .npy, got {out}")
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        tmp = f"{out}.tmp-{os.getpid()}.npy"
-        np.save(tmp, prompt.astype(np.float32))
-        os.replace(tmp, out)
+        storage.write_npy_atomic(out, prompt.astype(np.float32))
     else:
         if os.path.isfile(out):
             raise ExportError(f"a PEFT adapter is a directory; {out} is an existing file")

@@ -18,7 +18,7 @@ differentiated (what ``prompt_t5x.train`` and PyTorch autograd both do):
   the first cross-attention's query projection (and so its ``dq``).
 
 The performance issue's table is consistent with the simpler convention ``backward = forward``
-(``issue_convention_flops``): the exact count is 0.9% (xxl) to 4.3% (base) larger at batch 32,
+(``StepFlops.issue_convention``): the exact count is 0.9% (xxl) to 4.3% (base) larger at batch 32,
 encoder 512, decoder 16, because attention matmuls need two gradient matmuls. Throughput targets
 (examples/s) are convention-free; ``bench`` prints both MFUs.
 

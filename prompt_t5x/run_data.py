@@ -147,7 +147,8 @@ class SeqioData:
         self.vocabulary = None if feature is None else feature.vocabulary
         self.encode = None if feature is None else feature.vocabulary.encode
         self.vocab_size = None if feature is None else feature.vocabulary.vocab_size
-        # Free-text tasks with metrics are scored on greedy decodes during validation.
+        # Tasks with metrics can be scored on greedy decodes; run_train uses that only when
+        # there are no label words (classification tasks use rank classification).
         self.decode_for_metrics = bool(getattr(self.provider, "metric_fns", None))
 
     def train_batches(self, position: int = 0) -> Iterator[Dict[str, np.ndarray]]:

@@ -93,3 +93,13 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_npy_atomic(path: str, array) -> None:
+    """``np.save`` of ``array`` to ``path``, through ``write_bytes_atomic``."""
+    import io
+
+    import numpy as np
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array), allow_pickle=False)
+    write_bytes_atomic(path, buffer.getvalue())

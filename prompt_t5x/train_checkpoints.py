@@ -28,6 +28,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from prompt_t5x import storage
+
 STATE_ITEM = "train_state"
 MANIFEST_ITEM = "manifest"
 CHECKPOINTS_SUBDIR = "checkpoints"
@@ -60,12 +62,8 @@ def write_prompt_npy(model_dir: str, step: int, prompt: Any) -> Optional[str]:
     """``<model_dir>/prompts/step_<step>.npy`` (process 0 only; temporary file + rename)."""
     if jax.process_index() != 0:
         return None
-    directory = os.path.join(model_dir, PROMPTS_SUBDIR)
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"step_{step}.npy")
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    np.save(tmp, np.asarray(jax.device_get(prompt), dtype=np.float32))
-    os.replace(tmp, path)
+    path = os.path.join(model_dir, PROMPTS_SUBDIR, f"step_{step}.npy")
+    storage.write_npy_atomic(path, np.asarray(jax.device_get(prompt), dtype=np.float32))
     return path
 
 
