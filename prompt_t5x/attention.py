@@ -1,19 +1,29 @@
 """Attention arithmetic shared by every T5 attention layer: position buckets, masks, kernels.
 
 T5 attention has no 1/sqrt(d_kv) logit scaling (it is folded into the query kernel's init) and
-adds a relative-position bias; masks are folded into that bias. Implementations:
+adds a relative-position bias. The bias ``[1, H, Q, K]`` and the boolean :class:`Mask` travel
+separately, so no ``[B, H, Q, K]`` tensor is built outside the kernel: the mask stays factored
+(valid queries, valid keys, causal) until a kernel needs it. Implementations:
 
 - ``einsum``: explicit einsum -> float32 softmax -> einsum. Supports attention-probability dropout.
-- ``xla`` / ``cudnn``: ``jax.nn.dot_product_attention`` with the bias and ``scale=1.0``; the cuDNN
-  one is a fused kernel on NVIDIA GPUs. Neither takes a dropout rng, so a training step with
-  attention dropout > 0 uses the einsum path (same numbers, by construction).
+- ``xla``: ``jax.nn.dot_product_attention`` with the bias, a broadcastable ``[B|1, 1, Q, K]``
+  mask and ``scale=1.0``.
+- ``cudnn``: the same call as a fused cuDNN kernel on NVIDIA GPUs. Padding is given as sequence
+  lengths (and causality as ``is_causal``), so the kernel masks in place and its bias gradient
+  (which cuDNN always computes) stays ``[1, H, Q, K]``; this reads valid positions as a prefix
+  of each row (right padding, which SeqIO's ``trim_and_pad`` produces and every combine mode
+  of ``prompts.py`` keeps). With per-layer prefixes it falls back to a dense mask.
+
+``xla``/``cudnn`` take no dropout rng, so a training step with attention dropout > 0 uses the
+einsum path (same numbers, by construction).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Dict, Optional
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,22 +62,96 @@ def relative_position_bucket(relative_position, bidirectional: bool, num_buckets
     return ret + xp.where(is_small, n, large)
 
 
-def mask_to_bias(mask) -> jax.Array:
-    """Boolean mask (True = may attend) -> additive float32 bias (0 or MASKED_LOGIT)."""
-    return jnp.where(mask, 0.0, MASKED_LOGIT).astype(jnp.float32)
+@flax.struct.dataclass
+class Mask:
+    """Which keys each query may see, kept factored: ``query_valid`` [B, Q] and ``key_valid``
+    [B|1, K] booleans (None = all valid) and ``causal`` (key k visible to query q iff k <= q).
+
+    ``prefix`` leading keys (per-layer prefix key/values, see ``layers.Attention``) are visible to
+    every query; ``key_valid`` and the causal triangle describe the keys after them. ``causal``
+    and ``prefix`` are static (pytree metadata), so a Mask can cross jit/remat boundaries.
+    A fully masked query row (a padded decoder position) attends uniformly, as in T5X; nothing
+    downstream uses it (its loss weight is 0).
+    """
+
+    query_valid: Optional[jax.Array] = None
+    key_valid: Optional[jax.Array] = None
+    causal: bool = flax.struct.field(pytree_node=False, default=False)
+    prefix: int = flax.struct.field(pytree_node=False, default=0)
+
+    def with_prefix(self, length: int) -> "Mask":
+        return self.replace(prefix=self.prefix + length)
+
+    def dense(self, q_len: int, k_len: int) -> Optional[jax.Array]:
+        """Boolean ``[B|1, 1, Q, K]`` (True = may attend), or None when nothing is masked."""
+        p = self.prefix
+        out = None
+
+        def both(a, b):
+            return b if a is None else a & b
+
+        if self.causal:
+            tri = np.arange(k_len - p)[None, :] <= np.arange(q_len)[:, None]
+            out = jnp.asarray(np.concatenate([np.ones((q_len, p), bool), tri], axis=1)[None, None])
+        if self.key_valid is not None:
+            keys = jnp.pad(self.key_valid, ((0, 0), (p, 0)), constant_values=True)
+            out = both(out, keys[:, None, None, :])
+        if self.query_valid is not None:
+            out = both(out, self.query_valid[:, None, :, None])
+        return out
 
 
-def attend(q, k, v, bias, *, impl: str = "einsum", dropout_rate: float = 0.0,
+def cudnn_arguments(q: jax.Array, k: jax.Array, bias: Optional[jax.Array],
+                    mask: Optional[Mask], dtype) -> Dict[str, Any]:
+    """Keyword arguments of ``jax.nn.dot_product_attention`` for the cuDNN path.
+
+    Padding becomes ``query_seq_lengths``/``key_value_seq_lengths`` [B] int32 (the count of valid
+    positions: right padding), causality ``is_causal``; the bias stays ``[1, H, Q, K]``.
+    """
+    kwargs: Dict[str, Any] = {"scale": 1.0}
+    if bias is not None:
+        kwargs["bias"] = bias.astype(dtype)
+    if mask is None:
+        return kwargs
+    if mask.prefix:
+        # Prefix keys sit before the padded keys (and outside the causal triangle): lengths cannot
+        # say that, so the mask goes in dense and cuDNN folds it into the bias.
+        kwargs["mask"] = mask.dense(q.shape[1], k.shape[1])
+        return kwargs
+    batch = q.shape[0]
+    kwargs["is_causal"] = mask.causal
+    if mask.query_valid is not None:
+        kwargs["query_seq_lengths"] = jnp.sum(mask.query_valid, axis=-1, dtype=jnp.int32)
+    if mask.key_valid is not None:
+        lengths = jnp.sum(mask.key_valid, axis=-1, dtype=jnp.int32)
+        kwargs["key_value_seq_lengths"] = jnp.broadcast_to(lengths, (batch,))
+    return kwargs
+
+
+def attend(q, k, v, bias: Optional[jax.Array] = None, mask: Optional[Mask] = None, *,
+           impl: str = "einsum", dropout_rate: float = 0.0,
            dropout_rng: Optional[jax.Array] = None, dtype=jnp.float32) -> jax.Array:
-    """q [B, Q, H, Dh], k/v [B, K, H, Dh], bias [B|1, H|1, Q, K] float32 -> [B, Q, H, Dh]."""
+    """q [B, Q, H, Dh], k/v [B, K, H, Dh], bias [1, H, Q, K - prefix] float32 -> [B, Q, H, Dh]."""
     use_dropout = dropout_rng is not None and dropout_rate > 0
-    if impl in ("xla", "cudnn") and not use_dropout:
-        bias = jnp.broadcast_to(bias, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+    if bias is not None and mask is not None and mask.prefix:
+        # Prefix keys get no position bias.
+        bias = jnp.pad(bias, ((0, 0), (0, 0), (0, 0), (mask.prefix, 0)))
+    if impl == "cudnn" and not use_dropout:
         return jax.nn.dot_product_attention(
-            q.astype(dtype), k.astype(dtype), v.astype(dtype), bias=bias.astype(dtype),
-            scale=1.0, implementation=impl)
+            q.astype(dtype), k.astype(dtype), v.astype(dtype), implementation="cudnn",
+            **cudnn_arguments(q, k, bias, mask, dtype))
+    dense = None if mask is None else mask.dense(q.shape[1], k.shape[1])
+    if impl == "xla" and not use_dropout:
+        return jax.nn.dot_product_attention(
+            q.astype(dtype), k.astype(dtype), v.astype(dtype),
+            bias=None if bias is None else bias.astype(dtype), mask=dense, scale=1.0,
+            implementation="xla")
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits + bias, axis=-1)
+    if bias is not None:
+        logits = logits + bias
+    if dense is not None:
+        logits = jnp.where(dense, logits, MASKED_LOGIT)
+    weights = jax.nn.softmax(logits, axis=-1)
     if use_dropout:
         # One mask per (batch, head, key), shared by all queries (T5X's broadcast dropout).
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate,

@@ -117,10 +117,11 @@ class Attention(nn.Module):
     decode_cache: bool = False  # decoder self-attention: keep a key/value cache when decoding
 
     @nn.compact
-    def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Array, deterministic: bool,
-                 decode: bool = False, prefix: Optional[Tuple[Array, Array]] = None,
+    def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Optional[Array],
+                 mask: Optional[attn_lib.Mask], deterministic: bool, decode: bool = False,
+                 prefix: Optional[Tuple[Array, Array]] = None,
                  kv: Optional[Tuple[Array, Array]] = None) -> Array:
-        """inputs_q [B, Q, D], inputs_kv [B, K, D], bias [B|1, H, Q, K] (mask folded in)."""
+        """inputs_q [B, Q, D], inputs_kv [B, K, D], position bias [1, H, Q, K] float32 or None."""
         cfg = self.config
         dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         hk = cfg.num_heads * cfg.head_dim
@@ -142,7 +143,7 @@ class Attention(nn.Module):
             v = checkpoint_name(heads(proj(name="value")(inputs_kv)), "value")
 
         if decode and self.decode_cache:
-            k, v, bias = self._update_cache(k, v, bias)
+            k, v = self._update_cache(k, v)
 
         if prefix is not None:
             pk, pv = prefix
@@ -151,19 +152,18 @@ class Attention(nn.Module):
             pv = jnp.broadcast_to(pv.astype(dt), (batch,) + pv.shape[1:])
             k = jnp.concatenate([pk, k], axis=1)
             v = jnp.concatenate([pv, v], axis=1)
-            pad = jnp.zeros(bias.shape[:-1] + (pk.shape[1],), bias.dtype)
-            bias = jnp.concatenate([pad, bias], axis=-1)
+            mask = (mask or attn_lib.Mask()).with_prefix(pk.shape[1])
 
         dropout_rng = None
         if not deterministic and cfg.dropout_rate > 0:
             dropout_rng = self.make_rng("dropout")
-        out = attn_lib.attend(q, k, v, bias, impl=cfg.attention_impl,
+        out = attn_lib.attend(q, k, v, bias, mask, impl=cfg.attention_impl,
                               dropout_rate=cfg.dropout_rate, dropout_rng=dropout_rng, dtype=dt)
         out = out.reshape(out.shape[:2] + (hk,))
         out = Kernel(cfg.emb_dim, ("joined_kv", "embed"), dt, pdt, name="out")(out)
         return checkpoint_name(out, "attention_out")
 
-    def _update_cache(self, k: Array, v: Array, bias: Array):
+    def _update_cache(self, k: Array, v: Array):
         """Write this step's key/value [B, 1, H, Dh] into the cache; attend to all cached steps.
 
         On the initialising call (shapes only) the cache is created with the full target length.
@@ -173,26 +173,26 @@ class Attention(nn.Module):
         cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
         index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
         if not initialized:
-            return k, v, bias
+            return k, v
         if k.shape[1] != 1:
             raise ValueError(f"cached decoding takes one token per step, got {k.shape[1]}")
         i = index.value
         cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, i, 0, 0))
         cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, i, 0, 0))
         index.value = i + 1
-        return cached_k.value, cached_v.value, bias
+        return cached_k.value, cached_v.value
 
 
 class EncoderLayer(nn.Module):
     config: T5Config
 
     @nn.compact
-    def __call__(self, x, bias, prefix, deterministic):
+    def __call__(self, x, bias, mask, prefix, deterministic):
         cfg = self.config
         dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         drop = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
         h = RMSNorm(cfg.layer_norm_eps, dt, pdt, name="pre_attention_layer_norm")(x)
-        h = Attention(cfg, name="attention")(h, h, bias, deterministic, prefix=prefix)
+        h = Attention(cfg, name="attention")(h, h, bias, mask, deterministic, prefix=prefix)
         x = x + drop(h, deterministic=deterministic)
         h = RMSNorm(cfg.layer_norm_eps, dt, pdt, name="pre_mlp_layer_norm")(x)
         h = MlpBlock(cfg, name="mlp")(h, deterministic)
@@ -204,19 +204,19 @@ class DecoderLayer(nn.Module):
     config: T5Config
 
     @nn.compact
-    def __call__(self, x, encoded, self_bias, cross_bias, prefixes, deterministic, decode=False,
-                 cross_kv=None):
+    def __call__(self, x, encoded, self_bias, self_mask, cross_mask, prefixes, deterministic,
+                 decode=False, cross_kv=None):
         cfg = self.config
         dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         self_prefix, cross_prefix = prefixes
         drop = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
         h = RMSNorm(cfg.layer_norm_eps, dt, pdt, name="pre_self_attention_layer_norm")(x)
         h = Attention(cfg, decode_cache=True, name="self_attention")(
-            h, h, self_bias, deterministic, decode=decode, prefix=self_prefix)
+            h, h, self_bias, self_mask, deterministic, decode=decode, prefix=self_prefix)
         x = x + drop(h, deterministic=deterministic)
         h = RMSNorm(cfg.layer_norm_eps, dt, pdt, name="pre_cross_attention_layer_norm")(x)
         h = Attention(cfg, name="encoder_decoder_attention")(
-            h, encoded, cross_bias, deterministic, prefix=cross_prefix, kv=cross_kv)
+            h, encoded, None, cross_mask, deterministic, prefix=cross_prefix, kv=cross_kv)
         x = x + drop(h, deterministic=deterministic)
         h = RMSNorm(cfg.layer_norm_eps, dt, pdt, name="pre_mlp_layer_norm")(x)
         h = MlpBlock(cfg, name="mlp")(h, deterministic)

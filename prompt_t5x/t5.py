@@ -141,14 +141,14 @@ def _remat_encoder_layer(cfg):
     if cfg.remat_policy == "none":
         return EncoderLayer
     return nn.remat(EncoderLayer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=True,
-                    static_argnums=(4,))
+                    static_argnums=(5,))
 
 
 def _remat_decoder_layer(cfg):
     if cfg.remat_policy == "none":
         return DecoderLayer
     return nn.remat(DecoderLayer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=True,
-                    static_argnums=(6, 7))
+                    static_argnums=(7, 8))
 
 
 def _prefix_for(prefixes: Optional[Mapping[str, Tuple[Array, Array]]], key: str, layer: int):
@@ -174,15 +174,17 @@ class Encoder(nn.Module):
         cfg = self.config
         length = x.shape[1]
         positions = np.arange(length)
+        # [1, H, L, L]: shared by the batch; padding stays a separate key mask (T5X masks keys
+        # only in the encoder).
         bias = RelativePositionBias(cfg, bidirectional=True, name="relpos_bias")(positions, positions)
-        bias = bias + attn_lib.mask_to_bias(mask[:, None, None, :])
+        key_mask = attn_lib.Mask(key_valid=mask)
         x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
         layer_cls = _remat_encoder_layer(cfg)
         for i in range(cfg.num_encoder_layers):
             if deep_prompts is not None and i > 0:
                 x = prompts_lib.replace_prompt_positions(x, deep_prompts[i], prompt_positions)
             x = layer_cls(cfg, name=f"layers_{i}")(
-                x, bias, _prefix_for(prefixes, "encoder", i), deterministic)
+                x, bias, key_mask, _prefix_for(prefixes, "encoder", i), deterministic)
         dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         x = RMSNorm(cfg.layer_norm_eps, dt, pdt, name="encoder_norm")(x)
         return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
@@ -192,13 +194,13 @@ class Decoder(nn.Module):
     config: T5Config
 
     @nn.compact
-    def __call__(self, y: Array, encoded: Array, decoder_mask: Array, cross_mask: Array,
-                 deterministic: bool, decode: bool = False, prefixes=None,
+    def __call__(self, y: Array, encoded: Array, decoder_valid: Optional[Array],
+                 encoder_mask: Array, deterministic: bool, decode: bool = False, prefixes=None,
                  cross_kv: Optional[Tuple[Array, Array]] = None) -> Array:
         """y [B, T, D] embedded decoder inputs -> logits float32 [B, T, vocab].
 
-        decoder_mask [B, 1, T, T'] and cross_mask [B, 1, T, L] are boolean attention masks.
-        When decoding with the cache, T == 1 and T' is the cache length.
+        decoder_valid [B, T] (None: all valid) masks padded decoder positions as queries and keys;
+        encoder_mask [B, L] the padded encoder positions. When decoding with the cache, T == 1.
         """
         cfg = self.config
         relpos = RelativePositionBias(cfg, bidirectional=False, name="relpos_bias")
@@ -211,13 +213,15 @@ class Decoder(nn.Module):
             cache_len = self.variables["cache"]["layers_0"]["self_attention"]["cached_key"].shape[1]
             keys = jnp.arange(cache_len)
             self_bias = relpos(jnp.reshape(step, (1,)), keys)
-            self_bias = self_bias + attn_lib.mask_to_bias((keys <= step)[None, None, None, :])
+            self_mask = attn_lib.Mask(key_valid=(keys <= step)[None, :])
         else:
             if decode:  # the initialising call creates the step counter
                 self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
             positions = np.arange(y.shape[1])
-            self_bias = relpos(positions, positions) + attn_lib.mask_to_bias(decoder_mask)
-        cross_bias = attn_lib.mask_to_bias(cross_mask)
+            self_bias = relpos(positions, positions)
+            self_mask = attn_lib.Mask(query_valid=decoder_valid, key_valid=decoder_valid,
+                                      causal=True)
+        cross_mask = attn_lib.Mask(query_valid=decoder_valid, key_valid=encoder_mask)
         y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
         layer_cls = _remat_decoder_layer(cfg)
         for i in range(cfg.num_decoder_layers):
@@ -225,8 +229,8 @@ class Decoder(nn.Module):
                               _prefix_for(prefixes, "decoder_cross", i))
             layer_kv = None if cross_kv is None else (cross_kv[0][i], cross_kv[1][i])
             y = layer_cls(cfg, name=f"layers_{i}")(
-                y, encoded, self_bias, cross_bias, layer_prefixes, deterministic, decode,
-                layer_kv)
+                y, encoded, self_bias, self_mask, cross_mask, layer_prefixes, deterministic,
+                decode, layer_kv)
         dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         y = RMSNorm(cfg.layer_norm_eps, dt, pdt, name="decoder_norm")(y)
         y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
@@ -277,15 +281,10 @@ class T5(nn.Module):
         (from ``cross_attention_kv``) spares re-projecting ``encoded`` at every decoding step.
         """
         y = self.token_embedder(decoder_input_tokens)
-        if decode or decoder_target_tokens is None:
-            valid = jnp.ones(decoder_input_tokens.shape, bool)
-        else:
+        valid = None
+        if not decode and decoder_target_tokens is not None:
             valid = decoder_target_tokens > 0
-        length = y.shape[1]
-        causal = np.tril(np.ones((length, length), bool))
-        decoder_mask = causal[None, None] & valid[:, None, :, None] & valid[:, None, None, :]
-        cross_mask = valid[:, None, :, None] & encoder_mask[:, None, None, :]
-        return self.decoder(y, encoded, decoder_mask, cross_mask, not enable_dropout,
+        return self.decoder(y, encoded, valid, encoder_mask, not enable_dropout,
                             decode=decode, prefixes=prefixes, cross_kv=cross_kv)
 
     def cross_attention_kv(self, encoded: Array) -> Tuple[Array, Array]:

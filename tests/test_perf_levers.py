@@ -1,6 +1,7 @@
 """The performance levers change speed/memory, never the numbers (CPU, tiny configs).
 
-- attention_impl 'xla' (jax.nn.dot_product_attention with the relative-position bias) vs 'einsum';
+- attention_impl 'xla' (jax.nn.dot_product_attention with the relative-position bias) vs 'einsum',
+  and the arguments of the 'cudnn' path (run through XLA) on right-padded batches;
 - every remat policy vs 'none';
 - bf16 frozen weights vs float32, within bf16 rounding;
 - the compiled prompt-tuning step contains no weight-gradient matmul.
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_t5x import flops, methods, optim, t5, train
+from prompt_t5x import attention, flops, methods, optim, t5, train
 from prompt_t5x.bench import random_train_batch
 
 PROMPT_LEN = 5
@@ -22,12 +23,24 @@ PROMPT_LEN = 5
 BATCH, INPUTS_LEN, DECODER_LEN = 3, 7, 6
 
 
+def right_pad(batch, input_lengths, target_lengths):
+    """Pads each row after its length, as SeqIO's trim_and_pad does (id 0, loss weight 0)."""
+    out = {k: np.array(v) for k, v in batch.items()}
+    for row, (n_in, n_out) in enumerate(zip(input_lengths, target_lengths)):
+        out["encoder_input_tokens"][row, n_in:] = 0
+        out["decoder_target_tokens"][row, n_out:] = 0
+        out["decoder_input_tokens"][row, n_out + 1:] = 0
+        out["decoder_loss_weights"][row, n_out:] = 0
+    return out
+
+
 @pytest.fixture(scope="module")
 def setup():
     cfg = t5.get_config("test")
     frozen = t5.init_params(cfg, jax.random.PRNGKey(0))
-    batch = random_train_batch(np.random.default_rng(0), cfg.vocab_size, BATCH, INPUTS_LEN,
-                               DECODER_LEN)
+    # Padding in both stacks (one full row each), so every mask path is exercised.
+    batch = right_pad(random_train_batch(np.random.default_rng(0), cfg.vocab_size, BATCH,
+                                         INPUTS_LEN, DECODER_LEN), [7, 4, 2], [3, 6, 5])
     prompt = {"prompt": jax.random.uniform(jax.random.PRNGKey(1), (PROMPT_LEN, cfg.emb_dim),
                                            minval=-0.5, maxval=0.5)}
     return cfg, frozen, batch, prompt
@@ -64,6 +77,45 @@ def test_xla_attention_equals_einsum(setup, reference):
     np.testing.assert_allclose(logits1, logits0, rtol=0, atol=1e-5 * np.abs(logits0).max())
     np.testing.assert_allclose(grad1, grad0, rtol=0, atol=1e-5 * np.abs(grad0).max())
     assert np.abs(grad0).max() > 0
+
+
+def test_cudnn_arguments_mean_the_same_attention(setup, reference, monkeypatch):
+    """The cuDNN path's arguments (bias [1, H, Q, K], padding as sequence lengths, is_causal)
+    describe the same attention as the dense mask: run them through XLA's implementation (no GPU
+    here) and compare the whole model at every position that reaches the loss."""
+    cfg, frozen, batch, prompt = setup
+    loss0, logits0, grad0 = reference
+    original = jax.nn.dot_product_attention
+    calls = []
+
+    def as_xla(*args, implementation=None, **kwargs):
+        assert implementation == "cudnn" and "mask" not in kwargs
+        assert "bias" not in kwargs or kwargs["bias"].shape[0] == 1
+        calls.append(sorted(kwargs))
+        return original(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", as_xla)
+    loss1, logits1, grad1 = loss_logits_grad(cfg.replace(attention_impl="cudnn"), frozen, prompt,
+                                             batch)
+    # Encoder self (kv lengths), decoder self (causal, both lengths), cross (both lengths).
+    assert ["bias", "is_causal", "key_value_seq_lengths", "scale"] in calls
+    assert ["bias", "is_causal", "key_value_seq_lengths", "query_seq_lengths", "scale"] in calls
+    assert ["is_causal", "key_value_seq_lengths", "query_seq_lengths", "scale"] in calls
+    valid = batch["decoder_loss_weights"] > 0
+    np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
+    np.testing.assert_allclose(logits1[valid], logits0[valid], rtol=0,
+                               atol=1e-5 * np.abs(logits0).max())
+    np.testing.assert_allclose(grad1, grad0, rtol=0, atol=1e-5 * np.abs(grad0).max())
+
+
+def test_mask_dense_with_prefix_and_causal():
+    mask = attention.Mask(query_valid=jnp.array([[True, True, False]]),
+                          key_valid=jnp.array([[True, True, False]]), causal=True).with_prefix(2)
+    expected = np.array([[1, 1, 1, 0, 0],
+                         [1, 1, 1, 1, 0],
+                         [0, 0, 0, 0, 0]], bool)
+    np.testing.assert_array_equal(np.asarray(mask.dense(3, 5))[0, 0], expected)
+    assert attention.Mask().dense(3, 3) is None
 
 
 @pytest.mark.parametrize("policy", sorted(set(t5.REMAT_POLICIES) - {"none"}))
