@@ -26,119 +26,30 @@ machine without the memory to run them.
 configuration, each in a child process of this command so each has the accelerator to itself
 (JAX keeps the memory it reserved until its process exits), and prints both and the ratio.
 
+The flags, random batches and timing protocol are shared with the peer
+(``prompt_t5x.bench_protocol``), as are the figures and their printing
+(``prompt_t5x.bench_report``).
 This module imports no TensorFlow (the GPU machine has none).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from prompt_t5x import bench_protocol as protocol
 from prompt_t5x import bench_report
 from prompt_t5x import flops as flops_lib
 
-H100_BF16_PEAK = 790e12  # dense bf16 FLOP/s measured on the issue's H100 (nominal 989e12)
-PHASES = bench_report.PHASES
-
-
-# ----------------------------------------------------------------------------- flags
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="prompt-t5x bench", description=__doc__.split("\n")[0])
-    p.add_argument("--size", default="tiny",
-                   help="t5.SIZES name: tiny, small, base, large, xl, xxl")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--encoder_len", type=int, default=512,
-                   help="encoder positions incl. the prompt (inputs = encoder_len - prompt_len)")
-    p.add_argument("--prompt_len", type=int, default=100)
-    p.add_argument("--decoder_len", type=int, default=16)
-    p.add_argument("--remat", default="none", help="t5.REMAT_POLICIES name")
-    p.add_argument("--attention", default="einsum", help="einsum | xla | cudnn")
-    p.add_argument("--dtype", default="bfloat16", help="activation dtype")
-    p.add_argument("--param_dtype", default="bfloat16", help="storage dtype of the frozen weights")
-    p.add_argument("--dropout", type=float, default=0.0,
-                   help="dropout rate (> 0 makes xla/cudnn attention fall back to einsum)")
-    p.add_argument("--microbatches", type=int, default=1, help="gradient accumulation steps")
-    p.add_argument("--steps", type=int, default=10, help="timed calls per phase")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls per phase after compile")
-    p.add_argument("--phases", default="train,rank,decode",
-                   help=f"comma list of {PHASES}")
-    p.add_argument("--num_candidates", type=int, default=2, help="rank classification labels")
-    p.add_argument("--decode_len", type=int, default=None,
-                   help="greedy tokens (default decoder_len)")
-    p.add_argument("--peak_flops", type=float, default=H100_BF16_PEAK)
-    p.add_argument("--aot", action="store_true",
-                   help="only compile the train step for abstract inputs; report FLOPs/memory")
-    p.add_argument("--peer", choices=["peft"], default=None,
-                   help="also run HF PEFT for the same configuration and print the ratio")
-    p.add_argument("--peer_compile", action="store_true", help="peer: torch.compile the model")
-    p.add_argument("--peer_grad_ckpt", action="store_true", help="peer: gradient checkpointing")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write the results to this JSON file")
-    return p
-
-
-def _usage_error(msg: str):
-    from prompt_t5x.cli import UsageError
-    return UsageError(msg)
-
-
-def validate(args: argparse.Namespace) -> None:
-    from prompt_t5x import attention, t5
-    if args.size not in t5.SIZES:
-        raise _usage_error(f"--size {args.size!r} unknown; choose from {sorted(t5.SIZES)}")
-    if args.remat not in t5.REMAT_POLICIES:
-        raise _usage_error(f"--remat {args.remat!r} unknown; choose from "
-                           f"{sorted(t5.REMAT_POLICIES)}")
-    if args.attention not in attention.IMPLEMENTATIONS:
-        raise _usage_error(f"--attention {args.attention!r}; choose from "
-                           f"{attention.IMPLEMENTATIONS}")
-    for name in ("batch", "prompt_len", "decoder_len", "steps", "num_candidates", "microbatches"):
-        if getattr(args, name) < 1:
-            raise _usage_error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.encoder_len <= args.prompt_len:
-        raise _usage_error(f"--encoder_len {args.encoder_len} must exceed --prompt_len "
-                           f"{args.prompt_len} (encoder = inputs + prompt)")
-    if args.batch % args.microbatches:
-        raise _usage_error(f"--batch {args.batch} is not divisible by --microbatches "
-                           f"{args.microbatches}")
-    unknown = set(phases(args)) - set(PHASES)
-    if unknown:
-        raise _usage_error(f"--phases: unknown {sorted(unknown)}; choose from {PHASES}")
-
-
-def phases(args) -> List[str]:
-    return [s for s in args.phases.split(",") if s]
-
-
-def model_config(args):
-    from prompt_t5x import t5
-    return t5.get_config(args.size, dtype=args.dtype, param_dtype=args.param_dtype,
-                         remat_policy=args.remat, attention_impl=args.attention,
-                         dropout_rate=args.dropout)
-
 
 # ----------------------------------------------------------------------------- inputs
-
-def random_train_batch(rng: np.random.Generator, vocab: int, batch: int, inputs_len: int,
-                       decoder_len: int) -> Dict[str, np.ndarray]:
-    """Random SeqIO-style batch with no padding (ids 2..vocab-1; 0 = pad, 1 = EOS)."""
-    targets = rng.integers(2, vocab, (batch, decoder_len), dtype=np.int32)
-    return {"encoder_input_tokens": rng.integers(2, vocab, (batch, inputs_len), dtype=np.int32),
-            "decoder_input_tokens": np.concatenate(
-                [np.zeros((batch, 1), np.int32), targets[:, :-1]], axis=1),
-            "decoder_target_tokens": targets,
-            "decoder_loss_weights": np.ones((batch, decoder_len), np.float32)}
-
 
 def random_frozen(cfg, seed: int):
     """Frozen weights with T5-like scales, generated on the device leaf by leaf.
@@ -172,27 +83,7 @@ def random_frozen(cfg, seed: int):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-# ----------------------------------------------------------------------------- timing
-
-def time_calls(call: Callable[[], Any], steps: int, warmup: int) -> Dict[str, float]:
-    """Median / min of ``steps`` device-synchronised calls, plus one pipelined run of ``steps``."""
-    import jax
-    for _ in range(warmup):
-        jax.block_until_ready(call())
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        jax.block_until_ready(call())
-        times.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    out = None
-    for _ in range(steps):
-        out = call()
-    jax.block_until_ready(out)
-    pipelined = (time.perf_counter() - start) / steps
-    return {"median_s": statistics.median(times), "min_s": min(times),
-            "pipelined_s": pipelined, "steps": steps}
-
+# ------------------------------------------------------------------------ compile, time, memory
 
 def device_peak_bytes() -> Optional[int]:
     import jax
@@ -210,6 +101,22 @@ def compiled_memory(compiled) -> Dict[str, int]:
     out["estimated_peak_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
                                    + out["temp_size_in_bytes"] - out["alias_size_in_bytes"])
     return out
+
+
+def _compile(jitted, *inputs):
+    """``(executable, seconds)``: ``jitted`` compiled ahead of time for ``inputs``."""
+    start = time.perf_counter()
+    compiled = jitted.lower(*inputs).compile()
+    return compiled, time.perf_counter() - start
+
+
+def _measure(phase: str, args, cfg, compiled, compile_s: float, call) -> Dict[str, Any]:
+    """Time ``call`` (runs ``compiled``) by the shared protocol; its figures and memory."""
+    import jax
+    timing = protocol.time_calls(call, args.steps, args.warmup, jax.block_until_ready)
+    return {"compile_s": compile_s, **timing,
+            **bench_report.phase_figures(phase, args, cfg, timing),
+            "compiled_memory": compiled_memory(compiled), "device_peak_bytes": device_peak_bytes()}
 
 
 # ----------------------------------------------------------------------------- phases
@@ -274,7 +181,7 @@ def aot_train(args) -> Dict[str, Any]:
     """Compile the train step for abstract inputs; nothing is allocated or run."""
     import jax
     from prompt_t5x import optim
-    cfg = model_config(args)
+    cfg = protocol.model_config(args)
     method, optimizer = _method(args, cfg), optim.adafactor()
     step = _make_step(args, method, optimizer)
     start = time.perf_counter()
@@ -300,12 +207,10 @@ def bench_train(args, cfg, frozen, rng) -> Dict[str, Any]:
     method, optimizer = _method(args, cfg), optim.adafactor()
     state = train.create_train_state(method, optimizer, frozen, jax.random.PRNGKey(args.seed))
     inputs_len = args.encoder_len - args.prompt_len
-    batches = [jax.device_put(random_train_batch(rng, cfg.vocab_size, args.batch, inputs_len,
-                                                 args.decoder_len)) for _ in range(2)]
-    step = _make_step(args, method, optimizer)
-    start = time.perf_counter()
-    compiled = step.lower(state, frozen, batches[0]).compile()
-    compile_s = time.perf_counter() - start
+    batches = [jax.device_put(protocol.random_train_batch(rng, cfg.vocab_size, args.batch,
+                                                          inputs_len, args.decoder_len))
+               for _ in range(2)]
+    compiled, compile_s = _compile(_make_step(args, method, optimizer), state, frozen, batches[0])
     holder = {"state": state, "i": 0, "metrics": None}
 
     def call():
@@ -314,16 +219,9 @@ def bench_train(args, cfg, frozen, rng) -> Dict[str, Any]:
         holder["i"] += 1
         return holder["state"]
 
-    timing = time_calls(call, args.steps, args.warmup)
-    analytic = flops_lib.train_step_flops(cfg, args.batch, args.encoder_len, args.decoder_len)
-    out = {"compile_s": compile_s, **timing,
-           **bench_report.figures(timing, args.batch, args.batch * (args.encoder_len + args.decoder_len),
-                      analytic.total, args.peak_flops),
-           "mfu_issue_convention": analytic.issue_convention / timing["median_s"] / args.peak_flops,
-           "flops_cost_analysis": flops_lib.cost_analysis_flops(compiled),
-           "compiled_memory": compiled_memory(compiled), "device_peak_bytes": device_peak_bytes(),
-           "final_loss": float(holder["metrics"]["loss"])}
-    return out
+    out = _measure("train", args, cfg, compiled, compile_s, call)
+    return {**out, "flops_cost_analysis": flops_lib.cost_analysis_flops(compiled),
+            "final_loss": float(holder["metrics"]["loss"])}
 
 
 def bench_rank(args, cfg, frozen, trainable, rng) -> Dict[str, Any]:
@@ -336,16 +234,9 @@ def bench_rank(args, cfg, frozen, trainable, rng) -> Dict[str, Any]:
     inputs = jax.device_put(rng.integers(2, cfg.vocab_size,
                                          (args.batch, args.encoder_len - args.prompt_len),
                                          dtype=np.int32))
-    start = time.perf_counter()
-    compiled = classify.lower(frozen, trainable, inputs).compile()
-    compile_s = time.perf_counter() - start
-    timing = time_calls(lambda: compiled(frozen, trainable, inputs), args.steps, args.warmup)
-    step_flops = flops_lib.rank_classification_flops(cfg, args.batch, args.encoder_len,
-                                                     args.decoder_len, args.num_candidates)
-    tokens = args.batch * (args.encoder_len + args.num_candidates * args.decoder_len)
-    return {"compile_s": compile_s, "num_candidates": args.num_candidates, **timing,
-            **bench_report.figures(timing, args.batch, tokens, step_flops, args.peak_flops),
-            "compiled_memory": compiled_memory(compiled), "device_peak_bytes": device_peak_bytes()}
+    compiled, compile_s = _compile(classify, frozen, trainable, inputs)
+    return _measure("rank", args, cfg, compiled, compile_s,
+                    lambda: compiled(frozen, trainable, inputs))
 
 
 def bench_decode(args, cfg, frozen, trainable, rng) -> Dict[str, Any]:
@@ -364,37 +255,31 @@ def bench_decode(args, cfg, frozen, trainable, rng) -> Dict[str, Any]:
     inputs = jax.device_put(rng.integers(2, cfg.vocab_size,
                                          (args.batch, args.encoder_len - args.prompt_len),
                                          dtype=np.int32))
-    start = time.perf_counter()
     greedy = jax.jit(lambda f, t, x: decoding.decode(method, f, t, x, spec).tokens)
-    compiled = greedy.lower(frozen, trainable, inputs).compile()
-    compile_s = time.perf_counter() - start
-    timing = time_calls(lambda: compiled(frozen, trainable, inputs), args.steps, args.warmup)
-    # Useful work, the same formula as the peer's: cross-attention keys/values projected once
-    # (decoding.py does the same, through T5.cross_attention_kv).
-    step_flops = flops_lib.greedy_decode_flops(cfg, args.batch, args.encoder_len, length,
-                                               cross_kv_cached=True)
-    return {"compile_s": compile_s, "decode_len": length, **timing,
-            **bench_report.figures(timing, args.batch, args.batch * length, step_flops, args.peak_flops),
-            "generated_tokens_per_s": args.batch * length / timing["median_s"],
-            "compiled_memory": compiled_memory(compiled), "device_peak_bytes": device_peak_bytes()}
+    compiled, compile_s = _compile(greedy, frozen, trainable, inputs)
+    # Figures count cross-attention keys/values projected once, as the peer's do: decoding.py
+    # projects them once per batch (T5.cross_attention_kv).
+    return _measure("decode", args, cfg, compiled, compile_s,
+                    lambda: compiled(frozen, trainable, inputs))
 
 
 def run_ours(args) -> Dict[str, Any]:
     import jax
     from prompt_t5x import optim, train
     result: Dict[str, Any] = {"impl": "prompt_t5x", "config": vars(args).copy(),
-                              "versions": bench_report.versions(), "device": bench_report.device_name()}
+                              "versions": bench_report.versions(),
+                              "device": bench_report.device_name()}
     result["config"].pop("json", None)
     if args.aot:
         result["aot_train"] = aot_train(args)
         return result
-    cfg = model_config(args)
+    cfg = protocol.model_config(args)
     rng = np.random.default_rng(args.seed)
     start = time.perf_counter()
     frozen = random_frozen(cfg, args.seed)
     jax.block_until_ready(frozen)
     result["init_s"] = time.perf_counter() - start
-    wanted = phases(args)
+    wanted = protocol.phases(args)
     if "train" in wanted:
         result["train"] = bench_train(args, cfg, frozen, rng)
     trainable = train.create_train_state(_method(args, cfg), optim.adafactor(), frozen,
@@ -433,31 +318,26 @@ def _strip_peer_flags(argv: Sequence[str]) -> List[str]:
     return out
 
 
+def side_by_side(args, argv: Sequence[str]) -> Dict[str, Any]:
+    """``--peer peft``: ours, then the peer, each in a child process; both results."""
+    if args.aot:
+        raise protocol.usage_error("--aot compiles only; it cannot be combined with --peer")
+    from prompt_t5x import peft_peer
+    peft_peer.check_available()
+    base = _strip_peer_flags(argv)
+    peer_argv = base + (["--compile"] if args.peer_compile else []) + (
+        ["--grad_ckpt"] if args.peer_grad_ckpt else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = _child("prompt_t5x.bench", base, os.path.join(tmp, "ours.json"))
+        peer = _child("prompt_t5x.peft_peer", peer_argv, os.path.join(tmp, "peer.json"))
+    return {"ours": ours, "peer": peer}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    validate(args)
-    if args.peer:
-        if args.aot:
-            raise _usage_error("--aot compiles only; it cannot be combined with --peer")
-        from prompt_t5x import peft_peer
-        peft_peer.check_available()
-        base = _strip_peer_flags(argv)
-        peer_argv = base + (["--compile"] if args.peer_compile else []) + (
-            ["--grad_ckpt"] if args.peer_grad_ckpt else [])
-        with tempfile.TemporaryDirectory() as tmp:
-            ours = _child("prompt_t5x.bench", base, os.path.join(tmp, "ours.json"))
-            peer = _child("prompt_t5x.peft_peer", peer_argv, os.path.join(tmp, "peer.json"))
-        print(bench_report.format_result(ours))
-        print(bench_report.format_result(peer))
-        print(bench_report.format_ratio(ours, peer))
-        result: Dict[str, Any] = {"ours": ours, "peer": peer}
-    else:
-        result = run_ours(args)
-        print(bench_report.format_result(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1, default=float)
+    args = protocol.build_parser().parse_args(argv)
+    protocol.validate(args)
+    bench_report.publish(side_by_side(args, argv) if args.peer else run_ours(args), args.json)
     return 0
 
 

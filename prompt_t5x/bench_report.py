@@ -1,11 +1,15 @@
-"""The figures of a benchmark run and how they are printed, shared by ``prompt-t5x bench``
-(``prompt_t5x.bench``) and its peer (``prompt_t5x.peft_peer``), so both report the same numbers
-computed the same way (examples/s and tokens/s from the median step, MFU over a given peak).
+"""The figures of a benchmark run and how they are printed and saved, shared by ``prompt-t5x
+bench`` (``prompt_t5x.bench``) and its peer (``prompt_t5x.peft_peer``), so both report the same
+numbers computed the same way (examples/s and tokens/s from the median step, MFU of the analytic
+FLOPs of ``prompt_t5x.flops`` over a given peak).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Dict, Optional
+
+from prompt_t5x import flops as flops_lib
 
 PHASES = ("train", "rank", "decode")
 
@@ -17,6 +21,30 @@ def figures(timing: Dict[str, float], examples: int, tokens: int, step_flops: in
             "pipelined_examples_per_s": examples / timing["pipelined_s"],
             "flops_per_step": step_flops, "mfu": step_flops / t / peak_flops}
 
+
+def phase_figures(phase: str, args, cfg, timing: Dict[str, float]) -> Dict[str, Any]:
+    """The figures of one of ``PHASES`` timed for the bench flags ``args`` and T5 config ``cfg``.
+
+    The work is what the flags ask for: ``train`` a step on [batch, encoder_len] inputs and
+    ``decoder_len`` targets (also MFU by the issue's 2 x forward convention), ``rank`` every
+    example against ``num_candidates`` labels, ``decode`` ``decode_len`` greedy tokens with
+    cross-attention keys/values projected once (as both implementations do).
+    """
+    b, enc, dec, peak = args.batch, args.encoder_len, args.decoder_len, args.peak_flops
+    if phase == "train":
+        f = flops_lib.train_step_flops(cfg, b, enc, dec)
+        return {**figures(timing, b, b * (enc + dec), f.total, peak),
+                "mfu_issue_convention": f.issue_convention / timing["median_s"] / peak}
+    if phase == "rank":
+        c = args.num_candidates
+        step_flops = flops_lib.rank_classification_flops(cfg, b, enc, dec, c)
+        return {"num_candidates": c, **figures(timing, b, b * (enc + c * dec), step_flops, peak)}
+    if phase == "decode":
+        length = args.decode_len or dec
+        step_flops = flops_lib.greedy_decode_flops(cfg, b, enc, length, cross_kv_cached=True)
+        return {"decode_len": length, **figures(timing, b, b * length, step_flops, peak),
+                "generated_tokens_per_s": b * length / timing["median_s"]}
+    raise ValueError(f"unknown phase {phase!r}; choose from {PHASES}")
 
 
 def versions() -> Dict[str, str]:
@@ -84,3 +112,16 @@ def format_ratio(ours: Dict[str, Any], peer: Dict[str, Any]) -> str:
         if "examples_per_s" in a and "examples_per_s" in b:
             lines.append(f"  {name:7s} {a['examples_per_s'] / b['examples_per_s']:.3f}x")
     return "\n".join(lines)
+
+
+def publish(result: Dict[str, Any], json_path: Optional[str]) -> None:
+    """Print ``result`` (a run, or ``{'ours', 'peer'}`` side by side with their ratio) and save it
+    to ``json_path`` (the ``--json`` flag) when one is given."""
+    if "peer" in result:
+        ours, peer = result["ours"], result["peer"]
+        print("\n".join([format_result(ours), format_result(peer), format_ratio(ours, peer)]))
+    else:
+        print(format_result(result))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1, default=float)

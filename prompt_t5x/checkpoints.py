@@ -1,4 +1,4 @@
-"""Read (and write) T5X checkpoints: the legacy msgpack + TensorStore format and the Orbax format.
+"""Read T5X checkpoints: the legacy msgpack + TensorStore format and the Orbax format.
 
 Layouts understood (facts from T5X's ``checkpoints.py``, checked against the real fixture):
 
@@ -18,6 +18,9 @@ Layouts understood (facts from T5X's ``checkpoints.py``, checked against the rea
 Paths may be local or any TensorStore kvstore URL (``gs://bucket/dir``, ``memory://``...). Nothing
 is read until asked: :class:`LazyArray` reads whole arrays, slices, or exactly the slices each
 device of a ``jax.sharding.Sharding`` needs (so a model never has to fit on one host).
+Leaves are ``prompt_t5x.lazy_arrays.LazyArray`` and parameters load through
+``lazy_arrays.read_params``, the strict load HF imports share. ``prompt_t5x.t5x_writer`` writes
+the legacy format.
 """
 
 from __future__ import annotations
@@ -25,104 +28,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import tensorstore as ts
 from flax import serialization
 
 from prompt_t5x import storage, strict_loading
+from prompt_t5x.lazy_arrays import CheckpointError, LazyArray, read_params  # the reader's API
 
 FORMAT_LEGACY = "T5X legacy"
 FORMAT_ORBAX = "T5X Orbax"
-LEGACY_VERSION = 3
-_CHUNK_BYTES = 64 * 1024 * 1024  # T5X's chunk target: large enough for GCS, small for partitions
 _STEP_DIR = re.compile(r"^checkpoint_(\d+)$")
-
-
-class CheckpointError(ValueError):
-    """A path is not a checkpoint we can read, or the checkpoint is damaged."""
-
-
-def _cast(x: np.ndarray, dtype) -> np.ndarray:
-    """Cast floating arrays to ``dtype`` (integers such as the step are never cast)."""
-    if dtype is None or not jnp.issubdtype(x.dtype, jnp.floating):
-        return x
-    return x.astype(jnp.dtype(dtype))
-
-
-def _index_key(index: Tuple[slice, ...]) -> tuple:
-    return tuple((s.start, s.stop, s.step) for s in index)
-
-
-class LazyArray:
-    """One saved array, inline (already in memory) or behind a TensorStore spec (read on demand)."""
-
-    def __init__(self, name: str, *, value: Optional[np.ndarray] = None,
-                 spec: Optional[dict] = None):
-        if (value is None) == (spec is None):
-            raise ValueError("LazyArray needs exactly one of value= or spec=")
-        self.name = name
-        self._value = None if value is None else np.asarray(value)
-        self._spec = spec
-        self._store = None
-
-    def _open(self):
-        if self._store is None:
-            try:
-                self._store = ts.open(self._spec, open=True, read=True,
-                                      context=storage.TS_CONTEXT).result()
-            except Exception as e:  # tensorstore raises ValueError/OSError subclasses
-                raise CheckpointError(f"cannot open array {self.name!r} of the checkpoint "
-                                      f"({self._spec.get('kvstore')}): {e}") from e
-        return self._store
-
-    @property
-    def is_inline(self) -> bool:
-        return self._value is not None
-
-    @property
-    def shape(self) -> Tuple[int, ...]:
-        return self._value.shape if self.is_inline else tuple(self._open().shape)
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self._value.dtype if self.is_inline else np.dtype(self._open().dtype.numpy_dtype)
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-
-    def read(self, index: Tuple[slice, ...] = (), dtype=None) -> np.ndarray:
-        """Read ``self[index]`` (only the chunks covering it are fetched), cast to ``dtype``."""
-        if self.is_inline:
-            return _cast(self._value[index], dtype)
-        try:
-            data = self._open()[index].read().result()
-        except Exception as e:
-            raise CheckpointError(f"cannot read array {self.name!r} of the checkpoint: {e}") from e
-        return _cast(np.asarray(data), dtype)
-
-    def to_jax(self, sharding: jax.sharding.Sharding, dtype=None) -> jax.Array:
-        """A global ``jax.Array`` laid out by ``sharding``.
-
-        Each host reads only the slices its own devices hold (and each distinct slice once).
-        """
-        cache: Dict[tuple, np.ndarray] = {}  # replicated shards are read once, not once per device
-
-        def fetch(index):
-            key = _index_key(index)
-            if key not in cache:
-                cache[key] = self.read(index, dtype)
-            return cache[key]
-
-        return jax.make_array_from_callback(self.shape, sharding, fetch)
-
-    def __repr__(self):
-        where = "inline" if self.is_inline else "tensorstore"
-        return f"LazyArray({self.name!r}, {where})"
 
 
 @dataclasses.dataclass
@@ -166,40 +82,15 @@ class T5XCheckpoint:
         Returns:
           ``(params, config)``: nested parameter dict in our tree layout, and the config used.
         """
-        from prompt_t5x import t5  # lazily: the model module is only needed for the shape check
-
         shapes = self.param_shapes()
         if config is None:
             config = self.infer_config()
         else:
             strict_loading.check_config(shapes, config, source=self.path)
-        expected = strict_loading.flatten(t5.param_shapes(config))
-        strict_loading.check_tree(self.params, expected, allow_missing=allow_missing,
-                                  allow_unexpected=allow_unexpected, source=self.path)
-        flat_shardings = _sharding_lookup(shardings)
-        out = {}
-        for name, arr in self.params.items():
-            if name not in expected:
-                continue
-            sharding = flat_shardings(name, arr.shape)
-            out[name] = arr.read((), dtype) if sharding is None else arr.to_jax(sharding, dtype)
-        return strict_loading.unflatten(out), config
-
-
-def _sharding_lookup(shardings) -> Callable[[str, tuple], Optional[jax.sharding.Sharding]]:
-    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
-        return lambda name, shape: shardings
-    if callable(shardings):
-        return shardings
-    flat = strict_loading.flatten(shardings) if any(
-        isinstance(v, Mapping) for v in shardings.values()) else dict(shardings)
-
-    def lookup(name, shape):
-        if name not in flat:
-            raise CheckpointError(f"no sharding given for parameter {name!r}")
-        return flat[name]
-
-    return lookup
+        params = read_params(self.params, config, source=self.path, shardings=shardings,
+                             dtype=dtype, allow_missing=allow_missing,
+                             allow_unexpected=allow_unexpected)
+        return params, config
 
 
 class Loaded(NamedTuple):
@@ -399,90 +290,3 @@ def _open_orbax(path: str) -> T5XCheckpoint:
     step = int(arrays["state/step"].read()) if "state/step" in arrays else _step_from_dirname(path)
     return T5XCheckpoint(path=path, format=FORMAT_ORBAX, step=step, arrays=arrays)
 
-
-# ----------------------------------------------------------------------------------------------
-# Writing the legacy format.
-
-
-def _chunk_shape(shape: Sequence[int], itemsize: int, target_bytes: int = _CHUNK_BYTES) -> list:
-    """Largest chunk whose dims divide ``shape`` and whose size is <= ``target_bytes``.
-
-    The largest dimension is shrunk to its next smaller divisor until the chunk fits, so chunks
-    tile the array exactly (as T5X requires for partitioned writes).
-    """
-    chunk = list(shape)
-    while chunk and int(np.prod(chunk, dtype=np.int64)) * itemsize > target_bytes:
-        axis = int(np.argmax(chunk))
-        size, full = chunk[axis], shape[axis]
-        chunk[axis] = max(d for d in range(1, size) if full % d == 0) if size > 1 else 1
-    return [max(1, c) for c in chunk]
-
-
-def _zarr_dtype(dtype: np.dtype) -> str:
-    return "bfloat16" if dtype == jnp.bfloat16 else np.dtype(dtype).str
-
-
-def default_in_tensorstore(name: str, array: Any) -> bool:
-    """T5X's layout for T5 1.1: partitioned weights (kernels, embeddings) go to TensorStore,
-    layer-norm scales and relative-position tables stay inline in the msgpack file."""
-    return len(array.shape) >= 2 and not name.endswith("rel_embedding")
-
-
-def _write_zarr(ckpt_dir: str, name: str, array: Any, dtype) -> dict:
-    stored = name.replace("/", ".")
-    np_dtype = jnp.dtype(dtype) if dtype is not None else np.dtype(array.dtype)
-    meta = {"shape": list(array.shape), "chunks": _chunk_shape(array.shape, np_dtype.itemsize),
-            "dtype": _zarr_dtype(np_dtype), "compressor": {"id": "gzip", "level": 1}}
-    store = ts.open({"driver": "zarr", "metadata": meta,
-                     "kvstore": storage.kvstore_spec(storage.join(ckpt_dir, stored))},
-                    create=True, delete_existing=True, context=storage.TS_CONTEXT).result()
-    if isinstance(array, jax.Array) and (not array.is_fully_addressable
-                                         or len(array.addressable_shards) > 1):
-        # Each host writes the shards it holds (one replica each), never the whole array.
-        for shard in array.addressable_shards:
-            if shard.replica_id == 0:
-                store[shard.index].write(_cast(np.asarray(shard.data), dtype)).result()
-    else:
-        store.write(_cast(np.asarray(array), dtype)).result()
-    kvstore = ({"driver": "gcs", "bucket": "t5x-dummy-bucket", "path": stored}
-               if ckpt_dir.startswith("gs://") else {"driver": "file", "path": stored})
-    return {"driver": "zarr", "kvstore": kvstore, "metadata": meta}
-
-
-def save_t5x_checkpoint(path: str, params: Mapping[str, Any], *, step: int,
-                        param_states: Optional[Mapping[str, Any]] = None,
-                        single_file: bool = False, dtype=None,
-                        in_tensorstore: Callable[[str, Any], bool] = default_in_tensorstore) -> str:
-    """Write ``params`` (nested dict, our == T5X's tree) as a legacy T5X checkpoint.
-
-    Args:
-      path: the ``checkpoint_<step>`` directory to create (or, with ``single_file``, the msgpack
-        file to write). Local or a kvstore URL (``gs://...``).
-      step: stored as ``state/step`` (Adafactor's step offset on restore).
-      param_states: optional optimizer slots (T5X layout) to store alongside.
-      single_file: put every array inline in one msgpack file.
-      dtype: cast floating weights before writing (e.g. ``'bfloat16'``).
-      in_tensorstore: which parameters become gzip'ed zarr arrays beside the msgpack file.
-
-    Returns the path of the msgpack file. It is written last (and atomically for local paths), so
-    a crash mid-save never leaves a readable-but-incomplete checkpoint.
-    """
-    path = str(path).rstrip("/")
-    file_path = path if single_file else storage.join(path, "checkpoint")
-    target = {}
-    for name, array in strict_loading.flatten(params).items():
-        if not single_file and in_tensorstore(name, array):
-            target[name] = _write_zarr(path, "target/" + name, array, dtype)
-        else:
-            target[name] = _cast(np.asarray(array), dtype)
-    state = {"step": np.asarray(step, np.int32),
-             "param_states": {k: np.asarray(v) for k, v in
-                              strict_loading.flatten(param_states or {}).items()}}
-    blob = {"version": LEGACY_VERSION,
-            "optimizer": {"target": strict_loading.unflatten(target),
-                          "state": {"step": state["step"],
-                                    "param_states": strict_loading.unflatten(
-                                        state["param_states"])}}}
-    if jax.process_index() == 0:
-        storage.write_bytes_atomic(file_path, serialization.msgpack_serialize(blob))
-    return file_path

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import os
 import sys
@@ -40,11 +41,16 @@ ENSEMBLE_RULES = ("vote", "sum")
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """One eval/infer run (the ``evaluate`` / ``infer`` gin configurables build it)."""
+    """Every knob of one eval/infer run, checked when built (bad input: one UsageError).
+
+    The fields are the parameters of the gin configurables ``evaluate`` / ``infer`` and of the
+    Python API; ``prompts`` and ``decode`` are derived from them.
+    """
 
     task: str
     output_dir: str
-    prompts: Tuple[str, ...]               # one source, or several for an ensemble
+    prompt: Optional[str] = None           # one prompt source ...
+    ensemble: Tuple[str, ...] = ()         # ... or several (also 'a.npy,b.npy'), which win
     checkpoint: Optional[str] = None       # frozen T5; None: from the training manifest
     model: Optional[t5_lib.T5Config] = None
     prompt_mode: Optional[str] = None      # None: training manifest's, else 'prepend'
@@ -60,70 +66,54 @@ class EvalConfig:
     mode: str = "auto"
     length_normalize: bool = False
     ensemble_rule: str = "vote"
-    decode: decoding.DecodeSpec = decoding.DecodeSpec()
+    strategy: str = "greedy"               # decoding (decoding.DecodeSpec) ...
+    beam_size: int = 4
+    alpha: float = 0.6
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 0.0                     # ... its max_decode_len is targets_length
     seed: int = 0
+    prompts: Tuple[str, ...] = dataclasses.field(init=False)   # the sources, one per prompt
+    decode: decoding.DecodeSpec = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        ensemble = self.ensemble.split(",") if isinstance(self.ensemble, str) else self.ensemble
+        ensemble = tuple(str(p) for p in ensemble if p)
+        sources = ensemble or ((str(self.prompt),) if self.prompt else ())
+        if not sources:
+            raise UsageError("no prompt given: set --gin.PROMPT=\"'prompt.npy'\" (a .npy, a PEFT "
+                             "adapter or a training model dir) or --ensemble a.npy,b.npy")
+        if self.mode not in MODES:
+            raise UsageError(f"mode={self.mode!r}; choose from {MODES}")
+        if self.ensemble_rule not in ENSEMBLE_RULES:
+            raise UsageError(f"ensemble_rule={self.ensemble_rule!r}; choose from {ENSEMBLE_RULES}")
+        for name in ("batch_size", "inputs_length", "targets_length"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
+        try:
+            spec = decoding.DecodeSpec(strategy=self.strategy, max_decode_len=self.targets_length,
+                                       beam_size=self.beam_size, alpha=self.alpha,
+                                       temperature=self.temperature, top_k=self.top_k,
+                                       top_p=self.top_p)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        normalized = dict(ensemble=ensemble, prompts=sources, decode=spec,
+                          output_dir=os.path.expanduser(str(self.output_dir)),
+                          task_modules=tuple(self.task_modules))
+        for name, value in normalized.items():  # frozen: set once, here
+            object.__setattr__(self, name, value)
 
 
-def make_config(task: str, output_dir: str,
-            prompt: Optional[str] = None, ensemble: Sequence[str] = (),
-            checkpoint: Optional[str] = None, model: Optional[t5_lib.T5Config] = None,
-            prompt_mode: Optional[str] = None, step: Optional[int] = None,
-            split: str = "validation", vocabulary: Optional[str] = None,
-            data_dir: Optional[str] = None, task_modules: Sequence[str] = (),
-            batch_size: int = 32, inputs_length: int = 512, targets_length: int = 8,
-            max_examples: Optional[int] = None, mode: str = "auto",
-            length_normalize: bool = False, ensemble_rule: str = "vote",
-            strategy: str = "greedy", beam_size: int = 4, alpha: float = 0.6,
-            temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
-            seed: int = 0) -> EvalConfig:
-    """Every knob of an eval/infer run, checked; ``ensemble`` (paths) replaces ``prompt``."""
-    if isinstance(ensemble, str):
-        ensemble = [p for p in ensemble.split(",") if p]
-    sources = tuple(ensemble) or ((prompt,) if prompt else ())
-    if not sources:
-        raise UsageError("no prompt given: set --gin.PROMPT=\"'prompt.npy'\" (a .npy, a PEFT "
-                         "adapter or a training model dir) or --ensemble a.npy,b.npy")
-    if mode not in MODES:
-        raise UsageError(f"mode={mode!r}; choose from {MODES}")
-    if ensemble_rule not in ENSEMBLE_RULES:
-        raise UsageError(f"ensemble_rule={ensemble_rule!r}; choose from {ENSEMBLE_RULES}")
-    for name, value in (("batch_size", batch_size), ("inputs_length", inputs_length),
-                        ("targets_length", targets_length)):
-        if value < 1:
-            raise UsageError(f"{name} must be >= 1, got {value}")
-    try:
-        spec = decoding.DecodeSpec(strategy=strategy, max_decode_len=targets_length,
-                                   beam_size=beam_size, alpha=alpha, temperature=temperature,
-                                   top_k=top_k, top_p=top_p)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    return EvalConfig(task=task, output_dir=os.path.expanduser(str(output_dir)),
-                      prompts=tuple(str(s) for s in sources), checkpoint=checkpoint, model=model,
-                      prompt_mode=prompt_mode, step=step, split=split, vocabulary=vocabulary,
-                      data_dir=data_dir, task_modules=tuple(task_modules),
-                      batch_size=batch_size, inputs_length=inputs_length,
-                      targets_length=targets_length, max_examples=max_examples, mode=mode,
-                      length_normalize=length_normalize, ensemble_rule=ensemble_rule,
-                      decode=spec, seed=seed)
+def _gin_bindings(**knobs) -> Dict[str, Any]:
+    """What gin binds, as given: checked by ``EvalConfig`` outside the gin call so that errors
+    read as one plain message. Its signature (set below) is ``EvalConfig``'s fields."""
+    return knobs
 
 
-def _gin_bindings(task: str = gin.REQUIRED, output_dir: str = gin.REQUIRED,
-                  prompt: Optional[str] = None, ensemble: Sequence[str] = (),
-                  checkpoint: Optional[str] = None, model: Optional[t5_lib.T5Config] = None,
-                  prompt_mode: Optional[str] = None, step: Optional[int] = None,
-                  split: str = "validation", vocabulary: Optional[str] = None,
-                  data_dir: Optional[str] = None, task_modules: Sequence[str] = (),
-                  batch_size: int = 32, inputs_length: int = 512, targets_length: int = 8,
-                  max_examples: Optional[int] = None, mode: str = "auto",
-                  length_normalize: bool = False, ensemble_rule: str = "vote",
-                  strategy: str = "greedy", beam_size: int = 4, alpha: float = 0.6,
-                  temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
-                  seed: int = 0) -> Dict[str, Any]:
-    """What gin binds (same parameters as ``make_config``); checked by ``make_config`` outside
-    the gin call so that errors read as one plain message."""
-    return dict(locals())
-
-
+_gin_bindings.__signature__ = inspect.Signature([  # gin reads parameter names and defaults here
+    inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                      default=gin.REQUIRED if f.default is dataclasses.MISSING else f.default)
+    for f in dataclasses.fields(EvalConfig) if f.init])
 eval_config = gin.external_configurable(_gin_bindings, name="evaluate")
 infer_config = gin.external_configurable(_gin_bindings, name="infer")
 configurables.register("evaluate", eval_config)
@@ -182,20 +172,12 @@ class _WordVocabulary:
 
 def setup_task(cfg: EvalConfig):
     """Register tasks with the run's vocabulary/data; the task's source for ``predict``."""
-    from prompt_t5x import data, run_data, run_train
+    from prompt_t5x import run_data, run_train, task_cli
     if cfg.task in run_data.SYNTHETIC_TASKS:
         return SyntheticSource(cfg)
     run_train.check_vocabulary(cfg.vocabulary)
-    try:
-        import tasks
-        if cfg.vocabulary or cfg.data_dir:
-            tasks.register_all(vocab_path=cfg.vocabulary, data_dir=cfg.data_dir)
-        for module in cfg.task_modules:
-            tasks.load_task_module(module)
-        provider = data.get_task_or_mixture(cfg.task)
-        data.check_split(provider, cfg.split)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        raise UsageError(str(e)) from None
+    provider = task_cli.open_task(cfg.task, (cfg.split,), vocabulary=cfg.vocabulary,
+                                  data_dir=cfg.data_dir, task_modules=cfg.task_modules)
     if not hasattr(provider, "metric_fns"):  # a seqio.Mixture: metrics are per task
         names = ", ".join(t.name for t in provider.tasks)
         raise UsageError(f"{cfg.task!r} is a mixture; evaluate its tasks one at a time: {names}")
@@ -364,12 +346,12 @@ def run_infer(cfg: EvalConfig) -> str:
 
 def evaluate(**kwargs) -> Dict[str, Any]:
     """Python API: ``evaluate(task=..., output_dir=..., prompt=..., checkpoint=...)``."""
-    return run_eval(make_config(**kwargs))
+    return run_eval(EvalConfig(**kwargs))
 
 
 def infer(**kwargs) -> str:
     """Python API: ``infer(task=..., output_dir=..., prompt=..., checkpoint=...)``."""
-    return run_infer(make_config(**kwargs))
+    return run_infer(EvalConfig(**kwargs))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -392,7 +374,7 @@ def _parse(argv: Sequence[str], name: str, configurable) -> EvalConfig:
         overrides["prompt"] = args.prompt
     if args.checkpoint:
         overrides["checkpoint"] = args.checkpoint
-    return make_config(**gin_cli.call(configurable, **overrides))
+    return EvalConfig(**gin_cli.call(configurable, **overrides))
 
 
 def eval_main(argv: List[str]) -> int:

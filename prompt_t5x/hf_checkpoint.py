@@ -17,12 +17,10 @@ import os
 import struct
 from typing import Any, Dict, Optional, Sequence
 
-import jax
 import ml_dtypes
 import numpy as np
 
-from prompt_t5x import hf_interop
-from prompt_t5x import strict_loading
+from prompt_t5x import hf_interop, lazy_arrays, strict_loading
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -160,10 +158,9 @@ def load_hf_t5(directory: str, config=None, *, dtype=None, shardings: Any = None
 
     ``config`` defaults to the one in ``config.json``; when given, the weights must fit it
     (strict check, one error listing every difference). ``dtype`` casts floating weights;
-    ``shardings`` (one Sharding or a tree/dict of them) places each parameter.
+    ``shardings`` (one Sharding, a tree/dict of them, or ``fn(name, shape)``) places each
+    parameter (``lazy_arrays.read_params``, as for T5X checkpoints).
     """
-    from prompt_t5x import t5
-
     directory = os.fspath(directory)
     hf_config = read_hf_config(directory)
     if config is None:
@@ -173,22 +170,12 @@ def load_hf_t5(directory: str, config=None, *, dtype=None, shardings: Any = None
             raise HFCheckpointError(f"{directory}/{CONFIG_FILE}: {e}") from e
     params = hf_interop.params_from_hf_state_dict(
         read_hf_state_dict(directory, allow_bin=allow_bin), config)
-    flat = strict_loading.flatten(params)
-    expected = strict_loading.flatten(t5.param_shapes(config))
-    strict_loading.check_tree(flat, expected, allow_missing=allow_missing,
-                              allow_unexpected=allow_unexpected, source=directory)
-    out = {}
-    for name, value in flat.items():
-        if name not in expected:
-            continue
-        value = np.asarray(value)
-        if dtype is not None and np.issubdtype(value.dtype, np.floating) or (
-                dtype is not None and value.dtype == ml_dtypes.bfloat16):
-            value = value.astype(jax.numpy.dtype(dtype))
-        sharding = (shardings if shardings is None or isinstance(shardings, jax.sharding.Sharding)
-                    else strict_loading.flatten(shardings)[name])
-        out[name] = value if sharding is None else jax.device_put(value, sharding)
-    return strict_loading.unflatten(out), config
+    arrays = {name: lazy_arrays.LazyArray(name, value=value)
+              for name, value in strict_loading.flatten(params).items()}
+    params = lazy_arrays.read_params(arrays, config, source=directory, shardings=shardings,
+                                     dtype=dtype, allow_missing=allow_missing,
+                                     allow_unexpected=allow_unexpected)
+    return params, config
 
 
 def save_hf_t5(directory: str, params: Dict[str, Any], config, *,

@@ -11,7 +11,9 @@ rank classification encodes once and decodes every candidate against the repeate
 ours does); greedy decoding is ``generate(num_beams=1, do_sample=False)`` forced to
 ``decode_len`` new tokens (HF caches self- and cross-attention keys/values).
 
-Figures use ``prompt_t5x.flops`` exactly as ours do, so MFU and examples/s compare directly.
+Flags, random batches and the timing protocol (``prompt_t5x.bench_protocol``) and the figures
+(``bench_report.phase_figures``: ``prompt_t5x.flops``) are ours', so MFU and examples/s compare
+directly.
 Memory: ``torch.cuda.max_memory_allocated()`` on GPU; on CPU the process's peak RSS (which
 includes the framework itself, so it is not comparable with ours' compiled estimate).
 
@@ -23,13 +25,11 @@ with ours, ``prompt-t5x bench --peer peft``.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import resource
-import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -38,9 +38,8 @@ import numpy as np
 os.environ.setdefault("USE_TF", "0")
 os.environ.setdefault("USE_TORCH", "1")
 
-from prompt_t5x import bench  # noqa: E402  (flags and batch generation are shared)
-from prompt_t5x import bench_report  # noqa: E402  (so are the figures and their printing)
-from prompt_t5x import flops as flops_lib  # noqa: E402
+from prompt_t5x import bench_protocol as protocol  # noqa: E402  (flags, batches, timing)
+from prompt_t5x import bench_report  # noqa: E402  (the figures and their printing)
 
 REQUIREMENTS = {"torch": "torch", "transformers": "transformers>=4.40,<5", "peft": "peft>=0.13"}
 
@@ -49,18 +48,18 @@ def check_available() -> None:
     """Raise a UsageError naming what to install when torch/transformers/peft are missing."""
     missing = [spec for mod, spec in REQUIREMENTS.items() if importlib.util.find_spec(mod) is None]
     if missing:
-        raise bench._usage_error(
+        raise protocol.usage_error(
             "--peer peft needs " + ", ".join(missing) + " (pip install 'prompt_t5x[reference]' "
             "or pip install " + " ".join(repr(m) for m in missing) + ")")
     import transformers
     if int(transformers.__version__.split(".")[0]) >= 5:
-        raise bench._usage_error(
+        raise protocol.usage_error(
             f"transformers {transformers.__version__} ties T5's lm_head to the embedding, which "
             "T5 1.1 does not; install transformers>=4.40,<5 for the peer")
 
 
 def build_parser():
-    p = bench.build_parser()
+    p = protocol.build_parser()
     p.prog = "python -m prompt_t5x.peft_peer"
     p.add_argument("--compile", action="store_true", help="torch.compile the PEFT model")
     p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing")
@@ -73,24 +72,9 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(call: Callable[[], Any], steps: int, warmup: int, device) -> Dict[str, float]:
-    """Same protocol as ``bench.time_calls``: synced per call (median), then pipelined."""
-    for _ in range(warmup):
-        call()
-        _sync(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        call()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    for _ in range(steps):
-        call()
-    _sync(device)
-    pipelined = (time.perf_counter() - start) / steps
-    return {"median_s": statistics.median(times), "min_s": min(times),
-            "pipelined_s": pipelined, "steps": steps}
+def time_calls(call, steps: int, warmup: int, device) -> Dict[str, float]:
+    """``bench_protocol.time_calls`` (ours' protocol), synchronising ``device``."""
+    return protocol.time_calls(call, steps, warmup, lambda _: _sync(device))
 
 
 def _peak_memory(device) -> Dict[str, Optional[int]]:
@@ -137,7 +121,8 @@ def bench_train(args, cfg, peft_model, device, rng) -> Dict[str, Any]:
     inputs_len = args.encoder_len - args.prompt_len
     batches = []
     for _ in range(2):
-        b = bench.random_train_batch(rng, cfg.vocab_size, args.batch, inputs_len, args.decoder_len)
+        b = protocol.random_train_batch(rng, cfg.vocab_size, args.batch, inputs_len,
+                                        args.decoder_len)
         ids = torch.from_numpy(b["encoder_input_tokens"].astype(np.int64)).to(device)
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
                         "labels": torch.from_numpy(
@@ -159,13 +144,9 @@ def bench_train(args, cfg, peft_model, device, rng) -> Dict[str, Any]:
     _sync(device)
     first_s = time.perf_counter() - start
     timing = time_calls(step, args.steps, args.warmup, device)
-    analytic = flops_lib.train_step_flops(cfg, args.batch, args.encoder_len, args.decoder_len)
-    out = {"compile_s": first_s, **timing,
-           **bench_report.figures(timing, args.batch, args.batch * (args.encoder_len + args.decoder_len),
-                            analytic.total, args.peak_flops),
-           "mfu_issue_convention": analytic.issue_convention / timing["median_s"] / args.peak_flops,
-           **_peak_memory(device), "final_loss": float(state["loss"].detach().float().cpu())}
-    return out
+    return {"compile_s": first_s, **timing,
+            **bench_report.phase_figures("train", args, cfg, timing),
+            **_peak_memory(device), "final_loss": float(state["loss"].detach().float().cpu())}
 
 
 def bench_rank(args, cfg, peft_model, device, rng) -> Dict[str, Any]:
@@ -199,10 +180,8 @@ def bench_rank(args, cfg, peft_model, device, rng) -> Dict[str, Any]:
     _sync(device)
     first_s = time.perf_counter() - start
     timing = time_calls(scores, args.steps, args.warmup, device)
-    step_flops = flops_lib.rank_classification_flops(cfg, b, args.encoder_len, t, c)
-    return {"compile_s": first_s, "num_candidates": c, **timing,
-            **bench_report.figures(timing, b, b * (args.encoder_len + c * t), step_flops,
-                             args.peak_flops), **_peak_memory(device)}
+    return {"compile_s": first_s, **timing,
+            **bench_report.phase_figures("rank", args, cfg, timing), **_peak_memory(device)}
 
 
 def bench_decode(args, cfg, peft_model, device, rng) -> Dict[str, Any]:
@@ -226,31 +205,27 @@ def bench_decode(args, cfg, peft_model, device, rng) -> Dict[str, Any]:
     _sync(device)
     first_s = time.perf_counter() - start
     timing = time_calls(generate, args.steps, args.warmup, device)
-    step_flops = flops_lib.greedy_decode_flops(cfg, args.batch, args.encoder_len, length,
-                                               cross_kv_cached=True)
-    return {"compile_s": first_s, "decode_len": length, "generated_shape": list(out.shape),
-            **timing, **bench_report.figures(timing, args.batch, args.batch * length, step_flops,
-                                       args.peak_flops),
-            "generated_tokens_per_s": args.batch * length / timing["median_s"],
-            **_peak_memory(device)}
+    return {"compile_s": first_s, "generated_shape": list(out.shape), **timing,
+            **bench_report.phase_figures("decode", args, cfg, timing), **_peak_memory(device)}
 
 
 def run_peer(args) -> Dict[str, Any]:
     check_available()
     import torch
-    cfg = bench.model_config(args)
+    cfg = protocol.model_config(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = {k: v for k, v in vars(args).items() if k != "json"}
     config["remat"] = "grad_ckpt" if args.grad_ckpt else "none"
     config["attention"] = "hf-eager" + ("+torch.compile" if args.compile else "")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    result: Dict[str, Any] = {"impl": "peft", "config": config, "versions": bench_report.versions(),
+    result: Dict[str, Any] = {"impl": "peft", "config": config,
+                              "versions": bench_report.versions(),
                               "device": f"{device.type}:{name}"}
     rng = np.random.default_rng(args.seed)
     start = time.perf_counter()
     peft_model = build_model(args, cfg, device)
     result["init_s"] = time.perf_counter() - start
-    wanted = bench.phases(args)
+    wanted = protocol.phases(args)
     if "train" in wanted:
         result["train"] = bench_train(args, cfg, peft_model, device, rng)
     if "rank" in wanted:
@@ -262,14 +237,10 @@ def run_peer(args) -> Dict[str, Any]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    bench.validate(args)
+    protocol.validate(args)
     if args.aot:
-        raise bench._usage_error("--aot is for prompt_t5x only")
-    result = run_peer(args)
-    print(bench_report.format_result(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1, default=float)
+        raise protocol.usage_error("--aot is for prompt_t5x only")
+    bench_report.publish(run_peer(args), args.json)
     return 0
 
 

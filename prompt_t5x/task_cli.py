@@ -8,13 +8,17 @@
 ``--data_dir`` registers local-file tasks (see ``tasks.local_files``); ``--task_module`` imports a
 user module that registers its own SeqIO tasks; ``--vocab`` overrides the SentencePiece model
 (default ``$PROMPT_T5X_VOCAB`` or T5's GCS vocabulary). TensorFlow is imported only here.
+
+The same three settings of ``train``, ``eval`` and ``infer`` (``vocabulary``, ``data_dir``,
+``task_modules``) go through :func:`register_tasks` / :func:`open_task` here too, so every command
+registers tasks and reports a bad task the same way.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, TextIO
+from typing import List, Optional, Sequence, TextIO
 
 from prompt_t5x.cli import UsageError
 
@@ -26,16 +30,41 @@ def _common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", help="SentencePiece model path (overrides $PROMPT_T5X_VOCAB)")
 
 
-def _setup(args) -> None:
-    """Import the task registry with the requested vocab / local data / user modules."""
+def register_tasks(vocabulary: Optional[str] = None, data_dir: Optional[str] = None,
+                   task_modules: Sequence[str] = ()) -> None:
+    """Import the task registry, re-registered with ``vocabulary`` and the local-file tasks of
+    ``data_dir`` when either is given, then each user module of ``task_modules``.
+
+    Raises UsageError (one message) for a bad data dir or a module that cannot be imported.
+    """
     try:
         import tasks
-        if args.vocab or args.data_dir:
-            tasks.register_all(vocab_path=args.vocab, data_dir=args.data_dir)
-        for module in args.task_module:
+        if vocabulary or data_dir:
+            tasks.register_all(vocab_path=vocabulary, data_dir=data_dir)
+        for module in task_modules:
             tasks.load_task_module(module)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         raise UsageError(str(e)) from None
+
+
+def open_task(name: str, splits: Sequence[str] = (), *, vocabulary: Optional[str] = None,
+              data_dir: Optional[str] = None, task_modules: Sequence[str] = ()):
+    """The registered SeqIO task or mixture ``name`` (after :func:`register_tasks` with the
+    other arguments), checked to have every split of ``splits``; UsageError if not."""
+    register_tasks(vocabulary, data_dir, task_modules)
+    from prompt_t5x import data
+    try:
+        provider = data.get_task_or_mixture(name)
+        for split in splits:
+            data.check_split(provider, split)
+    except (ValueError, FileNotFoundError) as e:
+        hint = ""
+        if name.startswith("synthetic"):
+            from prompt_t5x import run_data
+            hint = (" Generated tasks (not SeqIO; train, eval and infer take them): "
+                    f"{', '.join(run_data.SYNTHETIC_TASKS)}.")
+        raise UsageError(f"{e}{hint}") from None
+    return provider
 
 
 def tasks_main(argv: List[str], out: TextIO = None) -> int:
@@ -44,7 +73,7 @@ def tasks_main(argv: List[str], out: TextIO = None) -> int:
     parser.add_argument("--filter", default="", help="only names containing this substring")
     _common_flags(parser)
     args = parser.parse_args(argv)
-    _setup(args)
+    register_tasks(args.vocab, args.data_dir, args.task_module)
     import seqio
     from tasks import families
     out = out or sys.stdout
@@ -82,14 +111,13 @@ def show_task_main(argv: List[str], out: TextIO = None) -> int:
     args = parser.parse_args(argv)
     if args.num_examples < 1:
         raise UsageError(f"-n must be >= 1, got {args.num_examples}")
-    _setup(args)
+    provider = open_task(args.name, (args.split,), vocabulary=args.vocab,
+                         data_dir=args.data_dir, task_modules=args.task_module)
     out = out or sys.stdout
     import tensorflow as tf
     from prompt_t5x import data
 
     try:
-        provider = data.get_task_or_mixture(args.name)
-        data.check_split(provider, args.split)
         from tasks import vocab
         vocab.check_provider_vocab(provider)
         lengths = {"inputs": args.inputs_length, "targets": args.targets_length}

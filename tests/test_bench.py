@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from prompt_t5x import bench, cli, flops, t5
+from prompt_t5x import bench, bench_protocol, cli, flops, t5
 
 SMALL = ["--batch", "2", "--encoder_len", "24", "--prompt_len", "4", "--decoder_len", "5"]
 HAVE_PEER = all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft"))
@@ -35,9 +35,9 @@ def test_flops_hand_count_one_layer():
 
 def test_aot_flops_match_compiled_hlo_and_cost_analysis():
     """--aot compiles with abstract inputs; the analytic count equals every dot in the HLO."""
-    args = bench.build_parser().parse_args(["--size", "test", "--dtype", "float32",
-                                            "--param_dtype", "float32", "--aot", *SMALL])
-    bench.validate(args)
+    args = bench_protocol.build_parser().parse_args(
+        ["--size", "test", "--dtype", "float32", "--param_dtype", "float32", "--aot", *SMALL])
+    bench_protocol.validate(args)
     result = bench.aot_train(args)
     assert result["flops_hlo_dots"] == result["flops_analytic"]
     # cost_analysis also counts element-wise work (softmax, GELU, norms, Adafactor): above the
@@ -69,6 +69,21 @@ def test_bench_smoke_tiny(tmp_path):
     assert train["compiled_memory"]["estimated_peak_bytes"] > 0
     assert r["rank"]["flops_per_step"] == flops.rank_classification_flops(cfg, 2, 24, 5, 2)
     assert r["decode"]["examples_per_s"] > 0 and r["decode"]["decode_len"] == 5
+
+
+def test_time_calls_syncs_each_timed_call_and_the_pipelined_run_once():
+    """The protocol ours and the peer share: warmup and timed calls synced one by one, then
+    ``steps`` calls back to back with a single sync of the last output."""
+    calls, synced = [], []
+
+    def call():
+        calls.append(None)
+        return len(calls)
+
+    timing = bench_protocol.time_calls(call, steps=3, warmup=2, sync=synced.append)
+    assert len(calls) == 2 + 3 + 3 and synced == [1, 2, 3, 4, 5, 8]
+    assert timing["steps"] == 3 and 0 <= timing["min_s"] <= timing["median_s"]
+    assert timing["pipelined_s"] >= 0
 
 
 def test_usage_errors(capsys):

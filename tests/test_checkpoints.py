@@ -11,7 +11,7 @@ import pytest
 import tensorstore as ts
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from prompt_t5x import checkpoints, cli, storage, strict_loading, t5
+from prompt_t5x import checkpoints, cli, storage, strict_loading, t5, t5x_writer
 
 FIXTURE = "t5x/t5_1_1_tiny_checkpoint_3"
 
@@ -59,7 +59,7 @@ def test_real_fixture_loads_strictly_with_inferred_config_and_runs(fixtures_dir)
 def test_model_dir_picks_latest_or_requested_step(tmp_path, test_params):
     config, params = test_params
     for step in (1, 5):
-        checkpoints.save_t5x_checkpoint(str(tmp_path / f"checkpoint_{step}"), params, step=step)
+        t5x_writer.save_t5x_checkpoint(str(tmp_path / f"checkpoint_{step}"), params, step=step)
     assert checkpoints.checkpoint_steps(str(tmp_path)) == [1, 5]
     assert checkpoints.open_checkpoint(str(tmp_path)).step == 5
     assert checkpoints.open_checkpoint(str(tmp_path), step=1).step == 1
@@ -107,8 +107,8 @@ def test_legacy_write_read_round_trip(tmp_path, test_params, root):
     config, params = test_params
     base = str(tmp_path) if root == "local" else f"memory://{tmp_path.name}"
     slots = {"encoder": {"encoder_norm": {"scale": {"v": np.arange(32, dtype=np.float32)}}}}
-    checkpoints.save_t5x_checkpoint(storage.join(base, "checkpoint_42"), params, step=42,
-                                    param_states=slots)
+    t5x_writer.save_t5x_checkpoint(storage.join(base, "checkpoint_42"), params, step=42,
+                                   param_states=slots)
     loaded = checkpoints.load_t5x(base)  # model dir -> latest checkpoint_<step>
     assert loaded.step == 42 and loaded.format == checkpoints.FORMAT_LEGACY
     assert loaded.config == config.replace(dropout_rate=0.1, dtype="bfloat16")
@@ -128,7 +128,7 @@ def test_sharded_arrays_are_written_shard_by_shard(tmp_path, test_params):
     sharded = dict(params)
     sharded["token_embedder"] = {"embedding": jax.device_put(
         params["token_embedder"]["embedding"][:100], NamedSharding(mesh, P("model", "data")))}
-    checkpoints.save_t5x_checkpoint(str(tmp_path / "checkpoint_1"), sharded, step=1)
+    t5x_writer.save_t5x_checkpoint(str(tmp_path / "checkpoint_1"), sharded, step=1)
     got = checkpoints.open_checkpoint(str(tmp_path)).params["token_embedder/embedding"].read()
     np.testing.assert_array_equal(got, params["token_embedder"]["embedding"][:100])
 
@@ -150,7 +150,7 @@ def test_gs_paths_map_to_gcs_kvstores_with_relative_array_paths():
 def test_single_msgpack_file_with_everything_inline_and_bf16(tmp_path, test_params):
     config, params = test_params
     path = str(tmp_path / "all_inline.msgpack")
-    checkpoints.save_t5x_checkpoint(path, params, step=7, single_file=True, dtype="bfloat16")
+    t5x_writer.save_t5x_checkpoint(path, params, step=7, single_file=True, dtype="bfloat16")
     ckpt = checkpoints.open_checkpoint(path)
     assert ckpt.step == 7 and all(a.is_inline for a in ckpt.arrays.values())
     loaded, _ = ckpt.load_params(config)
@@ -160,20 +160,25 @@ def test_single_msgpack_file_with_everything_inline_and_bf16(tmp_path, test_para
         np.testing.assert_array_equal(got, value.astype(jax.numpy.bfloat16))
 
 
+def _orbax_save(directory, step: int, state, use_ocdbt: bool) -> None:
+    """Save ``state`` as current T5X does: CheckpointManager(step_prefix='checkpoint') with one
+    'state' item written by the PyTree handler."""
+    manager = ocp.CheckpointManager(
+        str(directory), item_names=("state",),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt)},
+        options=ocp.CheckpointManagerOptions(step_prefix="checkpoint"))
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state)))
+    manager.wait_until_finished()
+
+
 @pytest.mark.parametrize("use_ocdbt", [False, True])
 def test_orbax_layout_written_like_t5x_is_read(tmp_path, test_params, use_ocdbt):
     config, params = test_params
-    # Current T5X: CheckpointManager(step_prefix='checkpoint') with one 'state' item written by
-    # the PyTree handler; the state dict is {'target': params, 'state': {step, param_states}}.
+    # The state dict of current T5X: {'target': params, 'state': {step, param_states}}.
     state = {"target": params,
              "state": {"step": np.int32(1100), "param_states": {
                  "decoder": {"decoder_norm": {"scale": {"v": np.ones(32, np.float32)}}}}}}
-    manager = ocp.CheckpointManager(
-        str(tmp_path), item_names=("state",),
-        item_handlers={"state": ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt)},
-        options=ocp.CheckpointManagerOptions(step_prefix="checkpoint"))
-    manager.save(1100, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state)))
-    manager.wait_until_finished()
+    _orbax_save(tmp_path, 1100, state, use_ocdbt)
     assert os.path.isfile(tmp_path / "checkpoint_1100" / "state" / "_METADATA")
     assert checkpoints.detect_format(str(tmp_path / "checkpoint_1100")) == checkpoints.FORMAT_ORBAX
     ckpt = checkpoints.open_checkpoint(str(tmp_path))
@@ -194,13 +199,7 @@ def test_older_orbax_aggregate_file_layout(tmp_path, test_params, keep_metadata)
     from flax import serialization
 
     config, params = test_params
-    state = {"target": params, "state": {"step": np.int32(0)}}
-    manager = ocp.CheckpointManager(
-        str(tmp_path), item_names=("state",),
-        item_handlers={"state": ocp.PyTreeCheckpointHandler(use_ocdbt=False)},
-        options=ocp.CheckpointManagerOptions(step_prefix="checkpoint"))
-    manager.save(77, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state)))
-    manager.wait_until_finished()
+    _orbax_save(tmp_path, 77, {"target": params, "state": {"step": np.int32(0)}}, False)
     state_dir = tmp_path / "checkpoint_77" / "state"
     shutil.rmtree(state_dir / "state.step")
     placeholders = {k: f"PLACEHOLDER://target.{k.replace('/', '.')}"
@@ -227,8 +226,8 @@ def test_strict_loading_lists_missing_unexpected_and_misshaped_at_once(tmp_path,
     del bad["decoder/logits_dense/kernel"]
     bad["encoder/layers_0/attention/extra/kernel"] = np.zeros((32, 40), np.float32)
     bad["encoder/layers_1/mlp/wo/kernel"] = np.zeros((40, 32), np.float32)  # model wants (48, 32)
-    checkpoints.save_t5x_checkpoint(str(tmp_path / "checkpoint_1"), strict_loading.unflatten(bad),
-                                    step=1)
+    t5x_writer.save_t5x_checkpoint(str(tmp_path / "checkpoint_1"), strict_loading.unflatten(bad),
+                                   step=1)
     with pytest.raises(strict_loading.CheckpointMismatchError) as e:
         checkpoints.load_t5x(str(tmp_path), config)
     err = e.value
@@ -244,8 +243,8 @@ def test_allow_list_partial_load_is_explicit(tmp_path, test_params):
     config, params = test_params
     partial = strict_loading.flatten(params)
     del partial["decoder/logits_dense/kernel"]
-    checkpoints.save_t5x_checkpoint(str(tmp_path / "checkpoint_1"),
-                                    strict_loading.unflatten(partial), step=1)
+    t5x_writer.save_t5x_checkpoint(str(tmp_path / "checkpoint_1"),
+                                   strict_loading.unflatten(partial), step=1)
     loaded = checkpoints.load_t5x(str(tmp_path), config,
                                   allow_missing=["decoder/logits_dense/*"]).params
     assert "logits_dense" not in loaded["decoder"]  # absent, never silently random
@@ -270,7 +269,7 @@ def test_damaged_or_foreign_paths_give_clear_errors(tmp_path, fixtures_dir):
 
 def test_chunk_shapes_tile_the_array_and_fit_the_budget():
     for shape, itemsize in [((32128, 4096), 4), ((4096, 10240), 2), ((7, 3), 4), ((), 4)]:
-        chunk = checkpoints._chunk_shape(shape, itemsize)
+        chunk = t5x_writer._chunk_shape(shape, itemsize)
         assert all(s % c == 0 for s, c in zip(shape, chunk))
         assert int(np.prod(chunk)) * itemsize <= 64 * 1024 * 1024
 

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from prompt_t5x import checkpoints, cli, decoding, evaluation, methods
+from prompt_t5x import cli, decoding, evaluation, methods, t5x_writer
 from prompt_t5x import rank_classification, t5
 
 N_EXAMPLES = 6
@@ -21,7 +21,7 @@ def world(fixtures_dir, tmp_path_factory):
     config = t5.get_config("tiny")
     params = t5.init_params(config, jax.random.PRNGKey(0))
     ckpt = str(root / "frozen" / "checkpoint_0")
-    checkpoints.save_t5x_checkpoint(ckpt, params, step=0)
+    t5x_writer.save_t5x_checkpoint(ckpt, params, step=0)
     prompts = []
     for i in range(2):
         p = np.asarray(jax.random.uniform(jax.random.PRNGKey(10 + i), (4, config.emb_dim),
@@ -149,6 +149,9 @@ def test_bad_input_exits_2_without_output(world, tmp_path, capsys):
         ([f.replace("local_glue_sst2", "local_glue_sst3") for f in _flags(world, out)]
          + [f"--prompt={prompt}"], "local_glue_sst3"),
         (_flags(world, out, f"--prompt={prompt}", "--gin.MODE='guess'"), "mode"),
+        # evaluate's gin parameters are EvalConfig's fields: a typo is caught, not swallowed.
+        (_flags(world, out, f"--prompt={prompt}", "--gin.evaluate.stratgy='beam'"),
+         "Did you mean 'strategy'"),
     ]
     for argv, needle in cases:
         assert cli.main(["eval"] + argv) == 2, needle

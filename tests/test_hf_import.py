@@ -102,6 +102,29 @@ def test_bfloat16_safetensors_and_dtype_cast(tmp_path, hf_model):
     np.testing.assert_array_equal(emb, expected)
 
 
+def test_sharded_import_places_and_casts_each_parameter(tmp_path, hf_model):
+    """Shardings and dtype go through the same strict read as T5X checkpoints."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from prompt_t5x import checkpoints
+    hf_model.save_pretrained(tmp_path, safe_serialization=True)
+    host, _ = hf_checkpoint.load_hf_t5(str(tmp_path))
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    split = NamedSharding(mesh, P(None, "model"))
+
+    def sharding_of(name, shape):
+        return split if name == "token_embedder/embedding" else NamedSharding(mesh, P())
+
+    params, _ = hf_checkpoint.load_hf_t5(str(tmp_path), shardings=sharding_of, dtype="bfloat16")
+    emb = params["token_embedder"]["embedding"]                     # [101, 32]
+    assert emb.sharding == split and emb.dtype == jax.numpy.bfloat16
+    assert {s.data.shape for s in emb.addressable_shards} == {(101, 8)}
+    for name, value in strict_loading.flatten(params).items():
+        want = strict_loading.flatten(host)[name].astype(jax.numpy.bfloat16)
+        np.testing.assert_array_equal(np.asarray(value), want, err_msg=name)
+    with pytest.raises(checkpoints.CheckpointError, match="no sharding given for parameter"):
+        hf_checkpoint.load_hf_t5(str(tmp_path), shardings={"token_embedder/embedding": split})
+
+
 def test_strict_check_and_bad_directories(tmp_path, hf_model):
     hf_model.save_pretrained(tmp_path / "m", safe_serialization=True)
     with pytest.raises(strict_loading.CheckpointMismatchError) as e:

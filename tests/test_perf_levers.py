@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from prompt_t5x import attention, flops, methods, optim, t5, train
-from prompt_t5x.bench import random_train_batch
+from prompt_t5x.bench_protocol import random_train_batch
 
 PROMPT_LEN = 5
 # 'test' has every dim distinct (embed 32, heads*kv 40, mlp 48, vocab 101); batch 3 x encoder

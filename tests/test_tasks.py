@@ -235,3 +235,15 @@ def test_unknown_task_module_is_a_usage_error(mocked, capsys):
     from prompt_t5x import cli
     assert cli.main(["tasks", "--task_module", "no_such_module_xyz"]) == 2
     assert "no_such_module_xyz" in capsys.readouterr().err
+
+
+def test_open_task_reports_bad_tasks_splits_and_modules_as_usage_errors(mocked):
+    """``eval``/``infer``/``show-task`` (and train's SeqIO data) resolve tasks this one way."""
+    from prompt_t5x import cli, task_cli
+    assert task_cli.open_task("super_glue_copa_v102", ("train",)).name == "super_glue_copa_v102"
+    with pytest.raises(cli.UsageError, match="has no split 'validation'; available: test"):
+        task_cli.open_task("super_glue_axb_v102", ("validation",))
+    with pytest.raises(cli.UsageError, match=r"unknown task .* Generated tasks .*synthetic_contains"):
+        task_cli.open_task("synthetic_contain")
+    with pytest.raises(cli.UsageError, match="no_such_module_xyz"):
+        task_cli.open_task("super_glue_copa_v102", task_modules=["no_such_module_xyz"])
