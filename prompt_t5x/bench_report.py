@@ -89,6 +89,8 @@ def format_result(r: Dict[str, Any]) -> str:
             f"encoder={c['encoder_len']} (prompt {c['prompt_len']}) decoder={c['decoder_len']} "
             f"remat={c.get('remat')} attention={c.get('attention')} dtype={c['dtype']} "
             f"param_dtype={c['param_dtype']}")
+    if c.get("lm_head_tied"):
+        head += " lm_head=tied (transformers 5.x; same FLOPs)"
     lines = [head]
     if "aot_train" in r:
         a = r["aot_train"]

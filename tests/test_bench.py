@@ -121,5 +121,6 @@ def test_peer_side_by_side(tmp_path, capsys):
     assert peer["impl"] == "peft" and ours["impl"] == "prompt_t5x"
     # Same work by the same formula: identical FLOPs per step, so MFU ratio = throughput ratio.
     assert peer["train"]["flops_per_step"] == ours["train"]["flops_per_step"]
+    assert peer["config"]["lm_head_tied"] is False   # transformers 4.x: T5 1.1's untied head
     assert np.isfinite(peer["train"]["final_loss"]) and peer["rank"]["examples_per_s"] > 0
     assert "ratio prompt_t5x / peer" in capsys.readouterr().out

@@ -169,3 +169,48 @@ def test_slurm_batch_script_runs_and_sets_jax_variables_per_task(tmp_path):
 def test_slurm_bad_input_is_one_clear_error(args, message):
     proc = run_script(SLURM, *args)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+BENCH = ROOT / "launch" / "gpu_bench.sh"
+GPU_STAGES = ("env", "xl", "xxl", "xxlpeer", "base", "peer", "ablate")
+
+
+@pytest.mark.parametrize("stage", GPU_STAGES)
+def test_gpu_bench_stage_commands_parse_and_validate(stage, tmp_path):
+    """Every run of every stage is a valid bench / peer command line (flags that exist, values
+    that pass validation): a GPU session must not lose its minutes to a typo."""
+    from prompt_t5x import bench_protocol, peft_peer
+    runs = commands(BENCH, stage, "--out", str(tmp_path))
+    assert runs, stage
+    for argv in runs:
+        assert argv[:2] == ["python3", "-m"]
+        module, rest = argv[2], argv[3:]
+        if module == "prompt_t5x":
+            assert rest[0] == "bench"
+            args = bench_protocol.build_parser().parse_args(rest[1:])
+        else:
+            assert module == "prompt_t5x.peft_peer"
+            args = peft_peer.build_parser().parse_args(rest)
+        bench_protocol.validate(args)
+        assert args.json.startswith(str(tmp_path / f"{stage}_")) and args.json.endswith(".json")
+
+
+def test_gpu_bench_targets_use_the_issue_configuration(tmp_path):
+    from prompt_t5x import bench_protocol
+    (xl,) = commands(BENCH, "xl", "--out", str(tmp_path))
+    args = bench_protocol.build_parser().parse_args(xl[4:])
+    assert (args.size, args.batch, args.encoder_len, args.prompt_len, args.decoder_len) == (
+        "xl", 32, 512, 100, 16)
+    assert (args.remat, args.attention, args.peer, args.peer_compile) == (
+        "dots_no_batch", "cudnn", "peft", True)
+
+
+@pytest.mark.parametrize("args,message", [
+    ((), "STAGE must be one of"),
+    (("bogus",), "STAGE must be one of"),
+    (("xl", "xxl"), "one STAGE only"),
+    (("xl", "--frobnicate"), "unknown flag --frobnicate"),
+])
+def test_gpu_bench_bad_input_is_one_clear_error(args, message):
+    proc = run_script(BENCH, *args)
+    assert proc.returncode == 2 and message in proc.stderr and proc.stdout == ""
