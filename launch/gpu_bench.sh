@@ -11,12 +11,13 @@
 #   base    base target and the eval phases: ours vs PEFT + torch.compile
 #   peer    the rest of the issue's PEFT table: eager base/xl, xl with gradient checkpointing
 #   ablate  the levers at xl, each one flag away from the xl run
+#   profile xl and xxl traced: device time split into matmul / attention / collective / other
 # Every run writes DIR/STAGE_NAME.json (bench --json) and appends its output to DIR/STAGE.log;
 # a run that fails or passes its time limit is logged and the stage goes on. The checkout runs in
 # place (PYTHONPATH = repo root): bench and the peer import no TensorFlow, gin or SeqIO.
 set -euo pipefail
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:-$REPO/bench_out}"
@@ -34,7 +35,7 @@ while [[ $# -gt 0 ]]; do
        STAGE="$1"; shift ;;
   esac
 done
-STAGES="env xl xxl xxlpeer base peer ablate"
+STAGES="env xl xxl xxlpeer base peer ablate profile"
 if [[ -z "$STAGE" || " $STAGES " != *" $STAGE "* ]]; then
   echo "gpu_bench.sh: STAGE must be one of: $STAGES (got '${STAGE}')" >&2
   exit 2
@@ -102,5 +103,10 @@ case "$STAGE" in
     run xl_xla 140 $OURS --size xl $B --remat dots_no_batch --attention xla --phases train
     run xl_full 140 $OURS --size xl $B --remat full --attention cudnn --phases train
     run xl_f32_weights 140 $OURS --size xl $B --remat dots_no_batch --attention cudnn --param_dtype float32 --phases train
+    ;;
+  profile)
+    # The traces stay on the machine (deep folders); the split comes back in the JSON.
+    run xl 270 $OURS --size xl $B --remat dots_no_batch --attention cudnn --phases train --profile /tmp/prompt_t5x_profile_xl
+    run xxl 270 $OURS --size xxl $B --remat dots_no_batch --attention cudnn --phases train --profile /tmp/prompt_t5x_profile_xxl
     ;;
 esac

@@ -114,9 +114,16 @@ def _measure(phase: str, args, cfg, compiled, compile_s: float, call) -> Dict[st
     """Time ``call`` (runs ``compiled``) by the shared protocol; its figures and memory."""
     import jax
     timing = protocol.time_calls(call, args.steps, args.warmup, jax.block_until_ready)
-    return {"compile_s": compile_s, **timing,
-            **bench_report.phase_figures(phase, args, cfg, timing),
-            "compiled_memory": compiled_memory(compiled), "device_peak_bytes": device_peak_bytes()}
+    out = {"compile_s": compile_s, **timing,
+           **bench_report.phase_figures(phase, args, cfg, timing),
+           "compiled_memory": compiled_memory(compiled), "device_peak_bytes": device_peak_bytes()}
+    if args.profile:
+        # After the timing (tracing slows the calls it sees) and after the peak memory reading.
+        from prompt_t5x import profile_report
+        where = profile_report.capture(call, args.steps, os.path.join(args.profile, phase),
+                                       compiled.as_text(), jax.block_until_ready)
+        out["profile"] = profile_report.report(where, out["flops_per_step"], args.peak_flops)
+    return out
 
 
 # ----------------------------------------------------------------------------- phases
@@ -303,16 +310,17 @@ def _child(module: str, argv: Sequence[str], json_path: str) -> Dict[str, Any]:
         return json.load(f)
 
 
-def _strip_peer_flags(argv: Sequence[str]) -> List[str]:
+def _strip_flags(argv: Sequence[str], names: Sequence[str]) -> List[str]:
+    """``argv`` without the flags ``names`` (each taking a value, or a ``--peer_*`` switch)."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
             continue
-        if a == "--peer" or a == "--json":
+        if a in names:
             skip = True
             continue
-        if a.startswith("--peer") or a.startswith("--json="):
+        if a.startswith(tuple(f"{n}=" for n in names)) or a.startswith("--peer_"):
             continue
         out.append(a)
     return out
@@ -324,11 +332,12 @@ def side_by_side(args, argv: Sequence[str]) -> Dict[str, Any]:
         raise protocol.usage_error("--aot compiles only; it cannot be combined with --peer")
     from prompt_t5x import peft_peer
     peft_peer.check_available()
-    base = _strip_peer_flags(argv)
-    peer_argv = base + (["--compile"] if args.peer_compile else []) + (
+    ours_argv = _strip_flags(argv, ("--peer", "--json"))
+    peer_argv = _strip_flags(ours_argv, ("--profile",)) + (
+        ["--compile"] if args.peer_compile else []) + (
         ["--grad_ckpt"] if args.peer_grad_ckpt else [])
     with tempfile.TemporaryDirectory() as tmp:
-        ours = _child("prompt_t5x.bench", base, os.path.join(tmp, "ours.json"))
+        ours = _child("prompt_t5x.bench", ours_argv, os.path.join(tmp, "ours.json"))
         peer = _child("prompt_t5x.peft_peer", peer_argv, os.path.join(tmp, "peer.json"))
     return {"ours": ours, "peer": peer}
 

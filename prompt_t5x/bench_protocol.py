@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer_grad_ckpt", action="store_true", help="peer: gradient checkpointing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="ours only: trace --steps more calls of each phase into DIR/PHASE and "
+                        "split their device time into matmul / attention / collective / other")
     return p
 
 

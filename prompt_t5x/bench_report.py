@@ -80,7 +80,11 @@ def format_phase(name: str, r: Dict[str, Any]) -> str:
             f"median {r['median_s'] * 1e3:9.2f} ms  MFU {100 * r['mfu']:6.3g}%")
     if "mfu_issue_convention" in r:
         line += f" (2xfwd {100 * r['mfu_issue_convention']:.3g}%)"
-    return line + f"  {mem_text}  compile {r.get('compile_s', 0):.1f}s"
+    line += f"  {mem_text}  compile {r.get('compile_s', 0):.1f}s"
+    if "profile" in r:
+        from prompt_t5x import profile_report
+        line += "\n" + profile_report.format_report(name, r["profile"])
+    return line
 
 
 def format_result(r: Dict[str, Any]) -> str:

@@ -239,8 +239,8 @@ def run_peer(args) -> Dict[str, Any]:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     protocol.validate(args)
-    if args.aot:
-        raise protocol.usage_error("--aot is for prompt_t5x only")
+    if args.aot or args.profile:
+        raise protocol.usage_error("--aot and --profile are for prompt_t5x only")
     bench_report.publish(run_peer(args), args.json)
     return 0
 

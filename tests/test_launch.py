@@ -172,7 +172,7 @@ def test_slurm_bad_input_is_one_clear_error(args, message):
 
 
 BENCH = ROOT / "launch" / "gpu_bench.sh"
-GPU_STAGES = ("env", "xl", "xxl", "xxlpeer", "base", "peer", "ablate")
+GPU_STAGES = ("env", "xl", "xxl", "xxlpeer", "base", "peer", "ablate", "profile")
 
 
 @pytest.mark.parametrize("stage", GPU_STAGES)

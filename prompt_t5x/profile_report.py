@@ -1,0 +1,226 @@
+"""Where a compiled step's device time goes: matmuls, fused attention, collectives, the rest.
+
+``bench --profile DIR`` runs each timed phase ``--steps`` more times under ``jax.profiler.trace``
+and keeps, per phase, the trace and the compiled HLO text of the executable it timed. This module
+joins the two: every op event on the device's timeline is named after an HLO instruction of that
+executable, and the instruction says what kind of work it is:
+
+- ``matmul``: ``dot``/``convolution``, cuBLAS/cuBLASLt GEMM custom calls, and fusions that
+  contain one (XLA:GPU's Triton GEMM fusions, XLA:CPU's dot fusions);
+- ``attention``: cuDNN fused attention custom calls (``__cudnn$fmha...``) and fusions holding one;
+- ``collective``: all-reduce / all-gather / reduce-scatter / all-to-all / collective-permute;
+- ``other``: everything else (element-wise and reduction fusions, copies, transposes).
+
+Summed over the captured steps and divided by their count, the categories split the step time;
+with the analytic FLOPs they also give the matmul-only efficiency, which says whether a missed
+MFU target is lost inside the matmuls or around them.
+
+Run on a saved profile: ``python -m prompt_t5x.profile_report DIR [--flops F --peak P]``.
+Imports no TensorFlow (the trace is read from its Perfetto JSON export).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+CATEGORIES = ("matmul", "attention", "collective", "other")
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\{\s*$")
+_OPCODE = re.compile(r"(?:^|[\s}\])])([a-z][a-z0-9\-]*)\(")
+_CALLED = re.compile(r"\b(?:calls|to_apply|body|condition|branch_computations|"
+                     r"called_computations)=(\{[^}]*\}|%?[\w.\-]+)")
+_NAME = re.compile(r"%?([\w.\-]+)")
+_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+
+
+def _own_category(opcode: str, rest: str) -> Optional[str]:
+    if opcode in ("dot", "convolution"):
+        return "matmul"
+    if opcode.startswith(_COLLECTIVES):
+        return "collective"
+    if opcode == "custom-call":
+        target = (_TARGET.search(rest) or [None, ""])[1].lower()
+        if "fmha" in target or "flash" in target:
+            return "attention"
+        if "gemm" in target or "matmul" in target or "cublas" in target:
+            return "matmul"
+    return None
+
+
+def instruction_categories(hlo_text: str) -> Dict[str, str]:
+    """HLO instruction name -> category, for every instruction of an optimised module's text.
+
+    A fusion (or call) takes the weightiest category found in the computations it calls,
+    attention > matmul > collective.
+    """
+    own: Dict[str, Optional[str]] = {}
+    calls: Dict[str, List[str]] = {}
+    members: Dict[str, List[str]] = collections.defaultdict(list)
+    computation = None
+    for line in hlo_text.splitlines():
+        if line.startswith("}"):
+            computation = None
+            continue
+        match = _INSTRUCTION.match(line)
+        if match is None:
+            header = _COMPUTATION.match(line)   # 'ENTRY %main.5 (p: f32[2]) -> f32[] {'
+            if header:
+                computation = header.group(1)
+            continue
+        if computation is None:
+            continue
+        name, rest = match.groups()
+        opcode = _OPCODE.search(rest)
+        own[name] = _own_category(opcode.group(1) if opcode else "", rest)
+        calls[name] = [c for group in _CALLED.findall(rest) for c in _NAME.findall(group)]
+        members[computation].append(name)
+
+    rank = {"other": 0, "collective": 1, "matmul": 2, "attention": 3}
+    memo: Dict[str, str] = {}
+
+    def of_computation(comp: str, seen: frozenset) -> str:
+        best = "other"
+        for inst in members.get(comp, ()):
+            cat = of_instruction(inst, seen)
+            if rank[cat] > rank[best]:
+                best = cat
+        return best
+
+    def of_instruction(inst: str, seen: frozenset = frozenset()) -> str:
+        if inst in memo:
+            return memo[inst]
+        best = own.get(inst) or "other"
+        for comp in calls.get(inst, ()):
+            if comp not in seen:
+                cat = of_computation(comp, seen | {comp})
+                if rank[cat] > rank[best]:
+                    best = cat
+        memo[inst] = best
+        return best
+
+    return {name: of_instruction(name) for name in own}
+
+
+def _device_events(trace: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Complete ('X') events of the device's op timeline.
+
+    GPU/TPU: the '/device:...' processes, their 'XLA Ops' thread when there is one (kernel
+    threads repeat the same ops). CPU: the XLA threads of '/host:CPU' (client and Eigen pool),
+    where XLA:CPU runs its ops, possibly split over several threads at once.
+    """
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    processes, threads = {}, {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            processes[e.get("pid")] = e["args"]["name"]
+        if e.get("ph") == "M" and e.get("name") == "thread_name":
+            threads[(e.get("pid"), e.get("tid"))] = e["args"]["name"]
+    device = {pid for pid, name in processes.items() if name.startswith("/device:")}
+    if device:
+        ops_lines = {key for key, name in threads.items() if key[0] in device and name == "XLA Ops"}
+        keep: Callable[[Any, Any], bool] = (
+            (lambda pid, tid: (pid, tid) in ops_lines) if ops_lines
+            else (lambda pid, tid: pid in device))
+    else:
+        xla = {key for key, name in threads.items() if "XLA" in name}
+        keep = lambda pid, tid: (pid, tid) in xla  # noqa: E731
+    return [e for e in events if e.get("ph") == "X" and keep(e.get("pid"), e.get("tid"))]
+
+
+def summarize(trace: Dict[str, Any], categories: Dict[str, str], steps: int,
+              flops: Optional[float] = None, peak: Optional[float] = None) -> Dict[str, Any]:
+    """Per-step time of the executable's ops by category (seconds) and the top ops.
+
+    Events that name no instruction of the executable (runtime wrappers, other programs) are
+    left out; compare ``op_time_s`` with the step's wall time to see what they leave.
+    """
+    per_op: Dict[str, float] = collections.defaultdict(float)
+    for e in _device_events(trace):
+        name = (e.get("args") or {}).get("hlo_op") or e.get("name", "")
+        if name in categories:
+            per_op[name] += e.get("dur", 0.0) * 1e-6   # trace durations are in microseconds
+    by_cat = {c: 0.0 for c in CATEGORIES}
+    for name, seconds in per_op.items():
+        by_cat[categories[name]] += seconds
+    total = sum(by_cat.values())
+    out: Dict[str, Any] = {
+        "steps": steps, "op_time_s": total / steps,
+        "category_s": {c: v / steps for c, v in by_cat.items()},
+        "category_share": {c: (v / total if total else 0.0) for c, v in by_cat.items()},
+        "top_ops": [{"op": n, "category": categories[n], "s": s / steps}
+                    for n, s in sorted(per_op.items(), key=lambda kv: -kv[1])[:12]]}
+    if flops and peak and by_cat["matmul"] > 0:
+        # How fast the matmuls themselves run: every analytic FLOP is a matmul FLOP.
+        out["matmul_only_utilisation"] = flops / (by_cat["matmul"] / steps) / peak
+    return out
+
+
+def capture(call: Callable[[], Any], steps: int, out_dir: str, hlo_text: str,
+            sync: Callable[[Any], Any]) -> str:
+    """Trace ``steps`` synced calls into ``out_dir`` next to the executable's HLO text."""
+    import jax
+    os.makedirs(out_dir, exist_ok=True)
+    with gzip.open(os.path.join(out_dir, "compiled.hlo.txt.gz"), "wt") as f:
+        f.write(hlo_text)
+    sync(call())   # nothing of a previous phase left in flight inside the trace
+    with jax.profiler.trace(out_dir, create_perfetto_trace=True):
+        for _ in range(steps):
+            sync(call())
+    with open(os.path.join(out_dir, "steps.json"), "w") as f:
+        json.dump({"steps": steps}, f)
+    return out_dir
+
+
+def report(profile_dir: str, flops: Optional[float] = None,
+           peak: Optional[float] = None) -> Dict[str, Any]:
+    """Summarise what ``capture`` left in ``profile_dir``."""
+    traces = sorted(glob.glob(os.path.join(profile_dir, "**", "perfetto_trace.json.gz"),
+                              recursive=True))
+    hlo = os.path.join(profile_dir, "compiled.hlo.txt.gz")
+    if not traces or not os.path.exists(hlo):
+        raise FileNotFoundError(f"{profile_dir}: no perfetto_trace.json.gz and compiled.hlo.txt.gz"
+                                " (written by prompt-t5x bench --profile DIR)")
+    with gzip.open(hlo, "rt") as f:
+        categories = instruction_categories(f.read())
+    with gzip.open(traces[-1], "rt") as f:
+        trace = json.load(f)
+    with open(os.path.join(profile_dir, "steps.json")) as f:
+        steps = json.load(f)["steps"]
+    return summarize(trace, categories, steps, flops, peak)
+
+
+def format_report(name: str, r: Dict[str, Any]) -> str:
+    share = r["category_share"]
+    parts = [f"{c} {1e3 * r['category_s'][c]:.2f} ms ({100 * share[c]:.1f}%)" for c in CATEGORIES]
+    line = (f"  profile {name}: device ops {1e3 * r['op_time_s']:.2f} ms/step = "
+            + ", ".join(parts))
+    if "matmul_only_utilisation" in r:
+        line += f"; matmuls alone at {100 * r['matmul_only_utilisation']:.1f}% of peak"
+    return line
+
+
+def main(argv: Optional[Iterable[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m prompt_t5x.profile_report",
+                                description="Split a bench --profile capture by kind of work.")
+    p.add_argument("profile_dir")
+    p.add_argument("--flops", type=float, default=None, help="analytic FLOPs per step")
+    p.add_argument("--peak", type=float, default=None, help="peak FLOP/s of the device")
+    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    r = report(args.profile_dir, args.flops, args.peak)
+    print(format_report(os.path.basename(os.path.normpath(args.profile_dir)), r))
+    for op in r["top_ops"]:
+        print(f"    {1e3 * op['s']:9.3f} ms  {op['category']:10s} {op['op']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
