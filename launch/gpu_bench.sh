@@ -11,13 +11,14 @@
 #   base    base target and the eval phases: ours vs PEFT + torch.compile
 #   peer    the rest of the issue's PEFT table: eager base/xl, xl with gradient checkpointing
 #   ablate  the levers at xl, each one flag away from the xl run
-#   profile xl and xxl traced: device time split into matmul / attention / collective / other
+# The xl and xxl runs of ours also trace 10 more steps after timing them (bench --profile): the
+# JSON then splits the step's device time into matmul / attention / collective / other.
 # Every run writes DIR/STAGE_NAME.json (bench --json) and appends its output to DIR/STAGE.log;
 # a run that fails or passes its time limit is logged and the stage goes on. The checkout runs in
 # place (PYTHONPATH = repo root): bench and the peer import no TensorFlow, gin or SeqIO.
 set -euo pipefail
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:-$REPO/bench_out}"
@@ -35,7 +36,7 @@ while [[ $# -gt 0 ]]; do
        STAGE="$1"; shift ;;
   esac
 done
-STAGES="env xl xxl xxlpeer base peer ablate profile"
+STAGES="env xl xxl xxlpeer base peer ablate"
 if [[ -z "$STAGE" || " $STAGES " != *" $STAGE "* ]]; then
   echo "gpu_bench.sh: STAGE must be one of: $STAGES (got '${STAGE}')" >&2
   exit 2
@@ -44,6 +45,8 @@ fi
 # The issue's configuration: batch 32, encoder 512 = 100 prompt + 412 tokens, decoder 16, bf16.
 B="--batch 32 --encoder_len 512 --prompt_len 100 --decoder_len 16 --steps 10 --warmup 2"
 OURS="-m prompt_t5x bench"
+# Traces stay on the machine (folders too deep to come back); their split is in the JSON.
+PROFILES=/tmp/prompt_t5x_profiles
 PEER="-m prompt_t5x.peft_peer"
 
 # run NAME LIMIT_S ARGS...: one timed run, its JSON in $OUT/$STAGE_$NAME.json.
@@ -81,10 +84,10 @@ case "$STAGE" in
     run smoke_peer 240 $PEER --size small --batch 8 --encoder_len 128 --prompt_len 20 --decoder_len 8 --steps 3 --warmup 1
     ;;
   xl)
-    run ours_peer_compiled 570 $OURS --size xl $B --remat dots_no_batch --attention cudnn --phases train --peer peft --peer_compile
+    run ours_peer_compiled 570 $OURS --size xl $B --remat dots_no_batch --attention cudnn --phases train --peer peft --peer_compile --profile "$PROFILES/xl"
     ;;
   xxl)
-    run ours_dots_no_batch 280 $OURS --size xxl $B --remat dots_no_batch --attention cudnn --phases train
+    run ours_dots_no_batch 280 $OURS --size xxl $B --remat dots_no_batch --attention cudnn --phases train --profile "$PROFILES/xxl"
     run ours_full 280 $OURS --size xxl $B --remat full --attention cudnn --phases train
     ;;
   xxlpeer)
@@ -103,10 +106,5 @@ case "$STAGE" in
     run xl_xla 140 $OURS --size xl $B --remat dots_no_batch --attention xla --phases train
     run xl_full 140 $OURS --size xl $B --remat full --attention cudnn --phases train
     run xl_f32_weights 140 $OURS --size xl $B --remat dots_no_batch --attention cudnn --param_dtype float32 --phases train
-    ;;
-  profile)
-    # The traces stay on the machine (deep folders); the split comes back in the JSON.
-    run xl 270 $OURS --size xl $B --remat dots_no_batch --attention cudnn --phases train --profile /tmp/prompt_t5x_profile_xl
-    run xxl 270 $OURS --size xxl $B --remat dots_no_batch --attention cudnn --phases train --profile /tmp/prompt_t5x_profile_xxl
     ;;
 esac
