@@ -62,6 +62,12 @@ class Kernel(nn.Module):
         return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
 
 
+def split_heads(x: Array, config: T5Config) -> Array:
+    """[B, L, heads * head_dim] projection -> [B, L, heads, head_dim], logically constrained."""
+    x = x.reshape(x.shape[:-1] + (config.num_heads, config.head_dim))
+    return nn.with_logical_constraint(x, ("batch", "length", "heads", "kv"))
+
+
 class MlpBlock(nn.Module):
     """Gated-GELU feed-forward: (gelu_tanh(x W0) * (x W1)) Wo."""
 
@@ -130,8 +136,7 @@ class Attention(nn.Module):
         proj = functools.partial(Kernel, hk, ("embed", "joined_kv"), dt, pdt)
 
         def heads(x):
-            x = x.reshape(x.shape[:-1] + (cfg.num_heads, cfg.head_dim))
-            return nn.with_logical_constraint(x, ("batch", "length", "heads", "kv"))
+            return split_heads(x, cfg)
 
         q = checkpoint_name(heads(proj(init=q_init, name="query")(inputs_q)), "query")
         if kv is not None:

@@ -24,7 +24,7 @@ from flax import linen as nn
 from prompt_t5x import attention as attn_lib
 from prompt_t5x import prompts as prompts_lib
 from prompt_t5x.layers import (DecoderLayer, Embed, EncoderLayer, Kernel, RelativePositionBias,
-                               RMSNorm, dtype_of)
+                               RMSNorm, dtype_of, split_heads)
 
 Array = jax.Array
 PyTree = Any
@@ -290,18 +290,19 @@ class T5(nn.Module):
     def cross_attention_kv(self, encoded: Array) -> Tuple[Array, Array]:
         """Every decoder layer's cross-attention keys and values, each [layers, B, L, H, Dh].
 
-        The same arithmetic as the layers' own projections, done once per decoded batch.
+        The layers' own projections (``Kernel`` + ``split_heads``) applied to their own kernels,
+        once per decoded batch instead of at every step.
         """
         cfg = self.config
-        dt = dtype_of(cfg.dtype)
         decoder = nn.meta.unbox(self.variables["params"]["decoder"])
-        shape = encoded.shape[:2] + (cfg.num_heads, cfg.head_dim)
+        # parent=None: a detached module, applied to each layer's kernel below.
+        proj = Kernel(cfg.num_heads * cfg.head_dim, ("embed", "joined_kv"), dtype_of(cfg.dtype),
+                      dtype_of(cfg.param_dtype), parent=None)
         keys, values = [], []
         for i in range(cfg.num_decoder_layers):
             attn = decoder[f"layers_{i}"]["encoder_decoder_attention"]
-            x = encoded.astype(dt)
-            keys.append(jnp.dot(x, attn["key"]["kernel"].astype(dt)).reshape(shape))
-            values.append(jnp.dot(x, attn["value"]["kernel"].astype(dt)).reshape(shape))
+            keys.append(split_heads(proj.apply({"params": attn["key"]}, encoded), cfg))
+            values.append(split_heads(proj.apply({"params": attn["value"]}, encoded), cfg))
         return jnp.stack(keys), jnp.stack(values)
 
     def __call__(self, batch: Mapping[str, Array], prompt: Optional[Array] = None,
