@@ -9,8 +9,9 @@ pass the task length and let the encoder grow.
 
 Batches. A training batch is ``{'encoder_input_tokens': int32 [B, L], 'decoder_input_tokens':
 int32 [B, T], 'decoder_target_tokens': int32 [B, T], 'decoder_loss_weights': float32 [B, T]}`` with
-B the *host-local* batch (global batch / number of hosts; each host reads its own
-``seqio.ShardInfo`` shard). Pad id 0, EOS 1.
+B the *host-local* batch (global batch / number of data shards; each host reads its own
+``seqio.ShardInfo`` shard: ``prompt-t5x train`` passes ``distributed.data_shard(mesh)``, so hosts
+that share the mesh's 'data' rows read the same shard). Pad id 0, EOS 1.
 
 Order and position. Training data is a deterministic function of (task, split, seed, shard):
 shuffling and every random preprocessing step are seeded. ``TrainBatches.position`` counts
@@ -101,7 +102,9 @@ def check_split(provider, split: str) -> None:
 
 
 def default_shard_info():
-    """This host's shard: ``ShardInfo(jax.process_index(), jax.process_count())``."""
+    """``ShardInfo(jax.process_index(), jax.process_count())``: one shard per host, right only
+    when every host owns distinct 'data' rows of the mesh. Give ``shard_info`` from
+    ``distributed.data_shard(mesh)`` otherwise (``prompt-t5x train`` always does)."""
     import jax
     import seqio
     return seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())

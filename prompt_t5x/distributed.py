@@ -119,6 +119,11 @@ def initialize(plan: Optional[ClusterPlan] = None, **flags) -> ClusterPlan:
     plan = plan or detect_cluster(**flags)
     if not plan.multi_process or jax.distributed.is_initialized():
         return plan
+    # CPU processes exchange collectives through gloo: jax's default here, but 'none' (every
+    # cross-process CPU collective fails) in older releases. An explicit choice is kept.
+    if (getattr(jax.config, "jax_cpu_collectives_implementation", None) == "none"
+            and "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if plan.kind == "explicit":
         jax.distributed.initialize(coordinator_address=plan.coordinator_address,
                                    num_processes=plan.num_processes,

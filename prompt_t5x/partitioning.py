@@ -6,8 +6,9 @@ rules turn them into ``NamedSharding`` s; then the weights are produced *inside*
 same abstract tree (``ShapeDtypeStruct`` with ``.sharding``) feeds checkpoint restore and the
 ahead-of-time compilation of ``prompt-t5x plan``.
 
-The train step is ``train.train_step_fn`` jitted with explicit in/out shardings
-and run under the mesh and the logical-axis rules, so the model's activation constraints
+Every partitioned step (``partition_step``: the train step here, the guarded step of
+``prompt-t5x train`` and ``plan``) is jitted with explicit in/out shardings and runs under the
+mesh and the logical-axis rules, so the model's activation constraints
 (``nn.with_logical_constraint``) resolve to mesh axes. The trainable state (prompt, optimizer
 slots, step, rng) is replicated: for prompt tuning it is a few hundred KB.
 """
@@ -124,23 +125,58 @@ class ShardedFunction:
             return self.jitted.lower(*args)
 
 
-def sharded_train_step(method, optimizer, mesh: Mesh, rules: sharding_lib.Rules,
-                       state_shardings: PyTree, frozen_shardings: PyTree, *,
-                       donate_state: bool = True, **step_kwargs) -> ShardedFunction:
-    """``train_step(state, frozen, batch) -> (state, metrics)`` partitioned over ``mesh``.
+def partition(fn: Callable, mesh: Mesh, rules: sharding_lib.Rules, in_shardings,
+              out_shardings, donate_argnums=()) -> ShardedFunction:
+    """``jax.jit(fn)`` with explicit shardings, bound to ``mesh`` and ``rules``."""
+    return ShardedFunction(jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
+                                   donate_argnums=donate_argnums), mesh, rules)
 
-    state: ``state_shardings`` (replicated); frozen: ``frozen_shardings`` (from the rules);
-    batch: every feature [batch, ...] split over 'data'; metrics come back replicated.
-    ``step_kwargs`` go to ``train.train_step_fn`` (z_loss, num_microbatches, enable_dropout).
+
+def partition_step(step_fn: Callable, mesh: Mesh, rules: sharding_lib.Rules,
+                   frozen_shardings: PyTree, *, num_carried: int = 0,
+                   donate: bool = True) -> ShardedFunction:
+    """A step ``(state, frozen, batch, *carried) -> outputs`` partitioned over ``mesh``.
+
+    The one layout of every training step here: state, carried values and all outputs
+    replicated; ``frozen`` in ``frozen_shardings`` (from the rules); batch features
+    [batch, ...] split over 'data'. ``donate`` donates the state and the carried values.
+    """
+    rep = sharding_lib.replicated(mesh)
+    in_shardings = (rep, frozen_shardings, sharding_lib.batch_sharding(mesh)) + \
+        (rep,) * num_carried
+    donated = ((0,) + tuple(range(3, 3 + num_carried))) if donate else ()
+    return partition(step_fn, mesh, rules, in_shardings, rep, donated)
+
+
+def sharded_train_step(method, optimizer, mesh: Mesh, rules: sharding_lib.Rules,
+                       frozen_shardings: PyTree, *, donate_state: bool = True,
+                       **step_kwargs) -> ShardedFunction:
+    """``train_step(state, frozen, batch) -> (state, metrics)`` partitioned over ``mesh``
+    (:func:`partition_step`'s layout). ``step_kwargs`` go to ``train.train_step_fn`` (z_loss,
+    num_microbatches, enable_dropout). ``prompt-t5x train`` runs the same step inside its
+    non-finite guard (``guarded_step.make_sharded_guarded_step``), which is what
+    ``prompt-t5x plan`` compiles.
     """
     from prompt_t5x import train
-    step = train.train_step_fn(method, optimizer, **step_kwargs)
-    jitted = jax.jit(
-        step,
-        in_shardings=(state_shardings, frozen_shardings, sharding_lib.batch_sharding(mesh)),
-        out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
-        donate_argnums=(0,) if donate_state else ())
-    return ShardedFunction(jitted, mesh, rules)
+    return partition_step(train.train_step_fn(method, optimizer, **step_kwargs), mesh, rules,
+                          frozen_shardings, donate=donate_state)
+
+
+def place_on_mesh(tree: PyTree, mesh: Mesh):
+    """(tree on ``mesh``, its shardings): leaves already on ``mesh`` keep their sharding (the
+    rules' layout chosen by whoever created them); anything else is replicated onto it."""
+    rep = sharding_lib.replicated(mesh)
+
+    def sharding_of(leaf):
+        current = getattr(leaf, "sharding", None)
+        if (isinstance(current, jax.sharding.NamedSharding)
+                and current.mesh.devices.shape == mesh.devices.shape
+                and (current.mesh.devices == mesh.devices).all()):
+            return current
+        return rep
+
+    shardings = jax.tree_util.tree_map(sharding_of, tree)
+    return jax.device_put(tree, shardings), shardings
 
 
 @dataclasses.dataclass
@@ -174,6 +210,6 @@ def prepare_sharded_run(config: t5.T5Config, method, optimizer,
     else:
         frozen = init_frozen(config, frozen_rng, mesh, rules)
     state = create_train_state(method, optimizer, frozen, state_rng, mesh, rules, trainable)
-    step = sharded_train_step(method, optimizer, mesh, rules, shardings_of(state),
-                              shardings_of(frozen), **step_kwargs)
+    step = sharded_train_step(method, optimizer, mesh, rules, shardings_of(frozen),
+                              **step_kwargs)
     return ShardedRun(mesh, rules, frozen, state, step)

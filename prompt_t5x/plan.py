@@ -2,12 +2,13 @@
 
   prompt-t5x plan --gin_file=models/xxl.gin --mesh=8x1 --mesh=2x4 --mesh=4x4 --mesh=4x8
 
-For each mesh the train step is lowered for *abstract* arguments (``jax.ShapeDtypeStruct`` s
-carrying their ``NamedSharding``; nothing is allocated) and compiled by XLA for that many fake CPU
-devices (``--xla_force_host_platform_device_count``, set here before JAX starts). The table reports,
-per device, what the compiled SPMD program's buffer assignment needs
-(``compiled.memory_analysis()``) and its FLOPs (``compiled.cost_analysis()``), next to the
-analytic matmul FLOPs of ``prompt_t5x.flops`` divided by the device count.
+For each mesh the train step that ``prompt-t5x train`` runs (the step inside its non-finite
+guard, ``guarded_step.make_sharded_guarded_step``) is lowered for *abstract* arguments
+(``jax.ShapeDtypeStruct`` s carrying their ``NamedSharding``; nothing is allocated) and
+compiled by XLA for that many fake CPU devices (``--xla_force_host_platform_device_count``, set
+here before JAX starts). The table reports, per device, what the compiled SPMD program's buffer
+assignment needs (``compiled.memory_analysis()``) and its FLOPs (``compiled.cost_analysis()``),
+next to the analytic matmul FLOPs of ``prompt_t5x.flops`` divided by the device count.
 
 What the numbers are: the CPU backend's buffer assignment for the same partitioned program a TPU
 or GPU would run. Included: the frozen-weight shards, the replicated trainable state, the batch
@@ -147,7 +148,7 @@ def plan_one(config, mesh_text: str, *, batch_size: int, inputs_length: int, tar
     import jax.numpy as jnp
     import numpy as np
 
-    from prompt_t5x import flops, methods, optim, partitioning, sharding, t5
+    from prompt_t5x import flops, guarded_step, methods, optim, partitioning, sharding, t5
 
     mc = sharding.MeshConfig.parse(mesh_text,
                                    activation_partitioning_dims=activation_partitioning_dims,
@@ -174,11 +175,16 @@ def plan_one(config, mesh_text: str, *, batch_size: int, inputs_length: int, tar
         "decoder_loss_weights": jax.ShapeDtypeStruct((batch_size, targets_length), jnp.float32,
                                                      sharding=rows),
     }
-    step = partitioning.sharded_train_step(
-        method, optimizer, mesh, rules, partitioning.shardings_of(state),
-        partitioning.shardings_of(frozen), num_microbatches=num_microbatches)
+    # Exactly what `prompt-t5x train` runs: the train step inside the loop's non-finite guard,
+    # with its on-device accumulators (a few scalars) as the fourth argument.
+    step = guarded_step.make_sharded_guarded_step(method, optimizer, mesh, rules,
+                                                   partitioning.shardings_of(frozen),
+                                                   num_microbatches=num_microbatches)
+    acc = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                      sharding=sharding.replicated(mesh)),
+                       jax.eval_shape(guarded_step.fresh_accumulators))
     start = time.perf_counter()
-    lowered = step.lower(state, frozen, batch)
+    lowered = step.lower(state, frozen, batch, acc)
     compiled = lowered.compile()
     seconds = time.perf_counter() - start
 

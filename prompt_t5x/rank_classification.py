@@ -107,18 +107,25 @@ def label_scores(method, frozen: PyTree, trainable: PyTree, encoder_input_tokens
     return scores.reshape(batch_size, num_labels)
 
 
-def make_rank_classifier(method, label_batch: LabelBatch, *, length_normalize: bool = False,
-                         share_encoder: bool = True):
-    """Jitted ``classify(frozen, trainable, encoder_input_tokens [B, L]) -> (scores [B, C],
-    predicted label index [B])``."""
-    labels = {k: jnp.asarray(v) for k, v in dataclasses.asdict(label_batch).items()}
+def rank_classifier_fn(method, label_batch: LabelBatch, *, length_normalize: bool = False,
+                       share_encoder: bool = True):
+    """Pure ``classify(frozen, trainable, encoder_input_tokens [B, L]) -> (scores [B, C],
+    predicted label index [B])``, to jit (or partition over a mesh). The labels stay numpy:
+    constants of the traced program, never arrays committed to one device."""
+    labels = {k: np.asarray(v) for k, v in dataclasses.asdict(label_batch).items()}
 
-    @jax.jit
     def classify(frozen, trainable, encoder_input_tokens):
         scores = label_scores(method, frozen, trainable, encoder_input_tokens, labels,
                               length_normalize=length_normalize, share_encoder=share_encoder)
         return scores, jnp.argmax(scores, axis=-1)
     return classify
+
+
+def make_rank_classifier(method, label_batch: LabelBatch, *, length_normalize: bool = False,
+                         share_encoder: bool = True):
+    """Jitted :func:`rank_classifier_fn`."""
+    return jax.jit(rank_classifier_fn(method, label_batch, length_normalize=length_normalize,
+                                      share_encoder=share_encoder))
 
 
 def predicted_label_words(predictions: np.ndarray, label_names: Sequence[str],

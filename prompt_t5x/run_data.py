@@ -1,10 +1,17 @@
 """Where a ``train`` run gets its data: SeqIO tasks (``prompt_t5x.data``) or generated tasks.
 
 Both backends give the training loop the same things: a resumable iterator of fixed-shape numpy
-batches (``train_batches(position)``), every validation example once in fixed-shape batches
-(``eval_batches``: padding rows all-zero, ``example_mask`` / ``example_index``), the
+batches (``train_batches(position, shard)``), every validation example once in fixed-shape
+batches (``eval_batches``: padding rows all-zero, ``example_mask`` / ``example_index``), the
 preprocessed validation examples with ``compute_metrics`` for the task's metrics, and the label
 words + vocabulary ``encode`` for class-label prompt init and rank classification.
+
+Hosts. ``shard`` (``distributed.DataShard``: index, count) is this host's slice of every global
+training batch: ``distributed.data_shard(mesh)``, so hosts that hold the same 'data' rows of the
+mesh (model parallelism across hosts) get the same rows. A stream yields only those
+``batch_size / count`` rows and records the shard in its ``state()``. Validation is not split:
+every host reads the whole split and the evaluator shards each batch over the mesh, so every
+host computes the same metrics.
 
 Generated tasks (``prompt_t5x.synthetic``, no files, no TensorFlow, word vocabulary of
 ``synthetic.VOCAB_SIZE`` ids) are named ``synthetic_<skill>`` (skill marker removed: the
@@ -15,13 +22,17 @@ function of (task, seed, n), so resuming at a position needs no replay.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from prompt_t5x import distributed
 from prompt_t5x import metrics as metrics_lib
 from prompt_t5x import synthetic
 from prompt_t5x.cli import UsageError
+
+WHOLE = distributed.DataShard(0, 1)   # one process: the whole global batch
 
 SYNTHETIC_MARKED = "synthetic_marked"
 SYNTHETIC_TASKS = tuple(f"synthetic_{s}" for s in synthetic.SKILLS) + (SYNTHETIC_MARKED,)
@@ -45,21 +56,30 @@ def pad_eval_batches(batches: Sequence[Dict[str, np.ndarray]], batch_size: int
 
 
 class _PositionedStream:
-    """Endless ``batch_fn(position)`` stream that knows (and saves) its position."""
+    """Endless stream of this host's rows of ``batch_fn(position)`` (a global batch) that knows
+    (and saves) its position and shard."""
 
-    def __init__(self, name: str, seed: int, position: int, batch_fn):
+    # Global batch n is the same however it is split: a run may resume on another mesh or
+    # host count (training_loop checks this before resuming).
+    resumes_with_any_shard_count = True
+
+    def __init__(self, name: str, seed: int, position: int, batch_fn,
+                 shard: distributed.DataShard):
         self.name, self.seed, self.position, self._batch_fn = name, seed, position, batch_fn
+        self.shard = shard
 
     def __iter__(self):
         return self
 
     def __next__(self):
         batch = self._batch_fn(self.position)
+        rows = self.shard.rows(len(next(iter(batch.values()))))
         self.position += 1
-        return batch
+        return {k: v[rows] for k, v in batch.items()}
 
     def state(self) -> Dict[str, Any]:
-        return {"name": self.name, "seed": self.seed, "position": self.position}
+        return {"name": self.name, "seed": self.seed, "position": self.position,
+                "shard_index": self.shard.index, "num_shards": self.shard.count}
 
 
 class SyntheticData:
@@ -97,9 +117,13 @@ class SyntheticData:
         order = np.random.RandomState([self.seed, position]).permutation(len(records))
         return [records[i] for i in order[:self.batch_size]]
 
-    def train_batches(self, position: int = 0) -> _PositionedStream:
+    def train_batches(self, position: int = 0, shard: distributed.DataShard = WHOLE
+                      ) -> _PositionedStream:
+        """Global batch ``n`` is a pure function of (task, seed, n); each host keeps its
+        ``shard`` of it, so N hosts together train on exactly one process's batches."""
         return _PositionedStream(self.name, self.seed, position,
-                                 lambda n: synthetic.to_batch(self._records(n), *self.lengths))
+                                 lambda n: synthetic.to_batch(self._records(n), *self.lengths),
+                                 shard)
 
     def eval_batches(self) -> List[Dict[str, np.ndarray]]:
         recs = self._eval_records
@@ -123,22 +147,14 @@ class SeqioData:
                  prompt_length: int, seed: int = 0, train_split: str = "train",
                  eval_split: str = "validation", vocabulary: Optional[str] = None,
                  data_dir: Optional[str] = None, task_modules: Sequence[str] = ()):
-        from prompt_t5x import data
+        from prompt_t5x import data, task_cli
         self._data = data
+        self.provider = task_cli.open_task(name, (train_split, eval_split), vocabulary=vocabulary,
+                                           data_dir=data_dir, task_modules=task_modules)
         try:
-            import tasks
-            if vocabulary or data_dir:
-                tasks.register_all(vocab_path=vocabulary, data_dir=data_dir)
-            for module in task_modules:
-                tasks.load_task_module(module)
-            self.provider = data.get_task_or_mixture(name)
-            for split in (train_split, eval_split):
-                data.check_split(self.provider, split)
             self.spec = data.BatchSpec(inputs_length, targets_length, batch_size,
                                        prompt_length=prompt_length)
-        except (ValueError, FileNotFoundError) as e:
-            if name.startswith("synthetic"):
-                e = f"{e} Generated tasks: {', '.join(SYNTHETIC_TASKS)}."
+        except ValueError as e:
             raise UsageError(str(e)) from None
         self.name, self.seed = name, seed
         self.train_split, self.eval_split = train_split, eval_split
@@ -151,21 +167,40 @@ class SeqioData:
         # there are no label words (classification tasks use rank classification).
         self.decode_for_metrics = bool(getattr(self.provider, "metric_fns", None))
 
-    def train_batches(self, position: int = 0) -> Iterator[Dict[str, np.ndarray]]:
+    def train_batches(self, position: int = 0, shard: distributed.DataShard = WHOLE
+                      ) -> Iterator[Dict[str, np.ndarray]]:
+        """SeqIO reads shard ``shard.index`` of ``shard.count`` of the split (its own files or
+        examples, shuffled with the seed), ``batch_size / count`` examples per batch."""
+        import seqio
         return self._data.train_batches(self.name, self.spec, split=self.train_split,
-                                        seed=self.seed, position=position)
+                                        seed=self.seed, position=position,
+                                        shard_info=seqio.ShardInfo(shard.index, shard.count))
 
     def eval_batches(self) -> List[Dict[str, np.ndarray]]:
         try:
-            return list(self._data.eval_batches(self.name, self.spec, split=self.eval_split))
+            return list(self._data.eval_batches(self.name, self.spec, split=self.eval_split,
+                                                shard_info=_whole_split()))
         except self._data.DataError as e:
             raise UsageError(str(e)) from None
 
     def eval_examples(self) -> List[Dict[str, Any]]:
-        return self._data.eval_examples(self.name, self.spec, split=self.eval_split)
+        return self._data.eval_examples(self.name, self.spec, split=self.eval_split,
+                                        shard_info=_whole_split())
 
     def compute_metrics(self, examples, predictions) -> Dict[str, float]:
         return self._data.compute_metrics(self.name, examples, predictions)
+
+
+def _whole_split():
+    import seqio
+    return seqio.ShardInfo(index=0, num_shards=1)   # every host reads all (module doc)
+
+
+def train_stream(source, mesh=None):
+    """``make_batches(position)`` for the training loop: this host's data shard of every global
+    batch of ``source`` (``distributed.data_shard(mesh)``; the whole batch without a mesh)."""
+    shard = WHOLE if mesh is None else distributed.data_shard(mesh)
+    return functools.partial(source.train_batches, shard=shard)
 
 
 def open_data(run, prompt_length: int):

@@ -18,7 +18,10 @@ the frozen weights are created or read straight into their shards, the trainable
 replicated and the batch is split over 'data'. ``train.mesh = None`` (default) trains on one
 device as before in a single-process run, and uses the 'auto' mesh in a multi-process run.
 Multi-host: ``--coordinator_address/--num_processes/--process_id`` (or the environment; TPU pods
-need nothing) join the JAX cluster before anything touches a device.
+need nothing) join the JAX cluster before anything touches a device. Each host then reads its
+data shard of every batch (``run_data.train_stream``), validation runs partitioned on the mesh
+(``validation.make_evaluator`` / ``make_decode_predict`` with the mesh) so every host computes
+the same metrics, and process 0 writes the files (see ``training_loop``).
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from prompt_t5x import configurables, distributed, gin_cli, run_data, train_chec
 from prompt_t5x import sharding as sharding_lib
 from prompt_t5x import t5 as t5_lib
 from prompt_t5x.cli import UsageError
-from prompt_t5x.training_loop import LoopConfig, LoopResult, NonFiniteError, run_loop
+from prompt_t5x.training_loop import (LoopConfig, LoopResult, NonFiniteError, ResumeError,
+                                      run_loop)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,6 +310,8 @@ def execute(run: RunConfig, *, gin_config: str = "") -> LoopResult:
     created = not os.path.exists(run.model_dir)
     try:
         return _train(run, kind, source, gin_config, mesh, rules)
+    except ResumeError as e:
+        raise UsageError(str(e)) from None
     except BaseException:
         ckpt_dir = os.path.join(run.model_dir, "checkpoints")
         if created and distributed.is_primary() and not (os.path.isdir(ckpt_dir) and any(
@@ -332,17 +338,18 @@ def _train(run: RunConfig, kind: str, source, gin_config: str, mesh=None,
     use_rank = run.rank_classification and bool(source.label_words)
     predict = None
     if not use_rank and source.decode_for_metrics and source.vocabulary is not None:
-        from prompt_t5x import decoding, evaluation
-        predict = evaluation.make_decode_predict(
+        from prompt_t5x import decoding
+        predict = validation.make_decode_predict(
             method, frozen, source.vocabulary,
-            decoding.DecodeSpec("greedy", max_decode_len=run.targets_length))
+            decoding.DecodeSpec("greedy", max_decode_len=run.targets_length), mesh, rules)
     evaluate = validation.make_evaluator(
         method, frozen, eval_list,
         examples=source.eval_examples() if (use_rank or predict) else None,
         label_words=source.label_words if use_rank else None, encode=source.encode,
-        compute_metrics=source.compute_metrics, predict=predict, z_loss=run.loop.z_loss)
+        compute_metrics=source.compute_metrics, predict=predict, z_loss=run.loop.z_loss,
+        mesh=mesh, rules=rules)
     return run_loop(method=method, optimizer=run.optimizer, frozen=frozen,
-                    make_batches=source.train_batches, model_dir=run.model_dir,
+                    make_batches=run_data.train_stream(source, mesh), model_dir=run.model_dir,
                     config=run.loop, evaluate=evaluate, rng=jax.random.PRNGKey(run.seed),
                     initial_trainable=initial_trainable, batch_size=run.batch_size,
                     model_config=run.model, frozen_checkpoint=run.checkpoint,

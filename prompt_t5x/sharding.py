@@ -254,3 +254,36 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict:
                              "host; change the batch size or the mesh.")
         out[name] = jax.make_array_from_process_local_data(sharding, value)
     return out
+
+
+def shard_global_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict:
+    """A batch that *every* host holds in full (e.g. validation) -> global arrays over 'data'.
+
+    Each host keeps the rows of its data shard (``distributed.data_shard``) and hands them to
+    :func:`shard_batch`; one process keeps everything.
+    """
+    from prompt_t5x import distributed
+    shard = distributed.data_shard(mesh)
+    out = {}
+    for name, value in batch.items():
+        value = np.asarray(value)
+        if value.ndim == 0:
+            raise ValueError(f"batch[{name!r}] is a scalar; every feature needs an example dim.")
+        out[name] = value[shard.rows(value.shape[0])]
+    return shard_batch(out, mesh)
+
+
+def to_host(tree: PyTree) -> PyTree:
+    """Every leaf's *global* value as numpy, on every host.
+
+    Replicated arrays (and arrays whose shards all live on this host) are read locally; arrays
+    split across processes are all-gathered, a collective that every process must call.
+    """
+    from jax.experimental import multihost_utils
+
+    def fetch(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+            return np.asarray(x)
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree_util.tree_map(fetch, tree)

@@ -44,10 +44,14 @@ class TrainCheckpointError(RuntimeError):
 
 
 def state_checksum(state: Any) -> Optional[str]:
-    """SHA-256 over every leaf (shape, dtype, bytes) in tree order; None if not on this host."""
+    """SHA-256 over every leaf (shape, dtype, bytes) in tree order; None if not on this host.
+
+    Replicated leaves of a multi-host run (the whole trainable state) are read from this host's
+    copy, so every host computes the same checksum."""
     digest = hashlib.sha256()
     for leaf in jax.tree_util.tree_leaves(state):
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        if (isinstance(leaf, jax.Array) and not leaf.is_fully_addressable
+                and not leaf.is_fully_replicated):
             return None  # multi-host sharded: no single host sees the whole state
         if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype,
                                                                  jax.dtypes.prng_key):
@@ -202,12 +206,16 @@ class TrainCheckpointer:
             + "; ".join(f"step {s}: {e}" for s, e in errors))
 
     def _quarantine(self, step: int) -> None:
+        from prompt_t5x import distributed
         src = self.step_dir(step)
-        dst_dir = os.path.join(self.model_dir, "checkpoints_damaged")
-        os.makedirs(dst_dir, exist_ok=True)
-        dst = os.path.join(dst_dir, f"{step}-{int(time.time())}")
-        os.replace(src, dst)
-        log.warning("moved damaged checkpoint %s to %s", src, dst)
+        # One process moves it (every host found the same damage); all reload afterwards.
+        with distributed.primary_writes(f"quarantine_{step}") as primary:
+            if primary:
+                dst_dir = os.path.join(self.model_dir, "checkpoints_damaged")
+                os.makedirs(dst_dir, exist_ok=True)
+                dst = os.path.join(dst_dir, f"{step}-{int(time.time())}")
+                os.replace(src, dst)
+                log.warning("moved damaged checkpoint %s to %s", src, dst)
         self._manager.reload()
 
     def _resolve_step(self, step: Optional[int]) -> int:

@@ -5,10 +5,11 @@ What one call of ``run_loop`` does, step by step:
 1. Resume: restore the newest intact training checkpoint under ``model_dir`` (trainable state,
    optimizer state, step, rng) and the data position saved with it; continue from there. The best
    validation result so far is read back from ``best.json``.
-2. Train: ``train.train_step_fn`` (gradient accumulation over ``num_microbatches``), jitted here
-   together with two small on-device accumulators, so the host never waits for the device
-   between steps: the running sums of the logged metrics, and a *non-finite guard* that records
-   the first step whose loss, gradient norm or updated parameters are NaN/Inf.
+2. Train: ``train.train_step_fn`` (gradient accumulation over ``num_microbatches``), jitted
+   together with two small on-device accumulators (``guarded_step``), so the host never waits
+   for the device between steps: the running sums of the logged metrics, and a *non-finite
+   guard* that records the first step whose loss, gradient norm or updated parameters are
+   NaN/Inf.
 3. Every ``log_every`` steps (the only per-step-interval host sync): fetch the sums, write train
    scalars (TensorBoard + ``metrics.jsonl``), update the progress bar with steps/s and examples/s,
    and stop with ``NonFiniteError`` if the guard tripped (no checkpoint is written after that
@@ -21,12 +22,18 @@ What one call of ``run_loop`` does, step by step:
 
 Partitioned runs (``mesh`` given): the frozen weights stay in the shardings they arrive in (the
 caller creates them there, see ``run_train``), the train state is replicated, the guarded step is
-jitted with those in/out shardings (state and accumulators still donated) and runs under the mesh
-and the logical-axis rules. Each host's batches are the *global* batch from ``make_batches``;
-the loop keeps this host's rows (``distributed.data_shard(mesh)``) and assembles the global
-``jax.Array`` split over 'data' (``sharding.shard_batch``). Orbax checkpoint saves are collective
-(every process calls them; orbax writes replicated arrays once); ``best.json`` and
-``prompts/*.npy`` are written by process 0 between barriers.
+jitted with those in/out shardings (``guarded_step.make_sharded_guarded_step``; state and
+accumulators still donated) and runs under the mesh and the logical-axis rules.
+``make_batches`` yields *this host's* rows: those of its data shard
+``distributed.data_shard(mesh)`` (hosts that share 'data' rows get the same rows); the loop
+checks their count against the global batch size and assembles the global ``jax.Array`` split
+over 'data' (``sharding.shard_batch``); it never slices.
+The data state saved with each checkpoint records the shard, and a resume with another shard
+count is refused unless the stream's global batches do not depend on it. ``evaluate`` must
+itself be partitioned (``validation.make_evaluator`` with the mesh): every host gets the same
+metrics. Orbax checkpoint saves are collective (every process calls them; orbax writes
+replicated arrays once); metrics, ``best.json`` and ``prompts/*.npy`` are written by process 0,
+the files between barriers.
 
 This module imports no TensorFlow: data arrives as an iterator of numpy batches from a factory
 ``make_batches(position)``.
@@ -43,26 +50,29 @@ import time
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from prompt_t5x import distributed
 from prompt_t5x import sharding as sharding_lib
+from prompt_t5x import storage
 from prompt_t5x import train as train_lib
 from prompt_t5x import train_checkpoints
+from prompt_t5x.guarded_step import (AVERAGED, fresh_accumulators, make_guarded_step,
+                                     make_sharded_guarded_step)
 from prompt_t5x.methods import Method
 from prompt_t5x.metrics_writer import MetricsWriter
 
 PyTree = Any
 Batch = Mapping[str, np.ndarray]
-# Scalars averaged over the logging window (the rest are reported at the window's last step).
-_AVERAGED = ("loss", "z_loss", "accuracy", "grad_norm")
-_GUARDED = ("loss", "grad_norm", "param_norm")
 
 
 class NonFiniteError(RuntimeError):
     """The loss, the gradients or the trainable parameters became NaN/Inf."""
+
+
+class ResumeError(ValueError):
+    """A checkpoint cannot be resumed by this run as configured (e.g. another data sharding)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,63 +121,6 @@ def _is_better(value: float, best: Optional[float], mode: str) -> bool:
     return best is None or (value > best if mode == "max" else value < best)
 
 
-@functools.lru_cache(maxsize=8)
-def make_guarded_step(method: Method, optimizer: optax.GradientTransformation,
-                      num_microbatches: int = 1, z_loss: float = 1e-4):
-    """:func:`guarded_step_fn` jitted on one device, state and accumulators donated."""
-    return jax.jit(guarded_step_fn(method, optimizer, num_microbatches, z_loss),
-                   donate_argnums=(0, 3))
-
-
-def make_sharded_guarded_step(method: Method, optimizer: optax.GradientTransformation,
-                              mesh, rules, frozen_shardings: PyTree,
-                              num_microbatches: int = 1, z_loss: float = 1e-4):
-    """:func:`guarded_step_fn` partitioned over ``mesh``: state, accumulators and outputs
-    replicated, ``frozen`` in ``frozen_shardings``, the batch split over 'data'. Runs (and
-    traces) under the mesh + ``rules`` so the model's activation constraints bind to the mesh.
-    """
-    from prompt_t5x import partitioning
-    rep = sharding_lib.replicated(mesh)
-    jitted = jax.jit(guarded_step_fn(method, optimizer, num_microbatches, z_loss),
-                     in_shardings=(rep, frozen_shardings, sharding_lib.batch_sharding(mesh), rep),
-                     out_shardings=(rep, rep, rep), donate_argnums=(0, 3))
-    return partitioning.ShardedFunction(jitted, mesh, rules)
-
-
-def guarded_step_fn(method: Method, optimizer: optax.GradientTransformation,
-                    num_microbatches: int = 1, z_loss: float = 1e-4):
-    """Pure ``(state, frozen, batch, acc) -> (state, acc, last)``; ``acc`` = (metric sums,
-    guard), ``last`` = the step's other metrics (param/prompt norms, tokens).
-
-    The guard is ``[first bad step, loss, grad_norm, param_norm]`` at the first non-finite step
-    (step -1 while all is well). Everything stays on device. The one-device jit is cached per
-    (method, optimizer) object, so a resumed or repeated run in the same process (scaling
-    sweeps, tests) reuses the compiled step.
-    """
-    step_fn = train_lib.train_step_fn(method, optimizer, z_loss=z_loss,
-                                      num_microbatches=num_microbatches)
-
-    def guarded(state, frozen, batch, acc):
-        sums, guard = acc
-        new_state, metrics = step_fn(state, frozen, batch)
-        values = jnp.stack([metrics[k].astype(jnp.float32) for k in _GUARDED])
-        ok = jnp.all(jnp.isfinite(values))
-        first = jnp.logical_and(guard[0] < 0, jnp.logical_not(ok))
-        guard = jnp.where(first, jnp.concatenate([new_state.step[None].astype(jnp.float32),
-                                                  values]), guard)
-        sums = {k: sums[k] + metrics[k].astype(jnp.float32) for k in _AVERAGED}
-        last = {k: v.astype(jnp.float32) for k, v in metrics.items() if k not in _AVERAGED}
-        return new_state, ({**sums, "steps": acc[0]["steps"] + 1.0}, guard), last
-
-    return guarded
-
-
-def _fresh_acc():
-    sums = {k: jnp.zeros((), jnp.float32) for k in _AVERAGED}
-    sums["steps"] = jnp.zeros((), jnp.float32)
-    return sums, jnp.asarray([-1.0, 0.0, 0.0, 0.0], jnp.float32)
-
-
 def _progress(total: int, initial: int, enabled: bool):
     if not enabled:
         return None
@@ -205,9 +158,9 @@ class _Best:
             self.step, self.value, self.metrics = step, float(value), dict(metrics)
             self.evals_since = 0
             if write and isinstance(trainable, Mapping) and "prompt" in trainable:
-                os.makedirs(os.path.join(os.path.dirname(self.path), "prompts"), exist_ok=True)
-                np.save(os.path.join(os.path.dirname(self.path), "prompts", "best.npy"),
-                        np.asarray(jax.device_get(trainable["prompt"]), np.float32))
+                storage.write_npy_atomic(
+                    os.path.join(os.path.dirname(self.path), "prompts", "best.npy"),
+                    np.asarray(jax.device_get(trainable["prompt"]), np.float32))
         else:
             self.evals_since += 1
         if not write:
@@ -227,21 +180,31 @@ def _data_state(batches, fallback_position: int) -> Dict[str, Any]:
     return {"position": getattr(batches, "position", fallback_position)}
 
 
-def _place_frozen(frozen: PyTree, mesh):
-    """(frozen on ``mesh``, its shardings): arrays already on the mesh keep their sharding (the
-    rules' layout chosen by the caller); anything else is replicated onto it."""
-    rep = sharding_lib.replicated(mesh)
+def _check_resumable(saved: Mapping[str, Any], batches, position: int) -> None:
+    """The saved data position counts global batches of a stream split into ``num_shards``
+    host shards. Another split is another stream (SeqIO shards its files or examples by the
+    count), unless the stream says its global batches do not depend on it
+    (``resumes_with_any_shard_count``, the generated tasks)."""
+    now = _data_state(batches, position)
+    if getattr(batches, "resumes_with_any_shard_count", False):
+        return
+    if "num_shards" in saved and "num_shards" in now and saved["num_shards"] != now["num_shards"]:
+        raise ResumeError(
+            f"the checkpoint's data position was saved with {saved['num_shards']} data shards "
+            f"(hosts along the mesh's 'data' axis) but this run has {now['num_shards']}; resume "
+            "with the same mesh and host count, or start a new model_dir.")
 
-    def sharding_of(leaf):
-        current = getattr(leaf, "sharding", None)
-        if (isinstance(current, jax.sharding.NamedSharding)
-                and current.mesh.devices.shape == mesh.devices.shape
-                and (current.mesh.devices == mesh.devices).all()):
-            return current
-        return rep
 
-    shardings = jax.tree_util.tree_map(sharding_of, frozen)
-    return jax.device_put(frozen, shardings), shardings
+def _place_host_batch(batch: Batch, *, mesh, batch_size: Optional[int],
+                      shard: distributed.DataShard) -> dict:
+    """This host's rows (its data shard of the global batch) -> the global batch on ``mesh``."""
+    rows = int(np.shape(next(iter(batch.values())))[0])
+    if batch_size is not None and rows * shard.count != batch_size:
+        raise ValueError(
+            f"the data gave this host {rows} rows but its share of the global batch of "
+            f"{batch_size} is {batch_size // shard.count} (data shard {shard.index} of "
+            f"{shard.count}): make_batches must yield this host's rows only.")
+    return sharding_lib.shard_batch(batch, mesh)
 
 
 def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen: PyTree,
@@ -255,14 +218,19 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
     """Train ``method`` on the batches until ``config.train_steps``; see the module docstring.
 
     ``make_batches(position)`` returns an iterator of numpy batches starting at batch
-    ``position`` (0 for a new run, the saved position when resuming). ``evaluate`` maps the
-    trainable tree to validation metrics; it must contain ``config.metric`` for best-checkpoint
-    tracking and early stopping to work.
+    ``position`` (0 for a new run, the saved position when resuming): the global batch on one
+    process, this host's data shard of it on several. ``batch_size`` is the global batch size.
+    ``evaluate`` maps the trainable tree to validation metrics; it must contain
+    ``config.metric`` for best-checkpoint tracking and early stopping to work.
 
     ``mesh`` (a ``jax.sharding.Mesh`` with 'data'/'model' axes) and ``rules`` (logical-axis
     rules) partition the run; ``frozen`` should then already be sharded on ``mesh`` (leaves that
-    are not are replicated onto it). Without a mesh everything runs on the default device.
+    are not are replicated onto it). Without a mesh everything runs on the default device, which
+    a multi-process run cannot do.
     """
+    if mesh is None and jax.process_count() > 1:
+        raise ValueError(f"a run over {jax.process_count()} processes needs a mesh spanning "
+                         "their devices (run_loop(mesh=...)).")
     rng = jax.random.PRNGKey(0) if rng is None else rng
     if distributed.is_primary():
         os.makedirs(model_dir, exist_ok=True)
@@ -270,7 +238,7 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
     if mesh is not None:
         from prompt_t5x import partitioning
         rules = tuple(rules) if rules is not None else sharding_lib.logical_axis_rules()
-        frozen, frozen_shardings = _place_frozen(frozen, mesh)
+        frozen, frozen_shardings = partitioning.place_on_mesh(frozen, mesh)
         state = partitioning.create_train_state(method, optimizer, frozen, rng, mesh, rules,
                                                 trainable=initial_trainable)
     else:
@@ -307,22 +275,24 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
     if mesh is None:
         step_fn = make_guarded_step(method, optimizer, config.num_microbatches, config.z_loss)
         place_batch = lambda batch: batch  # noqa: E731 - jit moves numpy onto the device
+        new_acc = fresh_accumulators
     else:
+        # Committed to the mesh like the step's outputs: the jit cache keys on commitment, and
+        # uncommitted accumulators would trace and compile the whole step a second time.
+        new_acc = lambda: jax.device_put(fresh_accumulators(),  # noqa: E731
+                                         sharding_lib.replicated(mesh))
         step_fn = make_sharded_guarded_step(method, optimizer, mesh, rules, frozen_shardings,
                                             config.num_microbatches, config.z_loss)
-        shard = distributed.data_shard(mesh)
-
-        def place_batch(batch):
-            # Every host sees the global batch; keep this host's rows, assemble the global array.
-            rows = shard.rows(int(next(iter(batch.values())).shape[0]))
-            return sharding_lib.shard_batch({k: np.asarray(v)[rows] for k, v in batch.items()},
-                                            mesh)
+        place_batch = functools.partial(_place_host_batch, mesh=mesh, batch_size=batch_size,
+                                        shard=distributed.data_shard(mesh))
     batches = make_batches(position)
-    primary = jax.process_index() == 0   # one host writes the metrics of a multi-host run
+    if restored is not None:
+        _check_resumable(manifest.get("data_state", {}), batches, position)
+    primary = distributed.is_primary()   # one host writes the metrics of a multi-host run
     train_writer = MetricsWriter(model_dir, "train", config.tensorboard, enabled=primary)
     eval_writer = MetricsWriter(model_dir, "validation", config.tensorboard, enabled=primary)
-    bar = _progress(config.train_steps, start, config.progress_bar)
-    acc = _fresh_acc()
+    bar = _progress(config.train_steps, start, config.progress_bar and primary)
+    acc = new_acc()
     window_start, window_steps = time.perf_counter(), 0
     step = start
     try:
@@ -353,7 +323,7 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
                         "that checkpoint.")
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 n = max(float(sums["steps"]), 1.0)
-                scalars = {k: float(sums[k]) / n for k in _AVERAGED}
+                scalars = {k: float(sums[k]) / n for k in AVERAGED}
                 scalars.update({k: float(v) for k, v in last.items()})
                 scalars["steps_per_second"] = window_steps / elapsed
                 scalars["examples_per_second"] = window_steps * examples / elapsed
@@ -363,7 +333,7 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
                                     steps_s=f"{scalars['steps_per_second']:.2f}",
                                     ex_s=f"{scalars['examples_per_second']:.1f}", refresh=False)
                     bar.update(step - bar.n)
-                acc = _fresh_acc()
+                acc = new_acc()
                 window_start, window_steps = time.perf_counter(), 0
             metrics = None
             if do_eval:

@@ -1,8 +1,8 @@
 """Multi-host helpers: cluster detection from the environment, per-host data shards, writers.
 
-A real multi-process run cannot happen here; what is tested is every decision the helpers make
-from their inputs (environment, which process owns which mesh device), plus the one-process
-behaviour of initialize/barrier/primary_writes.
+Here every decision the helpers make from their inputs (environment, which process owns which
+mesh device, which rows a host's stream yields), plus the one-process behaviour of
+initialize/barrier/primary_writes; tests/test_multiprocess.py runs two real processes.
 """
 
 import numpy as np
@@ -91,6 +91,24 @@ def test_data_shard_on_the_fake_device_mesh_is_the_whole_batch():
     from prompt_t5x import sharding
     mesh = sharding.make_mesh(sharding.MeshConfig.parse("4x2"))
     assert dist.data_shard(mesh) == dist.DataShard(0, 1)
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_generated_task_shards_make_up_the_one_process_batch(count):
+    """Each host's stream is its rows of the same global batch: together, exactly what one
+    process trains on, at every position (so a resumed stream needs no replay)."""
+    from prompt_t5x import run_data
+    source = run_data.SyntheticData("synthetic_contains", 13, 2, batch_size=8, seed=3)
+    whole = source.train_batches(5)
+    hosts = [source.train_batches(5, dist.DataShard(i, count)) for i in range(count)]
+    for _ in range(2):
+        expected = next(whole)
+        parts = [next(h) for h in hosts]
+        assert all(p["encoder_input_tokens"].shape == (8 // count, 13) for p in parts)
+        for key, value in expected.items():
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), value)
+    assert hosts[1].state() == {"name": "synthetic_contains", "seed": 3, "position": 7,
+                                "shard_index": 1, "num_shards": count}
 
 
 def test_primary_writes_yields_true_on_the_only_process(tmp_path):

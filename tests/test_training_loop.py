@@ -208,6 +208,46 @@ def test_nan_guard_names_step_and_keeps_last_good_checkpoint(tmp_path, frozen):
     ckpt.close()
 
 
+def _sharded_stream(num_shards, any_count=False):
+    """``_batches()`` whose state says it is one of ``num_shards`` host shards."""
+    base = _batches()
+
+    class Stream(base):
+        resumes_with_any_shard_count = any_count
+
+        def state(self):
+            return {"position": self.position, "shard_index": 0, "num_shards": num_shards}
+    return Stream
+
+
+def test_resume_with_another_data_shard_count_is_refused(tmp_path, frozen):
+    model_dir = str(tmp_path / "run")
+    loop_lib.run_loop(method=METHOD, optimizer=OPTIMIZER, frozen=frozen,
+                      make_batches=_sharded_stream(2), model_dir=model_dir,
+                      config=_config(train_steps=2))
+    with pytest.raises(loop_lib.ResumeError, match="saved with 2 data shards .* has 1"):
+        loop_lib.run_loop(method=METHOD, optimizer=OPTIMIZER, frozen=frozen,
+                          make_batches=_sharded_stream(1), model_dir=model_dir, config=_config())
+    # A stream whose global batches do not depend on the split (generated tasks) may resume.
+    result = loop_lib.run_loop(method=METHOD, optimizer=OPTIMIZER, frozen=frozen,
+                               make_batches=_sharded_stream(1, any_count=True),
+                               model_dir=model_dir, config=_config())
+    assert result.resumed_from == 2 and result.last_step == 4
+
+
+def test_partitioned_loop_takes_host_rows_and_never_slices_them(tmp_path, frozen):
+    """One process owns every 'data' row: its rows are the global batch. A stream that gives
+    fewer rows than its share (e.g. slicing twice) is one clear error, not a smaller batch."""
+    from prompt_t5x import sharding
+    mesh_config = sharding.MeshConfig.parse("8x1")
+    mesh = sharding.make_mesh(mesh_config)
+    with pytest.raises(ValueError, match="gave this host 4 rows but its share of the global "
+                                         "batch of 8 is 8"):
+        loop_lib.run_loop(method=METHOD, optimizer=OPTIMIZER, frozen=frozen,
+                          make_batches=_batches(batch_size=4), model_dir=str(tmp_path / "r"),
+                          config=_config(), batch_size=8, mesh=mesh, rules=mesh_config.rules())
+
+
 def test_gradient_accumulation_matches_one_big_batch(frozen):
     method = _method()
     batch = next(_batches(batch_size=8)(0))
@@ -216,7 +256,7 @@ def test_gradient_accumulation_matches_one_big_batch(frozen):
         opt = optax.sgd(0.5)
         state = loop_lib.train_lib.create_train_state(method, opt, frozen, jax.random.PRNGKey(3))
         step = loop_lib.make_guarded_step(method, opt, num_microbatches=micro)
-        state, acc, _ = step(state, frozen, batch, loop_lib._fresh_acc())
+        state, acc, _ = step(state, frozen, batch, loop_lib.fresh_accumulators())
         results.append((np.asarray(state.params["prompt"]), float(acc[0]["loss"]),
                         float(acc[0]["grad_norm"])))
     (p1, l1, g1), (p2, l2, g2) = results
