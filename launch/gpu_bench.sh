@@ -49,18 +49,19 @@ OURS="-m prompt_t5x bench"
 PROFILES=/tmp/prompt_t5x_profiles
 PEER="-m prompt_t5x.peft_peer"
 
-# run NAME LIMIT_S ARGS...: one timed run, its JSON in $OUT/$STAGE_$NAME.json.
+# run NAME LIMIT_S ARGS...: one timed run, its JSON in $OUT/$STAGE_$NAME.json. A stage's
+# LIMIT_S + 20 s of grace add up to at most 570 s: one device call is capped at 600 s.
 run() {
   local name="$1" limit="$2"; shift 2
   local json="$OUT/${STAGE}_${name}.json"
+  local cmd=(timeout --kill-after=20 "$limit" "$PY" "$@" --json "$json")
   if [[ "$DRY_RUN" == 1 ]]; then
-    echo "$PY $* --json $json"
+    echo "${cmd[*]}"
     return 0
   fi
-  echo "=== $name: $PY $* (limit ${limit}s)" | tee -a "$OUT/$STAGE.log"
+  echo "=== $name: ${cmd[*]}" | tee -a "$OUT/$STAGE.log"
   local rc=0
-  timeout --kill-after=20 "$limit" "$PY" "$@" --json "$json" 2>&1 | tee -a "$OUT/$STAGE.log" \
-    || rc=$?
+  "${cmd[@]}" 2>&1 | tee -a "$OUT/$STAGE.log" || rc=$?
   echo "=== $name: exit $rc" | tee -a "$OUT/$STAGE.log"
 }
 
@@ -72,39 +73,40 @@ if [[ "$DRY_RUN" == 0 ]]; then
   export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
 fi
 
+if [[ "$DRY_RUN" == 0 ]]; then   # every stage's log starts with what it ran on
+  { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+    "$PY" -c "import jax, jaxlib, flax, optax; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" || true
+    "$PY" -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'cuda', torch.version.cuda)" || true
+  } 2>&1 | tee -a "$OUT/$STAGE.log"
+fi
+
 case "$STAGE" in
   env)
-    if [[ "$DRY_RUN" == 0 ]]; then
-      { date -u; nvidia-smi || true
-        "$PY" -c "import jax, jaxlib, flax, optax; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__); print(jax.devices())"
-        "$PY" -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'cuda', torch.version.cuda)" || true
-      } 2>&1 | tee -a "$OUT/env.log"
-    fi
-    run smoke_ours 240 $OURS --size small --batch 8 --encoder_len 128 --prompt_len 20 --decoder_len 8 --steps 3 --warmup 1 --attention cudnn
-    run smoke_peer 240 $PEER --size small --batch 8 --encoder_len 128 --prompt_len 20 --decoder_len 8 --steps 3 --warmup 1
+    run smoke_ours 120 $OURS --size small --batch 8 --encoder_len 128 --prompt_len 20 --decoder_len 8 --steps 1 --warmup 0 --phases train,decode --attention cudnn
+    run smoke_peer 120 $PEER --size small --batch 8 --encoder_len 128 --prompt_len 20 --decoder_len 8 --steps 1 --warmup 0 --phases train,decode
     ;;
   xl)
-    run ours_peer_compiled 570 $OURS --size xl $B --remat dots_no_batch --attention cudnn --phases train --peer peft --peer_compile --profile "$PROFILES/xl"
+    run ours_peer_compiled 550 $OURS --size xl $B --remat dots_no_batch --attention cudnn --phases train --peer peft --peer_compile --profile "$PROFILES/xl"
     ;;
   xxl)
-    run ours_dots_no_batch 280 $OURS --size xxl $B --remat dots_no_batch --attention cudnn --phases train --profile "$PROFILES/xxl"
-    run ours_full 280 $OURS --size xxl $B --remat full --attention cudnn --phases train
+    run ours_dots_no_batch 265 $OURS --size xxl $B --remat dots_no_batch --attention cudnn --phases train --profile "$PROFILES/xxl"
+    run ours_full 265 $OURS --size xxl $B --remat full --attention cudnn --phases train
     ;;
   xxlpeer)
-    run peer_ckpt_compiled 570 $PEER --size xxl $B --phases train --grad_ckpt --compile
+    run peer_ckpt_compiled 550 $PEER --size xxl $B --phases train --grad_ckpt --compile
     ;;
   base)
-    run ours_peer_compiled 570 $OURS --size base $B --remat none --attention cudnn --peer peft --peer_compile
+    run ours_peer_compiled 550 $OURS --size base $B --remat none --attention cudnn --peer peft --peer_compile
     ;;
   peer)
-    run base_eager 150 $PEER --size base $B --phases train
-    run xl_eager 200 $PEER --size xl $B --phases train
-    run xl_ckpt 200 $PEER --size xl $B --phases train --grad_ckpt
+    run base_eager 130 $PEER --size base $B --phases train
+    run xl_eager 180 $PEER --size xl $B --phases train
+    run xl_ckpt 180 $PEER --size xl $B --phases train --grad_ckpt
     ;;
   ablate)
-    run xl_einsum 140 $OURS --size xl $B --remat dots_no_batch --attention einsum --phases train
-    run xl_xla 140 $OURS --size xl $B --remat dots_no_batch --attention xla --phases train
-    run xl_full 140 $OURS --size xl $B --remat full --attention cudnn --phases train
-    run xl_f32_weights 140 $OURS --size xl $B --remat dots_no_batch --attention cudnn --param_dtype float32 --phases train
+    run xl_einsum 120 $OURS --size xl $B --remat dots_no_batch --attention einsum --phases train
+    run xl_xla 120 $OURS --size xl $B --remat dots_no_batch --attention xla --phases train
+    run xl_full 120 $OURS --size xl $B --remat full --attention cudnn --phases train
+    run xl_f32_weights 120 $OURS --size xl $B --remat dots_no_batch --attention cudnn --param_dtype float32 --phases train
     ;;
 esac

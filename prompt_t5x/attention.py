@@ -11,8 +11,10 @@ separately, so no ``[B, H, Q, K]`` tensor is built outside the kernel: the mask 
 - ``cudnn``: the same call as a fused cuDNN kernel on NVIDIA GPUs. Padding is given as sequence
   lengths (and causality as ``is_causal``), so the kernel masks in place and its bias gradient
   (which cuDNN always computes) stays ``[1, H, Q, K]``; this reads valid positions as a prefix
-  of each row (right padding, which SeqIO's ``trim_and_pad`` produces and every combine mode
-  of ``prompts.py`` keeps). With per-layer prefixes it falls back to a dense mask.
+  of each row (right padding, which SeqIO's ``trim_and_pad`` produces and the combine modes of
+  ``prompts.py`` keep; the exception, ``after_bos`` on an all-padding filler row, only changes
+  outputs nobody reads). Causal self-attention with per-layer prefixes falls back to a dense
+  mask (the prefix sits outside the causal triangle, which lengths cannot say).
 
 ``xla``/``cudnn`` take no dropout rng, so a training step with attention dropout > 0 uses the
 einsum path (same numbers, by construction).
@@ -70,8 +72,9 @@ class Mask:
     ``prefix`` leading keys (per-layer prefix key/values, see ``layers.Attention``) are visible to
     every query; ``key_valid`` and the causal triangle describe the keys after them. ``causal``
     and ``prefix`` are static (pytree metadata), so a Mask can cross jit/remat boundaries.
-    A fully masked query row (a padded decoder position) attends uniformly, as in T5X; nothing
-    downstream uses it (its loss weight is 0).
+    A fully masked query row (a padded decoder position) attends uniformly in the einsum and xla
+    paths, as in T5X; cuDNN returns zeros there instead. Nothing downstream reads it (its loss
+    weight is 0).
     """
 
     query_valid: Optional[jax.Array] = None
@@ -106,25 +109,29 @@ def cudnn_arguments(q: jax.Array, k: jax.Array, bias: Optional[jax.Array],
     """Keyword arguments of ``jax.nn.dot_product_attention`` for the cuDNN path.
 
     Padding becomes ``query_seq_lengths``/``key_value_seq_lengths`` [B] int32 (the count of valid
-    positions: right padding), causality ``is_causal``; the bias stays ``[1, H, Q, K]``.
+    positions: right padding; prefix keys lead, so they add to the key count), causality
+    ``is_causal``; the bias stays ``[1, H, Q, K]``. Lengths are at least 1: cuDNN before 9.25
+    returns NaN for a row of length 0 (an all-padding filler row), the other paths a uniform
+    average, and a filler row's output is never read.
     """
     kwargs: Dict[str, Any] = {"scale": 1.0}
     if bias is not None:
         kwargs["bias"] = bias.astype(dtype)
     if mask is None:
         return kwargs
-    if mask.prefix:
-        # Prefix keys sit before the padded keys (and outside the causal triangle): lengths cannot
-        # say that, so the mask goes in dense and cuDNN folds it into the bias.
+    if mask.prefix and mask.causal:
+        # Prefix keys sit outside the causal triangle, and the API's causal mask is aligned at
+        # key 0: the mask goes in dense and cuDNN folds it into the bias.
         kwargs["mask"] = mask.dense(q.shape[1], k.shape[1])
         return kwargs
     batch = q.shape[0]
     kwargs["is_causal"] = mask.causal
     if mask.query_valid is not None:
-        kwargs["query_seq_lengths"] = jnp.sum(mask.query_valid, axis=-1, dtype=jnp.int32)
+        kwargs["query_seq_lengths"] = jnp.maximum(
+            jnp.sum(mask.query_valid, axis=-1, dtype=jnp.int32), 1)
     if mask.key_valid is not None:
-        lengths = jnp.sum(mask.key_valid, axis=-1, dtype=jnp.int32)
-        kwargs["key_value_seq_lengths"] = jnp.broadcast_to(lengths, (batch,))
+        lengths = mask.prefix + jnp.sum(mask.key_valid, axis=-1, dtype=jnp.int32)
+        kwargs["key_value_seq_lengths"] = jnp.broadcast_to(jnp.maximum(lengths, 1), (batch,))
     return kwargs
 
 

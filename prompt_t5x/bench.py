@@ -114,16 +114,28 @@ def _measure(phase: str, args, cfg, compiled, compile_s: float, call) -> Dict[st
     """Time ``call`` (runs ``compiled``) by the shared protocol; its figures and memory."""
     import jax
     timing = protocol.time_calls(call, args.steps, args.warmup, jax.block_until_ready)
-    out = {"compile_s": compile_s, **timing,
-           **bench_report.phase_figures(phase, args, cfg, timing),
-           "compiled_memory": compiled_memory(compiled), "device_peak_bytes": device_peak_bytes()}
-    if args.profile:
-        # After the timing (tracing slows the calls it sees) and after the peak memory reading.
-        from prompt_t5x import profile_report
-        where = profile_report.capture(call, args.steps, os.path.join(args.profile, phase),
-                                       compiled.as_text(), jax.block_until_ready)
-        out["profile"] = profile_report.report(where, out["flops_per_step"], args.peak_flops)
-    return out
+    return {"compile_s": compile_s, **timing,
+            **bench_report.phase_figures(phase, args, cfg, timing),
+            "compiled_memory": compiled_memory(compiled), "device_peak_bytes": device_peak_bytes()}
+
+
+PROFILED_STEPS = 3
+
+
+def _profile(phase: str, args, compiled, call, figures: Dict[str, Any]) -> Dict[str, Any]:
+    """``--profile``: trace a few more calls, after the timing (tracing slows what it sees) and
+    the peak-memory reading, and split their device time. A failure here (a profiler that the
+    machine refuses, say) is recorded and never costs the timing already taken."""
+    import jax
+    from prompt_t5x import profile_report
+    try:
+        where = profile_report.capture(call, min(args.steps, PROFILED_STEPS),
+                                       os.path.join(args.profile, phase), compiled.as_text(),
+                                       jax.block_until_ready)
+        return {"profile": profile_report.report(where, figures["flops_per_step"],
+                                                 args.peak_flops, figures["median_s"])}
+    except Exception as e:  # noqa: BLE001 - any profiler failure is reported, not raised
+        return {"profile_error": f"{type(e).__name__}: {e}"}
 
 
 # ----------------------------------------------------------------------------- phases
@@ -227,8 +239,11 @@ def bench_train(args, cfg, frozen, rng) -> Dict[str, Any]:
         return holder["state"]
 
     out = _measure("train", args, cfg, compiled, compile_s, call)
-    return {**out, "flops_cost_analysis": flops_lib.cost_analysis_flops(compiled),
-            "final_loss": float(holder["metrics"]["loss"])}
+    out.update(flops_cost_analysis=flops_lib.cost_analysis_flops(compiled),
+               final_loss=float(holder["metrics"]["loss"]))   # before any profiled call
+    if args.profile:
+        out.update(_profile("train", args, compiled, call, out))
+    return out
 
 
 def bench_rank(args, cfg, frozen, trainable, rng) -> Dict[str, Any]:
@@ -242,8 +257,11 @@ def bench_rank(args, cfg, frozen, trainable, rng) -> Dict[str, Any]:
                                          (args.batch, args.encoder_len - args.prompt_len),
                                          dtype=np.int32))
     compiled, compile_s = _compile(classify, frozen, trainable, inputs)
-    return _measure("rank", args, cfg, compiled, compile_s,
-                    lambda: compiled(frozen, trainable, inputs))
+    call = lambda: compiled(frozen, trainable, inputs)  # noqa: E731
+    out = _measure("rank", args, cfg, compiled, compile_s, call)
+    if args.profile:
+        out.update(_profile("rank", args, compiled, call, out))
+    return out
 
 
 def bench_decode(args, cfg, frozen, trainable, rng) -> Dict[str, Any]:
@@ -266,8 +284,11 @@ def bench_decode(args, cfg, frozen, trainable, rng) -> Dict[str, Any]:
     compiled, compile_s = _compile(greedy, frozen, trainable, inputs)
     # Figures count cross-attention keys/values projected once, as the peer's do: decoding.py
     # projects them once per batch (T5.cross_attention_kv).
-    return _measure("decode", args, cfg, compiled, compile_s,
-                    lambda: compiled(frozen, trainable, inputs))
+    call = lambda: compiled(frozen, trainable, inputs)  # noqa: E731
+    out = _measure("decode", args, cfg, compiled, compile_s, call)
+    if args.profile:
+        out.update(_profile("decode", args, compiled, call, out))
+    return out
 
 
 def run_ours(args) -> Dict[str, Any]:
@@ -338,7 +359,13 @@ def side_by_side(args, argv: Sequence[str]) -> Dict[str, Any]:
         ["--grad_ckpt"] if args.peer_grad_ckpt else [])
     with tempfile.TemporaryDirectory() as tmp:
         ours = _child("prompt_t5x.bench", ours_argv, os.path.join(tmp, "ours.json"))
-        peer = _child("prompt_t5x.peft_peer", peer_argv, os.path.join(tmp, "peer.json"))
+        if args.json:   # ours is kept even if the peer then fails or the run is killed
+            bench_report.publish({"ours": ours, "peer": {"error": "not run yet"}}, args.json,
+                                 quiet=True)
+        try:
+            peer = _child("prompt_t5x.peft_peer", peer_argv, os.path.join(tmp, "peer.json"))
+        except RuntimeError as e:
+            peer = {"error": str(e)}
     return {"ours": ours, "peer": peer}
 
 
@@ -346,8 +373,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = protocol.build_parser().parse_args(argv)
     protocol.validate(args)
-    bench_report.publish(side_by_side(args, argv) if args.peer else run_ours(args), args.json)
-    return 0
+    result = side_by_side(args, argv) if args.peer else run_ours(args)
+    bench_report.publish(result, args.json)
+    return 1 if "error" in result.get("peer", {}) else 0
 
 
 if __name__ == "__main__":

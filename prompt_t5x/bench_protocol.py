@@ -28,7 +28,9 @@ PHASES = bench_report.PHASES
 # ----------------------------------------------------------------------------- flags
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="prompt-t5x bench", description=DESCRIPTION)
+    # allow_abbrev=False: --peer runs re-build the children's command lines by flag name.
+    p = argparse.ArgumentParser(prog="prompt-t5x bench", description=DESCRIPTION,
+                                allow_abbrev=False)
     p.add_argument("--size", default="tiny",
                    help="t5.SIZES name: tiny, small, base, large, xl, xxl")
     p.add_argument("--batch", type=int, default=32)

@@ -84,6 +84,8 @@ def format_phase(name: str, r: Dict[str, Any]) -> str:
     if "profile" in r:
         from prompt_t5x import profile_report
         line += "\n" + profile_report.format_report(name, r["profile"])
+    if "profile_error" in r:
+        line += f"\n  profile {name} failed: {r['profile_error']}"
     return line
 
 
@@ -120,14 +122,22 @@ def format_ratio(ours: Dict[str, Any], peer: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def publish(result: Dict[str, Any], json_path: Optional[str]) -> None:
-    """Print ``result`` (a run, or ``{'ours', 'peer'}`` side by side with their ratio) and save it
-    to ``json_path`` (the ``--json`` flag) when one is given."""
-    if "peer" in result:
-        ours, peer = result["ours"], result["peer"]
-        print("\n".join([format_result(ours), format_result(peer), format_ratio(ours, peer)]))
-    else:
-        print(format_result(result))
+def format_published(result: Dict[str, Any]) -> str:
+    """A run, or ``{'ours', 'peer'}`` side by side with their ratio (a peer that failed is
+    ``{'error': ...}``)."""
+    if "peer" not in result:
+        return format_result(result)
+    ours, peer = result["ours"], result["peer"]
+    if "error" in peer:
+        return "\n".join([format_result(ours), f"peer failed: {peer['error']}"])
+    return "\n".join([format_result(ours), format_result(peer), format_ratio(ours, peer)])
+
+
+def publish(result: Dict[str, Any], json_path: Optional[str], quiet: bool = False) -> None:
+    """Print ``result`` (unless ``quiet``) and save it to ``json_path`` (the ``--json`` flag)
+    when one is given."""
+    if not quiet:
+        print(format_published(result))
     if json_path:
         with open(json_path, "w") as f:
             json.dump(result, f, indent=1, default=float)

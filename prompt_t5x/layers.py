@@ -135,17 +135,14 @@ class Attention(nn.Module):
         q_init = nn.initializers.variance_scaling(1.0 / cfg.head_dim, "fan_in", "truncated_normal")
         proj = functools.partial(Kernel, hk, ("embed", "joined_kv"), dt, pdt)
 
-        def heads(x):
-            return split_heads(x, cfg)
-
-        q = checkpoint_name(heads(proj(init=q_init, name="query")(inputs_q)), "query")
+        q = checkpoint_name(split_heads(proj(init=q_init, name="query")(inputs_q), cfg), "query")
         if kv is not None:
             # Precomputed keys/values [B, K, H, Dh] (cross-attention while decoding: the
             # encoder output does not change between steps, so project it once).
             k, v = (x.astype(dt) for x in kv)
         else:
-            k = checkpoint_name(heads(proj(name="key")(inputs_kv)), "key")
-            v = checkpoint_name(heads(proj(name="value")(inputs_kv)), "value")
+            k = checkpoint_name(split_heads(proj(name="key")(inputs_kv), cfg), "key")
+            v = checkpoint_name(split_heads(proj(name="value")(inputs_kv), cfg), "value")
 
         if decode and self.decode_cache:
             k, v = self._update_cache(k, v)

@@ -64,6 +64,13 @@ def build_parser():
     return p
 
 
+def validate(args) -> None:
+    """The shared checks, and the flags that only ours has."""
+    protocol.validate(args)
+    if args.aot or args.profile:
+        raise protocol.usage_error("--aot and --profile are for prompt_t5x only")
+
+
 def _sync(device) -> None:
     import torch
     if device.type == "cuda":
@@ -238,9 +245,7 @@ def run_peer(args) -> Dict[str, Any]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    protocol.validate(args)
-    if args.aot or args.profile:
-        raise protocol.usage_error("--aot and --profile are for prompt_t5x only")
+    validate(args)
     bench_report.publish(run_peer(args), args.json)
     return 0
 

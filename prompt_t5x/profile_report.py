@@ -11,9 +11,15 @@ executable, and the instruction says what kind of work it is:
 - ``collective``: all-reduce / all-gather / reduce-scatter / all-to-all / collective-permute;
 - ``other``: everything else (element-wise and reduction fusions, copies, transposes).
 
-Summed over the captured steps and divided by their count, the categories split the step time;
-with the analytic FLOPs they also give the matmul-only efficiency, which says whether a missed
-MFU target is lost inside the matmuls or around them.
+Summed over the captured steps and divided by their count (and by the number of devices), the
+categories split the step time; ``coverage`` (their sum over the step's wall time) says how much
+of the step they explain. With the analytic FLOPs they also give the utilisation of the time
+spent in FLOP-bearing work (matmul + attention): whether a missed MFU target is lost inside the
+matmuls or around them.
+
+On GPUs, XLA may group runs of kernels into command buffers, whose trace events name the
+command buffer rather than its ops: such time is ``unattributed`` (low coverage). Re-run with
+``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` to see it split.
 
 Run on a saved profile: ``python -m prompt_t5x.profile_report DIR [--flops F --peak P]``.
 Imports no TensorFlow (the trace is read from its Perfetto JSON export).
@@ -110,6 +116,16 @@ def instruction_categories(hlo_text: str) -> Dict[str, str]:
     return {name: of_instruction(name) for name in own}
 
 
+def _processes(trace: Dict[str, Any]) -> Dict[Any, str]:
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    return {e.get("pid"): e["args"]["name"] for e in events
+            if e.get("ph") == "M" and e.get("name") == "process_name"}
+
+
+def _has_devices(trace: Dict[str, Any]) -> bool:
+    return any(name.startswith("/device:") for name in _processes(trace).values())
+
+
 def _device_events(trace: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Complete ('X') events of the device's op timeline.
 
@@ -118,12 +134,9 @@ def _device_events(trace: Dict[str, Any]) -> List[Dict[str, Any]]:
     where XLA:CPU runs its ops, possibly split over several threads at once.
     """
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    processes, threads = {}, {}
-    for e in events:
-        if e.get("ph") == "M" and e.get("name") == "process_name":
-            processes[e.get("pid")] = e["args"]["name"]
-        if e.get("ph") == "M" and e.get("name") == "thread_name":
-            threads[(e.get("pid"), e.get("tid"))] = e["args"]["name"]
+    processes = _processes(trace)
+    threads = {(e.get("pid"), e.get("tid")): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
     device = {pid for pid, name in processes.items() if name.startswith("/device:")}
     if device:
         ops_lines = {key for key, name in threads.items() if key[0] in device and name == "XLA Ops"}
@@ -137,30 +150,45 @@ def _device_events(trace: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 
 def summarize(trace: Dict[str, Any], categories: Dict[str, str], steps: int,
-              flops: Optional[float] = None, peak: Optional[float] = None) -> Dict[str, Any]:
-    """Per-step time of the executable's ops by category (seconds) and the top ops.
+              flops: Optional[float] = None, peak: Optional[float] = None,
+              step_s: Optional[float] = None) -> Dict[str, Any]:
+    """Per-step, per-device time of the executable's ops by category (seconds) and the top ops.
 
-    Events that name no instruction of the executable (runtime wrappers, other programs) are
-    left out; compare ``op_time_s`` with the step's wall time to see what they leave.
+    Events on the op timeline that name no instruction of the executable are ``unattributed``
+    (runtime wrappers on CPU, command buffers on GPU); ``step_s`` (the timed median) gives
+    ``coverage``, the share of the step that the categorised ops explain.
     """
     per_op: Dict[str, float] = collections.defaultdict(float)
-    for e in _device_events(trace):
+    unattributed = 0.0
+    events = _device_events(trace)
+    for e in events:
         name = (e.get("args") or {}).get("hlo_op") or e.get("name", "")
+        seconds = e.get("dur", 0.0) * 1e-6   # trace durations are in microseconds
         if name in categories:
-            per_op[name] += e.get("dur", 0.0) * 1e-6   # trace durations are in microseconds
+            per_op[name] += seconds
+        else:
+            unattributed += seconds
+    # Several devices run the same program: report one device's share.
+    devices = len({e.get("pid") for e in events}) if _has_devices(trace) else 1
+    per_step = steps * max(devices, 1)
     by_cat = {c: 0.0 for c in CATEGORIES}
     for name, seconds in per_op.items():
         by_cat[categories[name]] += seconds
     total = sum(by_cat.values())
     out: Dict[str, Any] = {
-        "steps": steps, "op_time_s": total / steps,
-        "category_s": {c: v / steps for c, v in by_cat.items()},
+        "steps": steps, "devices": devices, "op_time_s": total / per_step,
+        "unattributed_s": unattributed / per_step,
+        "category_s": {c: v / per_step for c, v in by_cat.items()},
         "category_share": {c: (v / total if total else 0.0) for c, v in by_cat.items()},
-        "top_ops": [{"op": n, "category": categories[n], "s": s / steps}
+        "top_ops": [{"op": n, "category": categories[n], "s": s / per_step}
                     for n, s in sorted(per_op.items(), key=lambda kv: -kv[1])[:12]]}
-    if flops and peak and by_cat["matmul"] > 0:
-        # How fast the matmuls themselves run: every analytic FLOP is a matmul FLOP.
-        out["matmul_only_utilisation"] = flops / (by_cat["matmul"] / steps) / peak
+    if step_s:
+        out["coverage"] = (total / per_step) / step_s
+    busy = (by_cat["matmul"] + by_cat["attention"]) / per_step
+    if flops and peak and busy > 0:
+        # Every analytic FLOP is a matmul FLOP (attention's q k^T and p v included, wherever the
+        # attention runs): this is how fast the FLOP-bearing work itself runs.
+        out["flop_work_utilisation"] = flops / busy / peak
     return out
 
 
@@ -172,7 +200,7 @@ def capture(call: Callable[[], Any], steps: int, out_dir: str, hlo_text: str,
     with gzip.open(os.path.join(out_dir, "compiled.hlo.txt.gz"), "wt") as f:
         f.write(hlo_text)
     sync(call())   # nothing of a previous phase left in flight inside the trace
-    with jax.profiler.trace(out_dir, create_perfetto_trace=True):
+    with jax.profiler.trace(out_dir):
         for _ in range(steps):
             sync(call())
     with open(os.path.join(out_dir, "steps.json"), "w") as f:
@@ -180,14 +208,15 @@ def capture(call: Callable[[], Any], steps: int, out_dir: str, hlo_text: str,
     return out_dir
 
 
-def report(profile_dir: str, flops: Optional[float] = None,
-           peak: Optional[float] = None) -> Dict[str, Any]:
+def report(profile_dir: str, flops: Optional[float] = None, peak: Optional[float] = None,
+           step_s: Optional[float] = None) -> Dict[str, Any]:
     """Summarise what ``capture`` left in ``profile_dir``."""
-    traces = sorted(glob.glob(os.path.join(profile_dir, "**", "perfetto_trace.json.gz"),
+    # The profiler's own Chrome-trace export (one per host); no Perfetto conversion needed.
+    traces = sorted(glob.glob(os.path.join(profile_dir, "**", "*.trace.json.gz"),
                               recursive=True))
     hlo = os.path.join(profile_dir, "compiled.hlo.txt.gz")
     if not traces or not os.path.exists(hlo):
-        raise FileNotFoundError(f"{profile_dir}: no perfetto_trace.json.gz and compiled.hlo.txt.gz"
+        raise FileNotFoundError(f"{profile_dir}: no *.trace.json.gz and compiled.hlo.txt.gz"
                                 " (written by prompt-t5x bench --profile DIR)")
     with gzip.open(hlo, "rt") as f:
         categories = instruction_categories(f.read())
@@ -195,16 +224,18 @@ def report(profile_dir: str, flops: Optional[float] = None,
         trace = json.load(f)
     with open(os.path.join(profile_dir, "steps.json")) as f:
         steps = json.load(f)["steps"]
-    return summarize(trace, categories, steps, flops, peak)
+    return summarize(trace, categories, steps, flops, peak, step_s)
 
 
 def format_report(name: str, r: Dict[str, Any]) -> str:
     share = r["category_share"]
     parts = [f"{c} {1e3 * r['category_s'][c]:.2f} ms ({100 * share[c]:.1f}%)" for c in CATEGORIES]
     line = (f"  profile {name}: device ops {1e3 * r['op_time_s']:.2f} ms/step = "
-            + ", ".join(parts))
-    if "matmul_only_utilisation" in r:
-        line += f"; matmuls alone at {100 * r['matmul_only_utilisation']:.1f}% of peak"
+            + ", ".join(parts) + f"; unattributed {1e3 * r['unattributed_s']:.2f} ms")
+    if "coverage" in r:
+        line += f"; {100 * r['coverage']:.0f}% of the step"
+    if "flop_work_utilisation" in r:
+        line += f"; matmul+attention time at {100 * r['flop_work_utilisation']:.1f}% of peak"
     return line
 
 
@@ -214,8 +245,9 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     p.add_argument("profile_dir")
     p.add_argument("--flops", type=float, default=None, help="analytic FLOPs per step")
     p.add_argument("--peak", type=float, default=None, help="peak FLOP/s of the device")
+    p.add_argument("--step_s", type=float, default=None, help="timed step (median), seconds")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
-    r = report(args.profile_dir, args.flops, args.peak)
+    r = report(args.profile_dir, args.flops, args.peak, args.step_s)
     print(format_report(os.path.basename(os.path.normpath(args.profile_dir)), r))
     for op in r["top_ops"]:
         print(f"    {1e3 * op['s']:9.3f} ms  {op['category']:10s} {op['op']}")

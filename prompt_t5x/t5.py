@@ -174,8 +174,9 @@ class Encoder(nn.Module):
         cfg = self.config
         length = x.shape[1]
         positions = np.arange(length)
-        # [1, H, L, L]: shared by the batch; padding stays a separate key mask (T5X masks keys
-        # only in the encoder).
+        # [1, H, L, L]: shared by the batch; padding stays a separate key mask. (T5X masks
+        # padded queries too; that changes only the outputs at padded positions, which every
+        # consumer masks, and HF T5, the parity reference, masks keys only.)
         bias = RelativePositionBias(cfg, bidirectional=True, name="relpos_bias")(positions, positions)
         key_mask = attn_lib.Mask(key_valid=mask)
         x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)

@@ -55,8 +55,14 @@ def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array
     ce = log_z - target_logit
     z_term = z_loss * jnp.square(log_z)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return (jnp.sum(ce * weights), jnp.sum(z_term * weights), jnp.sum(correct * weights),
-            jnp.sum(weights))
+    # Selected, not multiplied: a non-finite value at a weight-0 position (a filler row that a
+    # kernel leaves undefined) must not turn the sums into NaN.
+    live = weights > 0
+
+    def weighted_sum(x):
+        return jnp.sum(jnp.where(live, x * weights, 0.0))
+
+    return weighted_sum(ce), weighted_sum(z_term), weighted_sum(correct), jnp.sum(weights)
 
 
 def _loss_weights(batch: Batch) -> jax.Array:

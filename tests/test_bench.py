@@ -124,3 +124,33 @@ def test_peer_side_by_side(tmp_path, capsys):
     assert peer["config"]["lm_head_tied"] is False   # transformers 4.x: T5 1.1's untied head
     assert np.isfinite(peer["train"]["final_loss"]) and peer["rank"]["examples_per_s"] > 0
     assert "ratio prompt_t5x / peer" in capsys.readouterr().out
+
+
+def test_peer_failure_keeps_ours(tmp_path, monkeypatch, capsys):
+    """--peer: ours is saved before the peer starts; a failed peer is reported, exit 1."""
+    from prompt_t5x import bench, peft_peer
+    saved, argvs = [], {}
+
+    def child(module, argv, json_path):
+        argvs[module] = list(argv)
+        if module == "prompt_t5x.peft_peer":
+            saved.append(json.loads(out.read_text()))   # what a killed run would leave
+            raise RuntimeError("peer exited with status 1")
+        return {"impl": "prompt_t5x", "config": {"size": "test", "batch": 2, "encoder_len": 8,
+                                                 "prompt_len": 2, "decoder_len": 2,
+                                                 "dtype": "float32", "param_dtype": "float32"},
+                "device": "cpu:cpu"}
+
+    monkeypatch.setattr(peft_peer, "check_available", lambda: None)
+    monkeypatch.setattr(bench, "_child", child)
+    out = tmp_path / "r.json"
+    assert bench.main(["--size", "test", "--peer", "peft", "--profile", str(tmp_path / "p"),
+                       "--json", str(out)]) == 1
+    assert saved[0]["ours"]["impl"] == "prompt_t5x"
+    # Ours keeps --profile; the peer gets neither it nor the --peer flags.
+    assert argvs["prompt_t5x.bench"] == ["--size", "test", "--profile", str(tmp_path / "p")]
+    assert argvs["prompt_t5x.peft_peer"] == ["--size", "test"]
+    result = json.loads(out.read_text())
+    assert result["ours"]["impl"] == "prompt_t5x"
+    assert result["peer"] == {"error": "peer exited with status 1"}
+    assert "peer failed: peer exited with status 1" in capsys.readouterr().out

@@ -175,29 +175,41 @@ BENCH = ROOT / "launch" / "gpu_bench.sh"
 GPU_STAGES = ("env", "xl", "xxl", "xxlpeer", "base", "peer", "ablate")
 
 
+def gpu_runs(stage, out_dir):
+    """[(limit_s, argv)] of a stage: each dry-run line is 'timeout --kill-after=20 N argv...'."""
+    runs = []
+    for line in commands(BENCH, stage, "--out", str(out_dir)):
+        assert line[:2] == ["timeout", "--kill-after=20"], line
+        runs.append((int(line[2]), line[3:]))
+    return runs
+
+
 @pytest.mark.parametrize("stage", GPU_STAGES)
-def test_gpu_bench_stage_commands_parse_and_validate(stage, tmp_path):
+def test_gpu_bench_stage_commands_parse_validate_and_fit_one_call(stage, tmp_path):
     """Every run of every stage is a valid bench / peer command line (flags that exist, values
-    that pass validation): a GPU session must not lose its minutes to a typo."""
+    that pass validation), and a stage's limits plus grace fit one 600 s device call: a GPU
+    session must not lose its minutes to a typo or a killed call."""
     from prompt_t5x import bench_protocol, peft_peer
-    runs = commands(BENCH, stage, "--out", str(tmp_path))
+    runs = gpu_runs(stage, tmp_path)
     assert runs, stage
-    for argv in runs:
+    assert sum(limit + 20 for limit, _ in runs) <= 570, stage
+    for _, argv in runs:
         assert argv[:2] == ["python3", "-m"]
         module, rest = argv[2], argv[3:]
         if module == "prompt_t5x":
             assert rest[0] == "bench"
             args = bench_protocol.build_parser().parse_args(rest[1:])
+            bench_protocol.validate(args)
         else:
             assert module == "prompt_t5x.peft_peer"
             args = peft_peer.build_parser().parse_args(rest)
-        bench_protocol.validate(args)
+            peft_peer.validate(args)
         assert args.json.startswith(str(tmp_path / f"{stage}_")) and args.json.endswith(".json")
 
 
 def test_gpu_bench_targets_use_the_issue_configuration(tmp_path):
     from prompt_t5x import bench_protocol
-    (xl,) = commands(BENCH, "xl", "--out", str(tmp_path))
+    ((_, xl),) = gpu_runs("xl", tmp_path)
     args = bench_protocol.build_parser().parse_args(xl[4:])
     assert (args.size, args.batch, args.encoder_len, args.prompt_len, args.decoder_len) == (
         "xl", 32, 512, 100, 16)

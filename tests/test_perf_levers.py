@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_t5x import attention, flops, methods, optim, t5, train
+from prompt_t5x import attention, decoding, flops, methods, optim, t5, train
 from prompt_t5x.bench_protocol import random_train_batch
 
 PROMPT_LEN = 5
@@ -79,33 +79,108 @@ def test_xla_attention_equals_einsum(setup, reference):
     assert np.abs(grad0).max() > 0
 
 
-def test_cudnn_arguments_mean_the_same_attention(setup, reference, monkeypatch):
-    """The cuDNN path's arguments (bias [1, H, Q, K], padding as sequence lengths, is_causal)
-    describe the same attention as the dense mask: run them through XLA's implementation (no GPU
-    here) and compare the whole model at every position that reaches the loss."""
-    cfg, frozen, batch, prompt = setup
-    loss0, logits0, grad0 = reference
+@pytest.fixture
+def emulated_cudnn(monkeypatch):
+    """Runs the cuDNN path's arguments (bias [1, H, Q, K], padding as sequence lengths,
+    is_causal) through XLA's implementation (no GPU here); records each call's keywords."""
     original = jax.nn.dot_product_attention
     calls = []
 
     def as_xla(*args, implementation=None, **kwargs):
-        assert implementation == "cudnn" and "mask" not in kwargs
+        assert implementation == "cudnn"
         assert "bias" not in kwargs or kwargs["bias"].shape[0] == 1
         calls.append(sorted(kwargs))
         return original(*args, implementation="xla", **kwargs)
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", as_xla)
+    return calls
+
+
+def test_cudnn_arguments_mean_the_same_attention(setup, reference, emulated_cudnn):
+    """The whole model, compared at every position that reaches the loss."""
+    cfg, frozen, batch, prompt = setup
+    loss0, logits0, grad0 = reference
     loss1, logits1, grad1 = loss_logits_grad(cfg.replace(attention_impl="cudnn"), frozen, prompt,
                                              batch)
-    # Encoder self (kv lengths), decoder self (causal, both lengths), cross (both lengths).
-    assert ["bias", "is_causal", "key_value_seq_lengths", "scale"] in calls
-    assert ["bias", "is_causal", "key_value_seq_lengths", "query_seq_lengths", "scale"] in calls
-    assert ["is_causal", "key_value_seq_lengths", "query_seq_lengths", "scale"] in calls
+    # Encoder self (kv lengths), decoder self (causal, both lengths), cross (both lengths); no
+    # dense mask anywhere.
+    assert ["bias", "is_causal", "key_value_seq_lengths", "scale"] in emulated_cudnn
+    assert ["bias", "is_causal", "key_value_seq_lengths", "query_seq_lengths",
+            "scale"] in emulated_cudnn
+    assert ["is_causal", "key_value_seq_lengths", "query_seq_lengths", "scale"] in emulated_cudnn
+    assert not any("mask" in call for call in emulated_cudnn)
     valid = batch["decoder_loss_weights"] > 0
     np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
     np.testing.assert_allclose(logits1[valid], logits0[valid], rtol=0,
                                atol=1e-5 * np.abs(logits0).max())
     np.testing.assert_allclose(grad1, grad0, rtol=0, atol=1e-5 * np.abs(grad0).max())
+
+
+def test_cudnn_arguments_for_cached_decoding(setup, emulated_cudnn):
+    """One query per step against the KV cache (keys valid up to the step): same tokens and
+    scores as einsum."""
+    cfg, frozen, batch, prompt = setup
+    spec = decoding.DecodeSpec(strategy="greedy", max_decode_len=DECODER_LEN, eos_id=None)
+
+    def greedy(impl):
+        method = methods.PromptTuning(t5.T5(cfg.replace(attention_impl=impl)),
+                                      prompt_length=PROMPT_LEN)
+        return decoding.decode(method, frozen, prompt, batch["encoder_input_tokens"], spec)
+
+    want, got = greedy("einsum"), greedy("cudnn")
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    np.testing.assert_allclose(np.asarray(got.scores), np.asarray(want.scores), rtol=1e-5)
+    assert ["bias", "is_causal", "key_value_seq_lengths", "scale"] in emulated_cudnn
+    assert not any("mask" in call for call in emulated_cudnn)
+
+
+def test_cudnn_arguments_with_prefixes(setup, emulated_cudnn):
+    """Per-layer key/value prefixes: lengths count the prefix keys, except causal
+    self-attention, the one place that needs the dense mask."""
+    cfg, frozen, batch, _ = setup
+    rng = np.random.RandomState(3)
+
+    def prefix(layers):
+        shape = (layers, 1, 2, cfg.num_heads, cfg.head_dim)
+        return tuple(jnp.asarray(rng.randn(*shape), jnp.float32) for _ in range(2))
+
+    prefixes = {"encoder": prefix(cfg.num_encoder_layers),
+                "decoder_self": prefix(cfg.num_decoder_layers),
+                "decoder_cross": prefix(cfg.num_decoder_layers)}
+
+    def logits(impl):
+        model = t5.T5(cfg.replace(attention_impl=impl))
+        return np.asarray(model.apply({"params": frozen}, batch, prefixes=prefixes))
+
+    want, got = logits("einsum"), logits("cudnn")
+    valid = batch["decoder_loss_weights"] > 0
+    np.testing.assert_allclose(got[valid], want[valid], rtol=0, atol=1e-5 * np.abs(want).max())
+    dense = [call for call in emulated_cudnn if "mask" in call]
+    assert dense and all("is_causal" not in call for call in dense)
+    assert len(dense) == cfg.num_decoder_layers   # decoder self-attention only
+
+
+def test_cudnn_lengths_count_prefix_keys_and_are_at_least_one():
+    q = jnp.zeros((2, 3, 1, 4))
+    k = jnp.zeros((2, 6, 1, 4))
+    mask = attention.Mask(query_valid=jnp.array([[False] * 3, [True, True, False]]),
+                          key_valid=jnp.array([[False] * 4, [True, True, True, False]])
+                          ).with_prefix(2)
+    kwargs = attention.cudnn_arguments(q, k, None, mask, jnp.float32)
+    # An all-padding filler row gets length 1, not 0 (cuDNN < 9.25 returns NaN for 0).
+    np.testing.assert_array_equal(kwargs["query_seq_lengths"], [1, 2])
+    np.testing.assert_array_equal(kwargs["key_value_seq_lengths"], [2, 5])
+    assert kwargs["is_causal"] is False and "mask" not in kwargs
+    causal = attention.cudnn_arguments(q, k, None, mask.replace(causal=True), jnp.float32)
+    assert causal["mask"].shape == (2, 1, 3, 6) and "is_causal" not in causal
+
+
+def test_loss_sums_ignore_non_finite_values_at_weight_zero():
+    logits = jnp.array([[[0.0, 1.0], [jnp.nan, 0.0]]])
+    ce, zl, correct, weight = train.cross_entropy_sums(
+        logits, jnp.array([[1, 0]]), jnp.array([[1.0, 0.0]]), 1e-4)
+    assert np.isfinite([ce, zl, correct]).all() and float(weight) == 1.0
+    assert float(correct) == 1.0
 
 
 def test_mask_dense_with_prefix_and_causal():

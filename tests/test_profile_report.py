@@ -88,17 +88,22 @@ def test_device_ops_line_is_counted_once_per_op():
         {"ph": "X", "pid": 1, "tid": 10, "name": "gemm.2", "dur": 300.0},
         {"ph": "X", "pid": 1, "tid": 10, "name": "fmha.1", "dur": 200.0},
         {"ph": "X", "pid": 1, "tid": 10, "name": "loop_add_fusion", "dur": 100.0},
+        {"ph": "X", "pid": 1, "tid": 10, "name": "command_buffer_3", "dur": 60.0},
         {"ph": "X", "pid": 1, "tid": 11, "name": "sm90_gemm_kernel", "dur": 299.0,
          "args": {"hlo_op": "gemm.2"}},
         {"ph": "X", "pid": 2, "tid": 20, "name": "PjitFunction(step)", "dur": 900.0},
     ]}
     r = profile_report.summarize(trace, profile_report.instruction_categories(HLO), steps=2,
-                                 flops=1e9, peak=1e12)
+                                 flops=1e9, peak=1e12, step_s=400e-6)
+    assert r["devices"] == 1
     assert r["op_time_s"] == pytest.approx(300e-6)          # (300 + 200 + 100) us / 2 steps
+    assert r["unattributed_s"] == pytest.approx(30e-6)      # names no instruction
+    assert r["coverage"] == pytest.approx(0.75)
     assert r["category_s"]["matmul"] == pytest.approx(150e-6)
     assert r["category_s"]["attention"] == pytest.approx(100e-6)
     assert r["category_share"]["other"] == pytest.approx(1 / 6)
-    assert r["matmul_only_utilisation"] == pytest.approx(1e9 / 150e-6 / 1e12)
+    # FLOP-bearing work: matmuls and the fused attention.
+    assert r["flop_work_utilisation"] == pytest.approx(1e9 / 250e-6 / 1e12)
     assert [op["op"] for op in r["top_ops"]] == ["gemm.2", "fmha.1", "loop_add_fusion"]
 
 
@@ -108,7 +113,7 @@ def test_bench_profile_splits_a_real_cpu_trace(tmp_path, capsys):
                        "4", "--decoder_len", "6", "--steps", "2", "--warmup", "1", "--phases",
                        "train", "--profile", str(tmp_path / "prof"), "--json", str(out)]) == 0
     prof = json.loads(out.read_text())["train"]["profile"]
-    assert prof["steps"] == 2 and prof["op_time_s"] > 0
+    assert prof["steps"] == 2 and prof["op_time_s"] > 0 and prof["coverage"] > 0
     # The step is mostly matmuls by FLOPs; on XLA:CPU they are dot fusions of the executable.
     assert prof["category_s"]["matmul"] > 0 and prof["category_s"]["other"] > 0
     assert sum(prof["category_share"].values()) == pytest.approx(1.0)
@@ -116,3 +121,18 @@ def test_bench_profile_splits_a_real_cpu_trace(tmp_path, capsys):
     # The saved capture reads back to the same split.
     again = profile_report.report(str(tmp_path / "prof" / "train"))
     assert again["category_s"] == pytest.approx(prof["category_s"])
+
+
+def test_a_profiler_failure_keeps_the_timing(tmp_path, monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("profiler refused")
+
+    monkeypatch.setattr(profile_report, "capture", refuse)
+    out = tmp_path / "r.json"
+    assert bench.main(["--size", "test", "--batch", "2", "--encoder_len", "12", "--prompt_len",
+                       "2", "--decoder_len", "4", "--steps", "1", "--warmup", "0", "--phases",
+                       "train", "--profile", str(tmp_path / "prof"), "--json", str(out)]) == 0
+    train = json.loads(out.read_text())["train"]
+    assert train["examples_per_s"] > 0 and "profile" not in train
+    assert train["profile_error"] == "RuntimeError: profiler refused"
+    assert "profile train failed: RuntimeError: profiler refused" in capsys.readouterr().out
