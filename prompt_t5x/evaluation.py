@@ -110,9 +110,14 @@ def _gin_bindings(**knobs) -> Dict[str, Any]:
     return knobs
 
 
+def _gin_default(field: dataclasses.Field):
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return gin.REQUIRED if field.default is dataclasses.MISSING else field.default
+
+
 _gin_bindings.__signature__ = inspect.Signature([  # gin reads parameter names and defaults here
-    inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
-                      default=gin.REQUIRED if f.default is dataclasses.MISSING else f.default)
+    inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=_gin_default(f))
     for f in dataclasses.fields(EvalConfig) if f.init])
 eval_config = gin.external_configurable(_gin_bindings, name="evaluate")
 infer_config = gin.external_configurable(_gin_bindings, name="infer")

@@ -35,15 +35,22 @@ def register_tasks(vocabulary: Optional[str] = None, data_dir: Optional[str] = N
     """Import the task registry, re-registered with ``vocabulary`` and the local-file tasks of
     ``data_dir`` when either is given, then each user module of ``task_modules``.
 
-    Raises UsageError (one message) for a bad data dir or a module that cannot be imported.
+    Raises UsageError (one message) for a bad data dir, a module that cannot be imported, or
+    SeqIO/TensorFlow missing.
     """
     try:
         import tasks
+    except ImportError as e:
+        # SeqIO/TensorFlow are the optional 'data' extra (the GPU image, for one, has neither).
+        raise UsageError(f"SeqIO tasks need the data extra: pip install 'prompt_t5x[data]' "
+                         f"(import failed: {e}); the generated synthetic_* tasks need none."
+                         ) from None
+    try:
         if vocabulary or data_dir:
             tasks.register_all(vocab_path=vocabulary, data_dir=data_dir)
         for module in task_modules:
             tasks.load_task_module(module)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from None
 
 

@@ -233,3 +233,16 @@ def test_offline_train_eval_infer_on_the_generated_task(tmp_path, capsys):
         out, "synthetic_contains_validation_predictions.jsonl"))]
     assert len(rows) == 512 and {r["prediction"] for r in rows} <= {"yes", "no"}
     assert sum(r["prediction"] == r["target"] for r in rows) / len(rows) >= 0.95
+
+
+def test_gin_parameters_are_the_config_fields():
+    """gin's view of evaluate/infer is EvalConfig's init fields, with their defaults."""
+    import dataclasses
+    import inspect
+
+    import gin
+    params = inspect.signature(evaluation._gin_bindings).parameters
+    fields = [f for f in dataclasses.fields(evaluation.EvalConfig) if f.init]
+    assert list(params) == [f.name for f in fields]
+    assert params["task"].default is gin.REQUIRED and params["output_dir"].default is gin.REQUIRED
+    assert params["batch_size"].default == 32 and params["ensemble"].default == ()

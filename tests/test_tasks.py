@@ -247,3 +247,13 @@ def test_open_task_reports_bad_tasks_splits_and_modules_as_usage_errors(mocked):
         task_cli.open_task("synthetic_contain")
     with pytest.raises(cli.UsageError, match="no_such_module_xyz"):
         task_cli.open_task("super_glue_copa_v102", task_modules=["no_such_module_xyz"])
+
+
+def test_missing_seqio_is_one_usage_error_naming_the_extra(monkeypatch):
+    """Where SeqIO/TensorFlow are absent (the GPU image), a SeqIO task asks for the extra."""
+    import sys
+
+    from prompt_t5x import cli, task_cli
+    monkeypatch.setitem(sys.modules, "tasks", None)   # 'import tasks' raises ImportError
+    with pytest.raises(cli.UsageError, match=r"pip install 'prompt_t5x\[data\]'"):
+        task_cli.open_task("super_glue_copa_v102")
