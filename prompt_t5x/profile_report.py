@@ -11,6 +11,9 @@ executable, and the instruction says what kind of work it is:
 - ``collective``: all-reduce / all-gather / reduce-scatter / all-to-all / collective-permute;
 - ``other``: everything else (element-wise and reduction fusions, copies, transposes).
 
+Control flow (``while``, ``conditional``) is left out: its body's ops are events of their own,
+and the loop's event would count them twice.
+
 Summed over the captured steps and divided by their count (and by the number of devices), the
 categories split the step time; ``coverage`` (their sum over the step's wall time) says how much
 of the step they explain. With the analytic FLOPs they also give the utilisation of the time
@@ -48,7 +51,12 @@ _NAME = re.compile(r"%?([\w.\-]+)")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 
 
+CONTROL = "control"   # while / conditional: not counted (their bodies' ops are)
+
+
 def _own_category(opcode: str, rest: str) -> Optional[str]:
+    if opcode in ("while", "conditional"):
+        return CONTROL
     if opcode in ("dot", "convolution"):
         return "matmul"
     if opcode.startswith(_COLLECTIVES):
@@ -66,7 +74,7 @@ def instruction_categories(hlo_text: str) -> Dict[str, str]:
     """HLO instruction name -> category, for every instruction of an optimised module's text.
 
     A fusion (or call) takes the weightiest category found in the computations it calls,
-    attention > matmul > collective.
+    attention > matmul > collective; ``while``/``conditional`` are ``CONTROL``.
     """
     own: Dict[str, Optional[str]] = {}
     calls: Dict[str, List[str]] = {}
@@ -90,7 +98,7 @@ def instruction_categories(hlo_text: str) -> Dict[str, str]:
         calls[name] = [c for group in _CALLED.findall(rest) for c in _NAME.findall(group)]
         members[computation].append(name)
 
-    rank = {"other": 0, "collective": 1, "matmul": 2, "attention": 3}
+    rank = {CONTROL: -1, "other": 0, "collective": 1, "matmul": 2, "attention": 3}
     memo: Dict[str, str] = {}
 
     def of_computation(comp: str, seen: frozenset) -> str:
@@ -104,6 +112,9 @@ def instruction_categories(hlo_text: str) -> Dict[str, str]:
     def of_instruction(inst: str, seen: frozenset = frozenset()) -> str:
         if inst in memo:
             return memo[inst]
+        if own.get(inst) == CONTROL:
+            memo[inst] = CONTROL
+            return CONTROL
         best = own.get(inst) or "other"
         for comp in calls.get(inst, ()):
             if comp not in seen:
@@ -164,10 +175,10 @@ def summarize(trace: Dict[str, Any], categories: Dict[str, str], steps: int,
     for e in events:
         name = (e.get("args") or {}).get("hlo_op") or e.get("name", "")
         seconds = e.get("dur", 0.0) * 1e-6   # trace durations are in microseconds
-        if name in categories:
-            per_op[name] += seconds
-        else:
+        if name not in categories:
             unattributed += seconds
+        elif categories[name] != CONTROL:
+            per_op[name] += seconds
     # Several devices run the same program: report one device's share.
     devices = len({e.get("pid") for e in events}) if _has_devices(trace) else 1
     per_step = steps * max(devices, 1)

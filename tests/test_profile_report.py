@@ -70,7 +70,7 @@ def test_instruction_categories_of_a_gpu_style_module():
     assert cats["custom-call.3"] == "attention"
     assert cats["all-reduce-start.2"] == "collective"
     assert cats["loop_add_fusion"] == "other"
-    assert cats["while.3"] == "matmul"           # its body computes a dot
+    assert cats["while.3"] == "control"          # its body's ops are events of their own
     assert cats["dot.9"] == "matmul" and cats["copy.1"] == "other"
     assert cats["e"] == "other"                  # parameter of the /*index=4*/ header
 
@@ -89,6 +89,7 @@ def test_device_ops_line_is_counted_once_per_op():
         {"ph": "X", "pid": 1, "tid": 10, "name": "fmha.1", "dur": 200.0},
         {"ph": "X", "pid": 1, "tid": 10, "name": "loop_add_fusion", "dur": 100.0},
         {"ph": "X", "pid": 1, "tid": 10, "name": "command_buffer_3", "dur": 60.0},
+        {"ph": "X", "pid": 1, "tid": 10, "name": "while.3", "dur": 500.0},   # spans dot.9
         {"ph": "X", "pid": 1, "tid": 11, "name": "sm90_gemm_kernel", "dur": 299.0,
          "args": {"hlo_op": "gemm.2"}},
         {"ph": "X", "pid": 2, "tid": 20, "name": "PjitFunction(step)", "dur": 900.0},
