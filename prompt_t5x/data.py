@@ -9,9 +9,10 @@ pass the task length and let the encoder grow.
 
 Batches. A training batch is ``{'encoder_input_tokens': int32 [B, L], 'decoder_input_tokens':
 int32 [B, T], 'decoder_target_tokens': int32 [B, T], 'decoder_loss_weights': float32 [B, T]}`` with
-B the *host-local* batch (global batch / number of data shards; each host reads its own
-``seqio.ShardInfo`` shard: ``prompt-t5x train`` passes ``distributed.data_shard(mesh)``, so hosts
-that share the mesh's 'data' rows read the same shard). Pad id 0, EOS 1.
+B the *host-local* batch (global batch / number of data shards of ``shard_info``; every reader
+defaults to the whole split, :func:`whole_split`, and ``prompt-t5x train`` passes each host's
+``distributed.data_shard(mesh)``, so hosts that share the mesh's 'data' rows read the same
+shard). Pad id 0, EOS 1.
 
 Order and position. Training data is a deterministic function of (task, split, seed, shard):
 shuffling and every random preprocessing step are seeded. ``TrainBatches.position`` counts
@@ -21,9 +22,9 @@ no model work, just tf.data).
 
 Eval. ``eval_batches`` covers every example of a split exactly once: the last batch is padded
 with all-zero rows and ``example_mask`` (bool [B]) marks the real ones; ``example_index``
-(int32 [B], -1 on padding) gives each row's position in this host's shard of the split (the
-whole split on one host), the order of ``eval_examples``, so predictions can be put back in order
-for ``compute_metrics``.
+(int32 [B], -1 on padding) gives each row's position in the split (in the shard, if one is
+given), the order of ``eval_examples``, so predictions can be put back in order for
+``compute_metrics``.
 
 Packing (several examples per row) is refused when a prompt is used: the prompt would be
 prepended once per row, so all but the first packed example would see no prompt of their own.
@@ -101,13 +102,12 @@ def check_split(provider, split: str) -> None:
                         f"available: {', '.join(splits) or 'none'}.")
 
 
-def default_shard_info():
-    """``ShardInfo(jax.process_index(), jax.process_count())``: one shard per host, right only
-    when every host owns distinct 'data' rows of the mesh. Give ``shard_info`` from
-    ``distributed.data_shard(mesh)`` otherwise (``prompt-t5x train`` always does)."""
-    import jax
+def whole_split():
+    """``ShardInfo(0, 1)``: the whole split (or stream). The default of every reader here: a host
+    reads a part only when told which (``prompt-t5x train`` passes its training data shard,
+    ``distributed.data_shard(mesh)``; validation reads the whole split on every host)."""
     import seqio
-    return seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
+    return seqio.ShardInfo(index=0, num_shards=1)
 
 
 def host_batch_size(spec: BatchSpec, shard_info) -> int:
@@ -164,7 +164,7 @@ class TrainBatches:
         if position < 0:
             raise DataError(f"position must be >= 0, got {position}")
         self.name, self.spec, self.split, self.seed = name, spec, split, seed
-        self.shard_info = shard_info or default_shard_info()
+        self.shard_info = shard_info or whole_split()
         self.batch_size = host_batch_size(spec, self.shard_info)
         provider = get_task_or_mixture(name)
         ds = _model_features(provider, spec, split, shuffle=shuffle, seed=seed,
@@ -198,33 +198,17 @@ def train_batches(name: str, spec: BatchSpec, *, split: str = "train", seed: int
                         position=position, shuffle=shuffle)
 
 
-def restore_train_batches(state: Mapping[str, Any], spec: BatchSpec,
-                          shard_info=None) -> TrainBatches:
-    """Resume a stream from ``TrainBatches.state()`` (possibly saved by another process)."""
-    shard_info = shard_info or default_shard_info()
-    if shard_info.num_shards != state["num_shards"]:
-        raise DataError(f"data position was saved with {state['num_shards']} hosts but now there "
-                        f"are {shard_info.num_shards}; resume with the same host count.")
-    return TrainBatches(state["name"], spec, split=state["split"], seed=int(state["seed"]),
-                        shard_info=shard_info, position=int(state["position"]))
-
-
 def eval_batches(name: str, spec: BatchSpec, *, split: str = "validation",
-                 shard_info=None, pad_to_batches: Optional[int] = None
-                 ) -> Iterator[Dict[str, np.ndarray]]:
-    """Every example of ``split`` once, in order, in fixed-shape batches (see module doc).
-
-    Hosts' shards can differ in size, so their batch counts can differ by one; a multi-host eval
-    loop (every host must run every step) passes ``pad_to_batches`` = the largest count, and
-    this host appends fully masked all-zero batches up to it.
-    """
+                 shard_info=None) -> Iterator[Dict[str, np.ndarray]]:
+    """Every example of ``split`` (or of its ``shard_info`` shard) once, in order, in
+    fixed-shape batches (see module doc)."""
     provider = get_task_or_mixture(name)
-    shard_info = shard_info or default_shard_info()
+    shard_info = shard_info or whole_split()
     size = host_batch_size(spec, shard_info)
     ds = _model_features(provider, spec, split, shuffle=False, seed=None,
                          shard_info=shard_info, num_epochs=1)
     ds = ds.batch(size, drop_remainder=False)
-    start = produced = 0
+    start = 0
     for batch in ds.as_numpy_iterator():
         out = _to_numpy_batch(batch)
         real = out["encoder_input_tokens"].shape[0]
@@ -235,16 +219,9 @@ def eval_batches(name: str, spec: BatchSpec, *, split: str = "validation",
         out["example_index"] = np.where(out["example_mask"], start + np.arange(size), -1
                                         ).astype(np.int32)
         start += real
-        produced += 1
         yield out
     if start == 0:
         raise DataError(f"task {name!r} split {split!r} is empty: nothing to evaluate.")
-    if pad_to_batches is not None and produced < pad_to_batches:
-        empty = {k: np.zeros_like(v) for k, v in out.items()}
-        empty["example_mask"] = np.zeros(size, bool)
-        empty["example_index"] = np.full(size, -1, np.int32)
-        for _ in range(pad_to_batches - produced):
-            yield dict(empty)
 
 
 def eval_examples(name: str, spec: BatchSpec, *, split: str = "validation",
@@ -253,7 +230,7 @@ def eval_examples(name: str, spec: BatchSpec, *, split: str = "validation",
     the same order as ``eval_batches``'s ``example_index``."""
     provider = get_task_or_mixture(name)
     ds = _task_dataset(provider, spec, split, shuffle=False, seed=None,
-                       shard_info=shard_info or default_shard_info(), num_epochs=1)
+                       shard_info=shard_info or whole_split(), num_epochs=1)
     return list(ds.as_numpy_iterator())
 
 
@@ -279,34 +256,3 @@ def label_names(name: str) -> Optional[Sequence[str]]:
     get_task_or_mixture(name)
     info = families.TASK_INFO.get(name)
     return None if info is None else info.label_names
-
-
-def rank_classification_eval(name: str, spec: BatchSpec, method, frozen, trainable, *,
-                             split: str = "validation", shard_info=None,
-                             length_normalize: bool = False) -> Dict[str, Any]:
-    """Evaluate a classification task by rank classification (every label word scored under the
-    model with its prompt; the best one predicted), through the task's own postprocessor and
-    metrics, so the numbers are comparable with decoding + string match.
-
-    Returns ``{'metrics': {...}, 'predictions': [label word per example]}``.
-    """
-    from prompt_t5x import rank_classification as rc
-    labels = label_names(name)
-    if not labels:
-        raise DataError(f"task {name!r} has no label words (free-text or regression targets); "
-                        "rank classification needs a classification task.")
-    provider = get_task_or_mixture(name)
-    shard_info = shard_info or default_shard_info()
-    vocabulary = provider.output_features["targets"].vocabulary
-    classify = rc.make_rank_classifier(
-        method, rc.encode_labels(labels, vocabulary.encode, spec.targets_length),
-        length_normalize=length_normalize)
-    predictions: Dict[int, str] = {}
-    for batch in eval_batches(name, spec, split=split, shard_info=shard_info):
-        _, best = classify(frozen, trainable, batch["encoder_input_tokens"])
-        best = np.asarray(best)
-        for row in np.flatnonzero(batch["example_mask"]):
-            predictions[int(batch["example_index"][row])] = labels[int(best[row])]
-    examples = eval_examples(name, spec, split=split, shard_info=shard_info)
-    ordered = [predictions[i] for i in range(len(examples))]
-    return {"metrics": compute_metrics(name, examples, ordered), "predictions": ordered}

@@ -15,6 +15,8 @@ each sees every device in ``jax.devices()`` but can only feed and read its own
   parallelism across hosts) load the same slice.
 * **Writing** (:func:`is_primary`, :func:`primary_writes`): prompts and metrics are written by
   process 0 only, between two barriers so no host reads a half-written file or races ahead.
+* **Failing** (:func:`exit_at_once_on_error`): an exception on one host must end the whole job,
+  not leave it waiting in collectives that host will never join (see there).
 
 Nothing here touches devices at import time.
 """
@@ -25,6 +27,8 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import sys
+import traceback
 from typing import Iterator, Mapping, Optional
 
 import numpy as np
@@ -33,6 +37,17 @@ import numpy as np
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
+
+# jax's defaults are 100 s and 300 s. Heartbeat: how long the coordination service waits before
+# declaring a silent process dead and failing every other one (on GPU/TPU, survivors of a dead
+# peer block in their collective until then; heartbeats come from a C++ thread, so a busy Python
+# host still sends them). Shutdown: how long a process that exits waits for the others at the
+# shutdown barrier; a finished run reaches it within seconds of the last collective.
+HEARTBEAT_TIMEOUT_S = 30
+SHUTDOWN_TIMEOUT_S = 60
+# Who this process is, for the failure message: asking jax (process_index) could first have to
+# initialize the backend, which waits for every other process.
+_joined_as = "this process"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,22 +130,24 @@ def initialize(plan: Optional[ClusterPlan] = None, **flags) -> ClusterPlan:
     Must run before anything else queries devices. Safe to call twice: a second call is a no-op.
     """
     import jax  # local: callers set XLA/JAX environment variables before the first import
+    global _joined_as
 
     plan = plan or detect_cluster(**flags)
     if not plan.multi_process or jax.distributed.is_initialized():
         return plan
-    # CPU processes exchange collectives through gloo: jax's default here, but 'none' (every
-    # cross-process CPU collective fails) in older releases. An explicit choice is kept.
-    if (getattr(jax.config, "jax_cpu_collectives_implementation", None) == "none"
-            and "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # CPU processes exchange collectives through gloo: jax's default in every release setup.py
+    # admits (jax>=0.10.2), so nothing to configure here.
+    timeouts = dict(heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+                    shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
     if plan.kind == "explicit":
         jax.distributed.initialize(coordinator_address=plan.coordinator_address,
                                    num_processes=plan.num_processes,
-                                   process_id=plan.process_id)
+                                   process_id=plan.process_id, **timeouts)
     else:
         # TPU pods, SLURM and Open MPI: JAX's cluster detection fills in all three values.
-        jax.distributed.initialize()
+        jax.distributed.initialize(**timeouts)
+    _joined_as = (f"process {plan.process_id} of {plan.num_processes}"
+                  if plan.kind == "explicit" else f"a process of the {plan.kind} job")
     return plan
 
 
@@ -186,8 +203,11 @@ def data_shard_from_process_grid(process_grid: np.ndarray, data_axis: int,
 
     process_grid: int array shaped like the mesh, entry = process index of that device.
     A process's shard is the set of ``data`` coordinates its devices occupy; processes with the
-    same set share a shard. The sets must be disjoint and equally large, which holds for meshes
-    built from whole hosts (jax.make_mesh orders devices host by host).
+    same set share a shard. The training streams give each host one contiguous slice of the
+    global batch and ``jax.make_array_from_process_local_data`` lays a host's rows out over its
+    'data' coordinates in order, so the sets must be contiguous ranges, disjoint and equally
+    large. ``jax.make_mesh`` orders devices by physical topology, which does not promise this
+    on every TPU slice shape; ValueError (naming the rows) when it does not hold.
     """
     grid = np.moveaxis(np.asarray(process_grid), data_axis, 0)
     rows_of = {}
@@ -196,6 +216,12 @@ def data_shard_from_process_grid(process_grid: np.ndarray, data_axis: int,
             rows_of.setdefault(int(proc), set()).add(row)
     if process_id not in rows_of:
         raise ValueError(f"process {process_id} owns no device of the mesh.")
+    scattered = {p: sorted(r) for p, r in rows_of.items() if max(r) - min(r) + 1 != len(r)}
+    if scattered:
+        raise ValueError("the mesh's 'data' axis interleaves hosts: each host's devices must "
+                         "occupy one contiguous range of data rows, but process(es) "
+                         + "; ".join(f"{p} hold rows {r}" for p, r in sorted(scattered.items()))
+                         + ". Pick another mesh shape (e.g. keep 'model' within a host).")
     groups = sorted({frozenset(rows) for rows in rows_of.values()}, key=min)
     covered = [r for g in groups for r in g]
     if len(covered) != len(set(covered)) or len({len(g) for g in groups}) != 1:
@@ -233,3 +259,49 @@ def primary_writes(name: str) -> Iterator[bool]:
         yield is_primary()
     finally:
         barrier(f"{name}:after")
+
+
+def broadcast_from_primary(value: int) -> int:
+    """Process 0's ``value`` on every process (a collective: all must call it); one process
+    gets its own back. For decisions every host must take the same way."""
+    if process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+    return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int32)))
+
+
+def _exit_code(error: BaseException) -> int:
+    from prompt_t5x.cli import UsageError
+    if isinstance(error, UsageError):
+        return 2
+    if isinstance(error, SystemExit):
+        return error.code if isinstance(error.code, int) and error.code else 1
+    return 130 if isinstance(error, KeyboardInterrupt) else 1
+
+
+@contextlib.contextmanager
+def exit_at_once_on_error(prog: str) -> Iterator[None]:
+    """In a joined multi-process run, any exception ends this process at once (``os._exit``).
+
+    Raising normally would run jax's exit handler, which waits at the coordination service's
+    shutdown barrier for processes that are themselves waiting for this one in their next
+    collective: the whole job hangs for minutes. Exiting at once closes this process's
+    connections, so the others fail in that collective (or when the coordinator misses this
+    process's heartbeats) and exit through here too. The traceback (and a usage error's one-line
+    message) is printed and flushed first. Outside a joined cluster it re-raises unchanged.
+    """
+    try:
+        yield
+    except BaseException as error:
+        import jax
+        if not jax.distributed.is_initialized():
+            raise
+        from prompt_t5x.cli import UsageError
+        traceback.print_exception(error)
+        if isinstance(error, UsageError):
+            print(f"{prog}: error: {error}", file=sys.stderr)
+        print(f"{prog}: {_joined_as} failed; exiting now so the other processes stop too.",
+              file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_exit_code(error))

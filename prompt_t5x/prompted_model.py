@@ -72,7 +72,7 @@ def load_frozen(checkpoint: Optional[str], manifest: Optional[Dict[str, Any]] = 
                 config: Optional[t5_lib.T5Config] = None, seed: int = 0
                 ) -> Tuple[Any, t5_lib.T5Config, Optional[str]]:
     """(params, config, checkpoint path) of the frozen T5 (see the module docstring)."""
-    from prompt_t5x import checkpoints, hf_checkpoint, run_train, strict_loading
+    from prompt_t5x import checkpoints, frozen_sources, hf_checkpoint, strict_loading
     if checkpoint is None and manifest is not None:
         checkpoint = manifest.get("frozen_checkpoint") or "random"
         # The run's frozen weights: random ones are re-made from the run's own seed.
@@ -82,7 +82,7 @@ def load_frozen(checkpoint: Optional[str], manifest: Optional[Dict[str, Any]] = 
     if checkpoint is None:
         raise UsageError("no frozen model: set --gin.CHECKPOINT to a T5X checkpoint or a Hugging "
                          "Face T5 dir (or evaluate a training model dir, which records it)")
-    kind = run_train.checkpoint_kind(checkpoint)   # UsageError naming the path if missing
+    kind = frozen_sources.checkpoint_kind(checkpoint)   # UsageError naming the path if missing
     try:
         if kind == "random":
             if config is None:
@@ -98,7 +98,7 @@ def load_frozen(checkpoint: Optional[str], manifest: Optional[Dict[str, Any]] = 
                                      "model size with --gin_file=models/<size>.gin")
                 from prompt_t5x import quickstart
                 config = quickstart.load_asset()[0]
-            params = run_train.load_frozen_params(checkpoint, config, seed, kind=kind)
+            params = frozen_sources.load_frozen_params(checkpoint, config, seed, kind=kind)
         elif kind == "hf":
             params, config = hf_checkpoint.load_hf_t5(checkpoint, config)
         else:

@@ -22,7 +22,6 @@ function of (task, seed, n), so resuming at a position needs no replay.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -84,6 +83,8 @@ class _PositionedStream:
 
 class SyntheticData:
     """A generated task of ``prompt_t5x.synthetic`` (see the module docstring)."""
+
+    resumes_with_any_shard_count = _PositionedStream.resumes_with_any_shard_count
 
     def __init__(self, name: str, inputs_length: int, targets_length: int, batch_size: int,
                  seed: int = 0, eval_examples: int = SYNTHETIC_EVAL_EXAMPLES):
@@ -179,28 +180,39 @@ class SeqioData:
     def eval_batches(self) -> List[Dict[str, np.ndarray]]:
         try:
             return list(self._data.eval_batches(self.name, self.spec, split=self.eval_split,
-                                                shard_info=_whole_split()))
+                                                shard_info=self._data.whole_split()))
         except self._data.DataError as e:
             raise UsageError(str(e)) from None
 
     def eval_examples(self) -> List[Dict[str, Any]]:
         return self._data.eval_examples(self.name, self.spec, split=self.eval_split,
-                                        shard_info=_whole_split())
+                                        shard_info=self._data.whole_split())
 
     def compute_metrics(self, examples, predictions) -> Dict[str, float]:
         return self._data.compute_metrics(self.name, examples, predictions)
 
 
-def _whole_split():
-    import seqio
-    return seqio.ShardInfo(index=0, num_shards=1)   # every host reads all (module doc)
-
-
-def train_stream(source, mesh=None):
+class TrainStream:
     """``make_batches(position)`` for the training loop: this host's data shard of every global
-    batch of ``source`` (``distributed.data_shard(mesh)``; the whole batch without a mesh)."""
-    shard = WHOLE if mesh is None else distributed.data_shard(mesh)
-    return functools.partial(source.train_batches, shard=shard)
+    batch of ``source``. ``identity`` says which stream that is (the keys a stream's ``state()``
+    records besides its position), so a resume is checked before the stream is built."""
+
+    def __init__(self, source, shard: distributed.DataShard):
+        self.source, self.shard = source, shard
+        self.identity = {"name": source.name, "seed": source.seed, "num_shards": shard.count}
+        if getattr(source, "train_split", None) is not None:
+            self.identity["split"] = source.train_split
+        self.resumes_with_any_shard_count = bool(
+            getattr(source, "resumes_with_any_shard_count", False))
+
+    def __call__(self, position: int):
+        return self.source.train_batches(position, shard=self.shard)
+
+
+def train_stream(source, mesh=None) -> TrainStream:
+    """The training stream of ``source`` for this host: its data shard of every global batch
+    (``distributed.data_shard(mesh)``; the whole batch without a mesh)."""
+    return TrainStream(source, WHOLE if mesh is None else distributed.data_shard(mesh))
 
 
 def open_data(run, prompt_length: int):

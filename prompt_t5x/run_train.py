@@ -8,8 +8,9 @@ full table). The order of work is chosen so that bad input fails *before* anythi
 the gin configuration, the checkpoint path, the vocabulary and the task are all checked first,
 and a model directory created by a run that then fails before its first checkpoint is removed.
 
-Frozen weights come from ``train.checkpoint``: a T5X checkpoint (legacy or Orbax; a model dir
-picks its latest step), a Hugging Face T5 directory, or ``None`` for random weights (tiny tests).
+Frozen weights come from ``train.checkpoint`` (``frozen_sources``): a T5X checkpoint (legacy or
+Orbax; a model dir picks its latest step), a Hugging Face T5 directory, or ``None`` for random
+weights (tiny tests).
 
 Partitioning: ``train.mesh = 'DATAxMODEL'`` (e.g. '4x2'; 'auto' = the backend's default,
 ``sharding.default_mesh_config``) runs the step on a ('data', 'model') device mesh with T5X's
@@ -21,7 +22,9 @@ Multi-host: ``--coordinator_address/--num_processes/--process_id`` (or the envir
 need nothing) join the JAX cluster before anything touches a device. Each host then reads its
 data shard of every batch (``run_data.train_stream``), validation runs partitioned on the mesh
 (``validation.make_evaluator`` / ``make_decode_predict`` with the mesh) so every host computes
-the same metrics, and process 0 writes the files (see ``training_loop``).
+the same metrics, and process 0 writes the files (see ``training_loop``). An error on any host
+ends that process at once (``distributed.exit_at_once_on_error``), so the others stop at their
+next collective instead of waiting for it; the job exits non-zero.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from typing import Any, List, Mapping, Optional, Sequence
 import gin
 import jax
 
-from prompt_t5x import configurables, distributed, gin_cli, run_data, train_checkpoints
+from prompt_t5x import configurables, distributed, frozen_sources, gin_cli, run_data
 from prompt_t5x import sharding as sharding_lib
 from prompt_t5x import t5 as t5_lib
 from prompt_t5x.cli import UsageError
@@ -134,89 +137,10 @@ configurables.register("train", train_config)
 
 
 # ------------------------------------------------------------------------- input checks ----
-def _is_remote(path: str) -> bool:
-    return "://" in path
-
-
-def checkpoint_kind(path: Optional[str]) -> str:
-    """'random' | 'quickstart' | 'hf' | 'trained' | 't5x' for ``train.checkpoint``; UsageError
-    if it is not there."""
-    if path in (None, "", "random"):
-        return "random"
-    if path == "quickstart":
-        return "quickstart"
-    from prompt_t5x import checkpoints, hf_checkpoint
-    if _is_remote(path):
-        return "t5x"   # existence is checked when it is opened (no listing of remote stores here)
-    if not os.path.exists(path):
-        raise UsageError(f"checkpoint {path!r} not found. Set --gin.CHECKPOINT to a T5X "
-                         "checkpoint dir (checkpoint_<step>/ or a model dir), a Hugging Face T5 "
-                         "dir, or None for random weights.")
-    if os.path.isdir(path) and hf_checkpoint.is_hf_t5_dir(path):
-        return "hf"
-    if train_checkpoints.find_model_dir(path):
-        return "trained"
-    if checkpoints.detect_format(path) or (os.path.isdir(path)
-                                           and checkpoints.checkpoint_steps(path)):
-        return "t5x"
-    raise UsageError(f"{path!r} is neither a T5X checkpoint (no 'checkpoint' file, Orbax "
-                     "'_METADATA' or checkpoint_<step>/ dirs) nor a Hugging Face T5 dir "
-                     "(config.json + model.safetensors).")
-
-
 def check_vocabulary(path: Optional[str]) -> None:
-    if path and not _is_remote(path) and not os.path.isfile(path):
+    if path and not frozen_sources.is_remote(path) and not os.path.isfile(path):
         raise UsageError(f"vocabulary {path!r} not found: set --gin.VOCABULARY to a "
                          "SentencePiece .model file (T5's cc_all.32000.100extra).")
-
-
-def load_frozen_params(checkpoint: Optional[str], config: t5_lib.T5Config, seed: int = 0,
-                       kind: Optional[str] = None):
-    """The pretrained T5 params (nested dict) for ``config`` from ``checkpoint``: a T5X
-    checkpoint, a Hugging Face T5 dir, a model-tuning training run's dir, or None/'random' for
-    the seeded random weights ``PRNGKey(seed + 1)``. UsageError when it is missing or does not
-    fit ``config``."""
-    from prompt_t5x import checkpoints, hf_checkpoint, strict_loading
-    kind = kind or checkpoint_kind(checkpoint)
-    try:
-        if kind == "random":
-            return t5_lib.init_params(config, jax.random.PRNGKey(seed + 1))
-        if kind == "hf":
-            return hf_checkpoint.load_hf_t5(checkpoint, config)[0]
-        if kind == "trained":
-            return _params_of_training_run(checkpoint, config)
-        if kind == "quickstart":
-            return _quickstart_params(config)
-        return checkpoints.load_t5x(checkpoint, config).params
-    except (strict_loading.CheckpointMismatchError, checkpoints.CheckpointError,
-            hf_checkpoint.HFCheckpointError, train_checkpoints.TrainCheckpointError,
-            FileNotFoundError, ValueError) as e:
-        raise UsageError(f"cannot load checkpoint {checkpoint!r} for this model "
-                         f"(is the model gin file the right size?): {e}") from None
-
-
-def _quickstart_params(config: t5_lib.T5Config):
-    """The quickstart's pretrained tiny T5 (``prompt_t5x/assets``); ``config`` must be its own
-    (``models/quickstart.gin``), dropout aside."""
-    from prompt_t5x import quickstart
-    asset_config, params = quickstart.load_asset()
-    if asset_config.replace(dropout_rate=config.dropout_rate) != config:
-        raise UsageError("checkpoint 'quickstart' is the quickstart's tiny T5; use "
-                         "--gin_file=models/quickstart.gin for its size and vocabulary")
-    return params
-
-
-def _params_of_training_run(checkpoint: str, config: t5_lib.T5Config):
-    """All T5 weights saved by an earlier model-tuning run (e.g. the scaling sweep's pretrain)."""
-    from prompt_t5x import strict_loading
-    params, _ = train_checkpoints.read_trainable(train_checkpoints.find_model_dir(checkpoint))
-    if not (isinstance(params, Mapping) and "token_embedder" in params):
-        raise UsageError(f"{checkpoint!r} is a training run that did not train the whole "
-                         "model (a prompt-tuning run?); use a model-tuning run's directory.")
-    strict_loading.check_tree(strict_loading.flatten(params),
-                              strict_loading.flatten(t5_lib.param_shapes(config)),
-                              source=checkpoint)
-    return jax.tree.map(jax.numpy.asarray, params)
 
 
 # ----------------------------------------------------------------------------- the mesh ----
@@ -237,8 +161,8 @@ def _mesh_config(text: str, parameter_dims: int = 1,
 def build_mesh(run: RunConfig):
     """(mesh, rules) for ``run``, or (None, None) for an unpartitioned one-device run.
 
-    UsageError (before anything is written) when the mesh does not fit the devices, the batch
-    or the model's dimensions.
+    UsageError (before anything is written or loaded) when the mesh does not fit the devices,
+    the hosts (``distributed.data_shard``), the batch or the model's dimensions.
     """
     text = run.mesh
     if text is None:
@@ -265,6 +189,10 @@ def build_mesh(run: RunConfig):
                          f"microbatch) is not divisible by the mesh's 'data' size {data}; change "
                          "train.batch_size or the mesh.")
     mesh = sharding_lib.make_mesh(mesh_config, devices)
+    try:
+        distributed.data_shard(mesh)   # hosts must own whole, contiguous 'data' rows
+    except ValueError as e:
+        raise UsageError(f"train.mesh={text!r} ({data}x{model}): {e}") from None
     rules = mesh_config.rules()
     from prompt_t5x import partitioning
     try:
@@ -275,30 +203,11 @@ def build_mesh(run: RunConfig):
     return mesh, rules
 
 
-def load_sharded_frozen_params(checkpoint: Optional[str], config: t5_lib.T5Config, seed: int,
-                               kind: str, mesh, rules):
-    """:func:`load_frozen_params` straight into the shards the rules give each parameter:
-    random weights are generated per shard and T5X checkpoints read per shard; the other
-    sources (HF, quickstart, training runs) are read on the host and then placed."""
-    from prompt_t5x import checkpoints, partitioning, strict_loading
-    shardings = partitioning.shardings_of(partitioning.abstract_frozen(config, mesh, rules))
-    if kind == "random":
-        return partitioning.init_frozen(config, jax.random.PRNGKey(seed + 1), mesh, rules)
-    if kind == "t5x":
-        try:
-            return checkpoints.load_t5x(checkpoint, config, shardings=shardings).params
-        except (strict_loading.CheckpointMismatchError, checkpoints.CheckpointError,
-                FileNotFoundError, ValueError) as e:
-            raise UsageError(f"cannot load checkpoint {checkpoint!r} for this model "
-                             f"(is the model gin file the right size?): {e}") from None
-    return jax.device_put(load_frozen_params(checkpoint, config, seed, kind), shardings)
-
-
 # ----------------------------------------------------------------------------- the run ----
 def execute(run: RunConfig, *, gin_config: str = "") -> LoopResult:
     """Check every input, then train. Removes ``model_dir`` if this call created it and failed
     before writing anything worth keeping."""
-    kind = checkpoint_kind(run.checkpoint)
+    kind = frozen_sources.checkpoint_kind(run.checkpoint)
     check_vocabulary(run.vocabulary)
     prompt_length = run.method.prompt_length if run.method.kind == "prompt_tuning" else 0
     source = run_data.open_data(run, prompt_length)
@@ -324,10 +233,10 @@ def _train(run: RunConfig, kind: str, source, gin_config: str, mesh=None,
            rules=None) -> LoopResult:
     from prompt_t5x import validation
     if mesh is None:
-        params = load_frozen_params(run.checkpoint, run.model, run.seed, kind)
+        params = frozen_sources.load_frozen_params(run.checkpoint, run.model, run.seed, kind)
     else:
-        params = load_sharded_frozen_params(run.checkpoint, run.model, run.seed, kind, mesh,
-                                            rules)
+        params = frozen_sources.load_sharded_frozen_params(run.checkpoint, run.model, run.seed,
+                                                           kind, mesh, rules)
     model = t5_lib.T5(run.model)
     method = run.method.build(model, source.label_words, source.encode)
     initial_trainable = None
@@ -389,11 +298,14 @@ def _summary(run: RunConfig, result: LoopResult) -> str:
 
 
 def main(argv: List[str]) -> int:
-    run, gin_text = parse_run(argv)
-    try:
-        result = execute(run, gin_config=gin_text)
-    except NonFiniteError as e:
-        print(f"prompt-t5x train: error: {e}", file=sys.stderr)
-        return 1
-    print(_summary(run, result))
-    return 0
+    # Once the cluster is joined, an error on one host ends that process at once and the others
+    # at their next collective, instead of all waiting for each other; one process raises.
+    with distributed.exit_at_once_on_error("prompt-t5x train"):
+        run, gin_text = parse_run(argv)
+        try:
+            result = execute(run, gin_config=gin_text)
+        except NonFiniteError as e:
+            print(f"prompt-t5x train: error: {e}", file=sys.stderr)
+            return 1
+        print(_summary(run, result))
+        return 0

@@ -139,8 +139,10 @@ def default_mesh_config(platform: str, local_device_count: int = 1) -> MeshConfi
 def make_mesh(config: MeshConfig, devices: Optional[Sequence[Any]] = None) -> Mesh:
     """A ('data', 'model') mesh with Auto axis types over ``devices`` (default: all devices).
 
-    ``jax.make_mesh`` orders devices by the physical topology (TPU torus, then host by host), so
-    'model' groups neighbouring chips and each host owns whole rows of 'data'.
+    ``jax.make_mesh`` orders devices by the physical topology, so 'model' groups neighbouring
+    chips. It does not promise that each host's devices form one contiguous block of 'data'
+    rows, which training's per-host data slices need: ``distributed.data_shard`` checks that
+    (``prompt-t5x train`` calls it when it builds the mesh) and names the offending hosts.
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = config.shape(len(devices))
@@ -259,18 +261,24 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict:
 def shard_global_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict:
     """A batch that *every* host holds in full (e.g. validation) -> global arrays over 'data'.
 
-    Each host keeps the rows of its data shard (``distributed.data_shard``) and hands them to
-    :func:`shard_batch`; one process keeps everything.
+    Each device's shard is cut from the full value at the index the sharding gives it, so the
+    result is right for any device order of the mesh (a TPU slice's topology order may place
+    one host's devices at non-adjacent 'data' coordinates, which contiguous per-host slices
+    would permute).
     """
-    from prompt_t5x import distributed
-    shard = distributed.data_shard(mesh)
+    sharding = batch_sharding(mesh)
     out = {}
     for name, value in batch.items():
         value = np.asarray(value)
         if value.ndim == 0:
             raise ValueError(f"batch[{name!r}] is a scalar; every feature needs an example dim.")
-        out[name] = value[shard.rows(value.shape[0])]
-    return shard_batch(out, mesh)
+        data_size = mesh.shape["data"]
+        if value.shape[0] % data_size:
+            raise ValueError(f"batch[{name!r}] has shape {value.shape}: its leading (example) "
+                             f"dim must be divisible by the mesh's 'data' size {data_size}.")
+        out[name] = jax.make_array_from_callback(value.shape, sharding,
+                                                 lambda index, v=value: v[index])
+    return out
 
 
 def to_host(tree: PyTree) -> PyTree:

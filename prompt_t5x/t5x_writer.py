@@ -58,7 +58,7 @@ def _write_zarr(ckpt_dir: str, name: str, array: Any, dtype) -> dict:
                     create=True, delete_existing=True, context=storage.TS_CONTEXT).result()
     if isinstance(array, jax.Array) and (not array.is_fully_addressable
                                          or len(array.addressable_shards) > 1):
-        # Each host writes the shards it holds (one replica each), never the whole array.
+        # Shard by shard (one replica each), never gathering the whole array.
         for shard in array.addressable_shards:
             if shard.replica_id == 0:
                 data = lazy_arrays.cast_floating(np.asarray(shard.data), dtype)
@@ -87,7 +87,17 @@ def save_t5x_checkpoint(path: str, params: Mapping[str, Any], *, step: int,
 
     Returns the path of the msgpack file. It is written last (and atomically for local paths), so
     a crash mid-save never leaves a readable-but-incomplete checkpoint.
+
+    One process only: every process would create (and delete) the same zarr arrays and nothing
+    orders the msgpack file after the others' shards, so a multi-process run gets a clear
+    RuntimeError instead of a checkpoint that may be incomplete. (Training saves orbax
+    checkpoints, which are collective.)
     """
+    if jax.process_count() > 1:
+        raise RuntimeError(
+            f"save_t5x_checkpoint is single-process only, but this run has "
+            f"{jax.process_count()} processes (they would race on {path!r}); save from a "
+            "one-process job, e.g. after gathering the params.")
     path = str(path).rstrip("/")
     file_path = path if single_file else storage.join(path, "checkpoint")
     target = {}
@@ -104,6 +114,5 @@ def save_t5x_checkpoint(path: str, params: Mapping[str, Any], *, step: int,
                           "state": {"step": state["step"],
                                     "param_states": strict_loading.unflatten(
                                         state["param_states"])}}}
-    if jax.process_index() == 0:
-        storage.write_bytes_atomic(file_path, serialization.msgpack_serialize(blob))
+    storage.write_bytes_atomic(file_path, serialization.msgpack_serialize(blob))
     return file_path

@@ -185,30 +185,53 @@ class TrainCheckpointer:
     def restore_latest_good(self, template: Any, *, quarantine: bool = True):
         """Restore the newest intact step, warning about (and by default moving aside) damaged
         newer ones so that the resumed run can save those steps again. Returns
-        ``(state, manifest)``, or ``(None, None)`` when there is no checkpoint at all."""
-        steps = self.all_steps()
-        if not steps:
-            return None, None
-        errors = []
-        for step in reversed(steps):
+        ``(state, manifest)``, or ``(None, None)`` when there is no checkpoint at all.
+
+        Several processes choose together (every one must call this): process 0's listing and
+        verdicts decide. Each candidate step is process 0's next newest one; every process
+        restores it (orbax restores are collective) and takes it if process 0's restore and
+        checksum succeeded, else all move on to the next. A process that cannot restore the
+        step process 0 took raises TrainCheckpointError: continuing would resume the hosts from
+        different states. Process 0 alone moves the damaged steps aside, between barriers that
+        every process enters.
+        """
+        from prompt_t5x import distributed
+        errors, newer_than = [], None
+        while True:
+            below = [s for s in self.all_steps() if newer_than is None or s < newer_than]
+            step = distributed.broadcast_from_primary(below[-1] if below else -1)
+            if step < 0:
+                break
+            newer_than = step
             try:
-                result = self.restore(template, step)
+                result, error = self.restore(template, step), None
             except TrainCheckpointError as e:
-                log.warning("skipping damaged checkpoint: %s", e)
-                errors.append((step, e))
+                result, error = None, e
+            if not distributed.broadcast_from_primary(error is None):
+                log.warning("skipping damaged checkpoint: %s", error or
+                            f"process 0 could not restore step {step}")
+                errors.append((step, error))
                 continue
-            for bad_step, _ in errors:
-                if quarantine:
+            if error is not None:
+                raise TrainCheckpointError(
+                    f"process {distributed.process_index()} cannot restore training checkpoint "
+                    f"step {step}, which process 0 restored; are the model dirs of all hosts "
+                    f"one shared directory? {error}") from error
+            if quarantine:
+                for bad_step, _ in errors:
                     self._quarantine(bad_step)
             return result
+        if not errors:
+            return None, None
         raise TrainCheckpointError(
             f"every training checkpoint under {self.directory} is damaged: "
-            + "; ".join(f"step {s}: {e}" for s, e in errors))
+            + "; ".join(f"step {s}: {e or 'damaged on process 0'}" for s, e in errors))
 
     def _quarantine(self, step: int) -> None:
         from prompt_t5x import distributed
         src = self.step_dir(step)
-        # One process moves it (every host found the same damage); all reload afterwards.
+        # Every process calls this for the same steps (restore_latest_good follows process 0's
+        # verdicts); process 0 moves the step, and all reload the listing after the barrier.
         with distributed.primary_writes(f"quarantine_{step}") as primary:
             if primary:
                 dst_dir = os.path.join(self.model_dir, "checkpoints_damaged")

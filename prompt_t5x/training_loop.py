@@ -28,12 +28,14 @@ accumulators still donated) and runs under the mesh and the logical-axis rules.
 ``distributed.data_shard(mesh)`` (hosts that share 'data' rows get the same rows); the loop
 checks their count against the global batch size and assembles the global ``jax.Array`` split
 over 'data' (``sharding.shard_batch``); it never slices.
-The data state saved with each checkpoint records the shard, and a resume with another shard
-count is refused unless the stream's global batches do not depend on it. ``evaluate`` must
-itself be partitioned (``validation.make_evaluator`` with the mesh): every host gets the same
-metrics. Orbax checkpoint saves are collective (every process calls them; orbax writes
-replicated arrays once); metrics, ``best.json`` and ``prompts/*.npy`` are written by process 0,
-the files between barriers.
+The data state saved with each checkpoint records the stream (task, split, seed, global batch
+size, shard count); a resume that would read another stream is refused before the stream is
+built (another shard count only where the stream's global batches depend on it).
+``evaluate`` must itself be partitioned (``validation.make_evaluator`` with the mesh): every
+host gets the same metrics. Orbax checkpoint saves and restores are collective (every process
+calls them; orbax writes replicated arrays once) and process 0 picks the step every host
+resumes from (``TrainCheckpointer.restore_latest_good``); metrics, ``best.json`` and
+``prompts/*.npy`` are written by process 0, the files between barriers.
 
 This module imports no TensorFlow: data arrives as an iterator of numpy batches from a factory
 ``make_batches(position)``.
@@ -174,25 +176,43 @@ class _Best:
         return improved
 
 
-def _data_state(batches, fallback_position: int) -> Dict[str, Any]:
-    if hasattr(batches, "state"):
-        return dict(batches.state())
-    return {"position": getattr(batches, "position", fallback_position)}
+def _data_state(batches, fallback_position: int,
+                batch_size: Optional[int] = None) -> Dict[str, Any]:
+    state = (dict(batches.state()) if hasattr(batches, "state")
+             else {"position": getattr(batches, "position", fallback_position)})
+    if batch_size is not None:
+        state["batch_size"] = batch_size   # global: the position counts batches of this size
+    return state
 
 
-def _check_resumable(saved: Mapping[str, Any], batches, position: int) -> None:
-    """The saved data position counts global batches of a stream split into ``num_shards``
-    host shards. Another split is another stream (SeqIO shards its files or examples by the
-    count), unless the stream says its global batches do not depend on it
-    (``resumes_with_any_shard_count``, the generated tasks)."""
-    now = _data_state(batches, position)
-    if getattr(batches, "resumes_with_any_shard_count", False):
-        return
-    if "num_shards" in saved and "num_shards" in now and saved["num_shards"] != now["num_shards"]:
-        raise ResumeError(
-            f"the checkpoint's data position was saved with {saved['num_shards']} data shards "
-            f"(hosts along the mesh's 'data' axis) but this run has {now['num_shards']}; resume "
-            "with the same mesh and host count, or start a new model_dir.")
+# What identifies a training stream (recorded in each checkpoint's data state), as named in
+# the error when a resume would read another stream.
+STREAM_KEYS = {"name": "task", "split": "split", "seed": "seed",
+               "batch_size": "global batch size",
+               "num_shards": "data shards (hosts along the mesh's 'data' axis)"}
+
+
+def _check_resumable(saved: Mapping[str, Any], source, batch_size: Optional[int],
+                     where: str) -> None:
+    """The saved data position counts global batches of one stream: same task, split, seed
+    and batch size, split into the same ``num_shards`` host shards (SeqIO shards its files or
+    examples by the count) unless the stream's global batches do not depend on it
+    (``resumes_with_any_shard_count``, the generated tasks). ``source`` is a stream factory
+    with an ``identity`` dict or a stream with ``state()``. Keys a checkpoint did not record
+    (older runs) are not compared. One ResumeError naming every difference."""
+    found = getattr(source, "identity", None)
+    now = dict(_data_state(source, 0) if found is None else found)
+    if batch_size is not None:
+        now["batch_size"] = batch_size
+    any_shard_count = bool(getattr(source, "resumes_with_any_shard_count", False))
+    differ = [f"{words}: {saved[key]!r} in the checkpoint, {now[key]!r} now"
+              for key, words in STREAM_KEYS.items()
+              if key in saved and key in now and saved[key] != now[key]
+              and not (key == "num_shards" and any_shard_count)]
+    if differ:
+        raise ResumeError(f"cannot resume {where}: this run would read another data stream ("
+                          + "; ".join(differ) + "). Resume with the settings (and mesh and "
+                          "host count) the checkpoint was saved with, or start a new model_dir.")
 
 
 def _place_host_batch(batch: Batch, *, mesh, batch_size: Optional[int],
@@ -266,7 +286,8 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
     def save(step_state, metrics=None):
         # Collective: orbax coordinates the processes itself (process 0 writes replicated
         # arrays and the manifest); the barrier keeps hosts in step around it.
-        saved = checkpointer.save(step_state, data_state=_data_state(batches, position),
+        saved = checkpointer.save(step_state,
+                                  data_state=_data_state(batches, position, batch_size),
                                   metrics=metrics, model_config=model_config,
                                   frozen_checkpoint=frozen_checkpoint, gin_config=gin_config,
                                   run=run_info)
@@ -285,9 +306,17 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
                                             config.num_microbatches, config.z_loss)
         place_batch = functools.partial(_place_host_batch, mesh=mesh, batch_size=batch_size,
                                         shard=distributed.data_shard(mesh))
+    # A factory that declares its ``identity`` (run_data.train_stream) is checked before it
+    # builds the stream (SeqIO replays to the position, which takes a while); of a plain
+    # factory only the stream it builds can say what it reads.
+    declared = hasattr(make_batches, "identity")
+    saved_data = manifest.get("data_state", {}) if restored is not None else None
+    where = f"step {resumed_from} of {model_dir}"
+    if saved_data is not None and declared:
+        _check_resumable(saved_data, make_batches, batch_size, where)
     batches = make_batches(position)
-    if restored is not None:
-        _check_resumable(manifest.get("data_state", {}), batches, position)
+    if saved_data is not None and not declared:
+        _check_resumable(saved_data, batches, batch_size, where)
     primary = distributed.is_primary()   # one host writes the metrics of a multi-host run
     train_writer = MetricsWriter(model_dir, "train", config.tensorboard, enabled=primary)
     eval_writer = MetricsWriter(model_dir, "validation", config.tensorboard, enabled=primary)

@@ -62,13 +62,12 @@ def test_determinism_and_position_restore(registry):
     partial = data.train_batches(TRAIN_TASK, SPEC, seed=3, shard_info=_one_host())
     _take(partial, 4)
     state = partial.state()
-    assert state["position"] == 4 and state["seed"] == 3
-    resumed = data.restore_train_batches(state, SPEC, shard_info=_one_host())
+    assert state == {"name": TRAIN_TASK, "split": "train", "seed": 3, "position": 4,
+                     "shard_index": 0, "num_shards": 1}
+    # What a resume does (the training loop first checks the rest of the state).
+    resumed = data.train_batches(TRAIN_TASK, SPEC, seed=3, position=state["position"])
     assert all(_same(a, b) for a, b in zip(_take(resumed, 3), reference[4:7]))
     assert resumed.position == 7
-    import seqio
-    with pytest.raises(data.DataError, match="same host count"):
-        data.restore_train_batches(state, SPEC, shard_info=seqio.ShardInfo(0, 2))
 
 
 def test_eval_covers_every_example_once_with_padding_mask(registry):
@@ -83,11 +82,6 @@ def test_eval_covers_every_example_once_with_padding_mask(registry):
     assert np.all(last["encoder_input_tokens"][1:] == 0)
     assert np.all(last["decoder_loss_weights"][1:] == 0)
     assert np.all(last["example_index"][1:] == -1)
-    padded = list(data.eval_batches(TASK, SPEC, split="validation", shard_info=_one_host(),
-                                    pad_to_batches=72))
-    assert len(padded) == 72 and not padded[-1]["example_mask"].any()
-    assert np.all(padded[-1]["encoder_input_tokens"] == 0)
-    assert padded[-1]["encoder_input_tokens"].shape == (4, 48)
 
 
 def test_two_host_shards_are_disjoint_and_complete(registry):
@@ -132,34 +126,6 @@ def test_bridge_batch_feeds_prompt_tuning_train_step(registry):
     state, metrics = step(state, frozen, batch)
     assert np.isfinite(float(metrics["loss"]))
     assert not np.allclose(np.asarray(state.params["prompt"]), before)
-
-
-def test_rank_classification_eval_over_a_split(registry):
-    import jax
-    import seqio
-    from prompt_t5x import methods, rank_classification as rc, t5
-    config = t5.get_config("tiny")
-    frozen = t5.init_params(config, jax.random.PRNGKey(0))
-    method = methods.PromptTuning(t5.T5(config), prompt_length=SPEC.prompt_length)
-    trainable = method.init_trainable(jax.random.PRNGKey(2), frozen)
-    out = data.rank_classification_eval(TASK, SPEC, method, frozen, trainable,
-                                        shard_info=_one_host())
-    examples = data.eval_examples(TASK, SPEC, split="validation", shard_info=_one_host())
-    assert len(out["predictions"]) == len(examples) == 277
-    # Independent check of a few rows: score the labels for those examples directly.
-    vocab = seqio.get_mixture_or_task(TASK).output_features["targets"].vocabulary
-    labels = ["entailment", "not_entailment"]
-    classify = rc.make_rank_classifier(method, rc.encode_labels(labels, vocab.encode, 8))
-    rows = np.stack([np.pad(ex["inputs"][:48], (0, max(0, 48 - len(ex["inputs"]))))
-                     for ex in examples[:6]]).astype(np.int32)
-    _, best = classify(frozen, trainable, rows)
-    assert out["predictions"][:6] == [labels[int(i)] for i in np.asarray(best)]
-    truth = [ex["targets_pretokenized"].decode() for ex in examples]
-    expected = 100 * np.mean([p == t for p, t in zip(out["predictions"], truth)])
-    assert out["metrics"]["accuracy"] == pytest.approx(expected)
-    with pytest.raises(data.DataError, match="no label words"):
-        data.rank_classification_eval("local_super_glue_wsc_simple_eval", SPEC, method, frozen,
-                                      trainable, shard_info=_one_host())
 
 
 def test_bad_local_record_is_one_data_error(registry, tmp_path):

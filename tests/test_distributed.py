@@ -5,6 +5,8 @@ mesh device, which rows a host's stream yields), plus the one-process behaviour 
 initialize/barrier/primary_writes; tests/test_multiprocess.py runs two real processes.
 """
 
+import os
+
 import numpy as np
 import pytest
 
@@ -82,6 +84,17 @@ def test_data_shards_reject_hosts_straddling_data_rows_unevenly():
         dist.data_shard_from_process_grid(grid, 0, 5)
 
 
+def test_data_shards_reject_hosts_at_non_adjacent_data_rows():
+    # mesh 4x2 in a topology order that interleaves hosts: host 0 at data rows 0 and 2, host 1
+    # at 1 and 3. Equal, disjoint sets, but a host's one contiguous slice of the batch would
+    # be laid out over rows {0, 2}: refused, naming the rows.
+    grid = np.array([[0, 0], [1, 1], [0, 0], [1, 1]])
+    for process in (0, 1):
+        with pytest.raises(ValueError, match=r"interleaves hosts.*0 hold rows \[0, 2\]; "
+                                             r"1 hold rows \[1, 3\]"):
+            dist.data_shard_from_process_grid(grid, 0, process)
+
+
 def test_data_shard_rows_must_divide():
     with pytest.raises(ValueError, match="not divisible by the 3 data shards"):
         dist.DataShard(0, 3).rows(32)
@@ -116,3 +129,95 @@ def test_primary_writes_yields_true_on_the_only_process(tmp_path):
         assert write is True
         (tmp_path / "prompt.npy").write_bytes(b"x")
     dist.barrier("done")  # one process: returns at once
+
+
+def test_initialize_passes_short_timeouts_jax_accepts(monkeypatch):
+    """The heartbeat/shutdown timeouts reach jax.distributed.initialize under names its
+    signature has (a typo would only fail on a real cluster)."""
+    import inspect
+
+    import jax
+    real = jax.distributed.initialize
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(dist, "_joined_as", dist._joined_as)   # restored after the test
+    dist.initialize(dist.ClusterPlan("explicit", "n0:1234", 2, 1))
+    dist.initialize(dist.ClusterPlan("slurm"))
+    assert [c["heartbeat_timeout_seconds"] for c in calls] == [dist.HEARTBEAT_TIMEOUT_S] * 2
+    assert [c["shutdown_timeout_seconds"] for c in calls] == [dist.SHUTDOWN_TIMEOUT_S] * 2
+    assert calls[0]["process_id"] == 1 and calls[0]["num_processes"] == 2
+    for kw in calls:
+        inspect.signature(real).bind(**kw)
+    assert dist.HEARTBEAT_TIMEOUT_S < 100 and dist.SHUTDOWN_TIMEOUT_S < 300   # jax's defaults
+
+
+class _Exited(Exception):
+    pass
+
+
+@pytest.mark.parametrize("error,code,last_line", [
+    (RuntimeError("disk on fire"), 1, "RuntimeError: disk on fire"),
+    (None, 2, "prompt-t5x train: error: train.mesh: bad"),   # a UsageError
+    (KeyboardInterrupt(), 130, "KeyboardInterrupt"),
+])
+def test_an_error_in_a_joined_process_exits_at_once(monkeypatch, capsys, error, code,
+                                                    last_line):
+    """In a cluster, raising would wait in jax's shutdown barrier for processes that wait for
+    this one: the traceback is printed and the process leaves through os._exit at once."""
+    import jax
+
+    from prompt_t5x.cli import UsageError
+    error = error if error is not None else UsageError("train.mesh: bad")
+    exits = []
+
+    def fake_exit(status):
+        exits.append(status)
+        raise _Exited()
+
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist.os, "_exit", fake_exit)
+    with pytest.raises(_Exited):
+        with dist.exit_at_once_on_error("prompt-t5x train"):
+            raise error
+    assert exits == [code]
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err
+    lines = err.strip().splitlines()
+    assert lines[-2] == last_line and "failed; exiting now" in lines[-1]
+
+
+def test_outside_a_cluster_errors_propagate_unchanged():
+    with pytest.raises(ValueError, match="plain"):
+        with dist.exit_at_once_on_error("prompt-t5x train"):
+            raise ValueError("plain")
+
+
+def test_legacy_t5x_writer_refuses_several_processes(tmp_path, monkeypatch):
+    import jax
+
+    from prompt_t5x import t5x_writer
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(RuntimeError, match="single-process only, but this run has 2 processes"):
+        t5x_writer.save_t5x_checkpoint(str(tmp_path / "checkpoint_1"),
+                                       {"w": np.ones((2, 2), np.float32)}, step=1)
+    assert not os.listdir(tmp_path)
+
+
+def test_train_refuses_a_mesh_that_interleaves_hosts_before_loading_weights(tmp_path,
+                                                                           monkeypatch):
+    """``run_train.build_mesh`` asks for this host's data shard, so a mesh whose 'data' axis
+    splits the hosts badly is a usage error (exit 2) before any weights load."""
+    from prompt_t5x import run_train
+    from prompt_t5x.cli import UsageError
+    run, _ = run_train.parse_run([
+        "--gin_file=models/quickstart.gin", "--gin_file=runs/prompt_tuning.gin",
+        "--gin.CHECKPOINT=None", f"--gin.MODEL_DIR={tmp_path / 'run'}",
+        "--gin.TASK=synthetic_contains", "--gin.BATCH_SIZE=8", "--gin.MESH='4x2'"])
+    interleaved = np.array([[0, 0], [1, 1], [0, 0], [1, 1]])
+    monkeypatch.setattr(dist, "data_shard",
+                        lambda mesh: dist.data_shard_from_process_grid(interleaved, 0, 0))
+    with pytest.raises(UsageError, match=r"train.mesh='4x2' \(4x2\): the mesh's 'data' axis "
+                                         "interleaves hosts"):
+        run_train.build_mesh(run)
+    assert not (tmp_path / "run").exists()

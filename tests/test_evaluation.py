@@ -46,7 +46,7 @@ def _flags(world, out, *extra):
     # The model config is bound (tiny, float32 activations) rather than inferred from the
     # checkpoint (which would give bfloat16 activations), so results match the references.
     return (["--gin_file=models/tiny.gin", "--gin_file=runs/eval.gin",
-             "--gin.evaluate.model=@t5.get_config()", f"--gin.TASK='local_glue_sst2'",
+             "--gin.evaluate.model=@t5.get_config()", "--gin.TASK='local_glue_sst2'",
              f"--gin.OUTPUT_DIR='{out}'", f"--gin.CHECKPOINT='{world['ckpt']}'",
              f"--gin.VOCABULARY='{world['vocab']}'", f"--gin.DATA_DIR='{world['data_dir']}'"]
             + LENGTHS + list(extra))

@@ -15,9 +15,17 @@ each process can only feed and read its own 4, as on two hosts.
   read disjoint rows, each exactly SeqIO shard i of 2; on 1x8 both read the same full batches.
 * Validation's greedy decoder (free-text tasks) partitioned on 2x4 and 1x8: every process gets
   the decodes of one device.
+* A batch every host holds (validation) placed on a mesh whose 'data' axis interleaves the
+  processes (as a TPU topology order may): every row lands where it belongs, and the training
+  data shard refuses that mesh.
+* An exception on one process ends every process at once, not after jax's timeouts.
+
+Accuracies and decodes are argmax counts, compared exactly only where the reference's top-1
+margins are far above what partitioning changes (asserted, :data:`MARGIN`).
 
 Children are started in their own process groups and killed (the whole group) when the test
-fails, is interrupted or times out, so nothing is left running.
+fails (a non-zero exit or a traceback in a log), is interrupted or times out, and are killed by
+the kernel if the pytest process dies, so nothing is left running.
 """
 
 import json
@@ -32,12 +40,26 @@ import time
 import numpy as np
 import pytest
 
-from prompt_t5x import run_train, train_checkpoints
+from prompt_t5x import frozen_sources, run_train, train_checkpoints
 from prompt_t5x.metrics_writer import read_jsonl
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SEQIO_TASK = "local_super_glue_wsc_simple_train"
 TIMEOUT_S = 300
+# The failing cluster must be gone well before jax's heartbeat timeout could have ended it.
+FAIL_TIMEOUT_S = 150
+EXIT_SPREAD_S = 15
+# Read by tests/multiprocess_driver.py only: which process raises once the mesh is built.
+FAIL_ENV = "MULTIPROCESS_DRIVER_FAIL_PROCESS"
+# jax's coordinator could not bind its port: another program took the free port meanwhile.
+BIND_FAILURE = "Failed to start RPC server"
+BIND_ATTEMPTS = 3
+TRACEBACK = "Traceback (most recent call last)"
+# Accuracy, token accuracy and greedy decodes are argmaxes. The partitioned runs' prompts
+# agree with the reference to atol 5e-5 and their float32 sums differ by reduction order only
+# (~1e-6), so a top-1 margin of 1e-3 in the reference keeps every argmax; measured margins
+# were >= 0.03 (validation) and >= 0.013 (decodes).
+MARGIN = 1e-3
 # Compiling is most of a child's time; LLVM optimisation level 0 halves it. It changes the
 # machine code XLA emits for each device, not the partitioned program (the float32 prompts
 # moved by ~2e-6, measured, well inside the tolerances below).
@@ -63,45 +85,108 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Runs first in each child and then execs its command (which keeps the setting): the kernel
+# SIGKILLs the child when the pytest process dies, even by SIGKILL, which no ``finally``
+# survives (Linux prctl PR_SET_PDEATHSIG = 1). A launcher, not a preexec_fn: preexec_fn may
+# deadlock when the parent has threads, and jax's are running in pytest.
+_DIE_WITH_PARENT = ("import ctypes, os, signal, sys\n"
+                    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) == 0 or "
+                    "os._exit(125)\n"
+                    "os.getppid() == int(sys.argv[1]) or os._exit(125)  # parent already gone\n"
+                    "os.execv(sys.argv[2], sys.argv[2:])\n")
+
+
+def _dying_with_this_process(command: list) -> list:
+    if not sys.platform.startswith("linux"):
+        return command
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
+
+
 class Cluster:
     """``command(flags)`` run as each process of a JAX cluster on localhost; ``flags`` are the
-    process's ``--coordinator_address/--num_processes/--process_id``."""
+    process's ``--coordinator_address/--num_processes/--process_id``. ``env``: extra variables
+    for the children."""
 
-    def __init__(self, command, log_dir: pathlib.Path, name: str, processes: int = 2):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-        env.update(XLA_FLAGS=CHILD_XLA_FLAGS, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-        address = f"127.0.0.1:{_free_port()}"
+    def __init__(self, command, log_dir: pathlib.Path, name: str, processes: int = 2,
+                 env=None):
+        self.command = command
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+        self.env.update(XLA_FLAGS=CHILD_XLA_FLAGS, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+                        **(env or {}))
         self.logs = [log_dir / f"{name}_process_{i}.log" for i in range(processes)]
-        self.procs = []
+        self.procs, self.attempts = [], 0
+        self._start()
+
+    def _start(self):
+        self.attempts += 1
+        address = f"127.0.0.1:{_free_port()}"
+        self.procs, self.started = [], time.monotonic()
         try:
             for i, log in enumerate(self.logs):
-                flags = [f"--coordinator_address={address}", f"--num_processes={processes}",
+                flags = [f"--coordinator_address={address}", f"--num_processes={len(self.logs)}",
                          f"--process_id={i}"]
                 with open(log, "w") as out:
                     self.procs.append(subprocess.Popen(
-                        command(flags), cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                        _dying_with_this_process(self.command(flags)), cwd=REPO, env=self.env,
+                        stdout=out, stderr=subprocess.STDOUT,
                         start_new_session=True))   # its own group: killed whole on failure
         except BaseException:
             self.kill()
             raise
 
+    def _texts(self) -> list:
+        return [log.read_text(errors="replace") for log in self.logs]
+
+    def _restarted_if_port_taken(self, texts) -> bool:
+        """The free port was taken between _free_port and the coordinator's bind: start again
+        on another one (a few times)."""
+        if self.attempts >= BIND_ATTEMPTS or not any(BIND_FAILURE in t for t in texts):
+            return False
+        self.kill()
+        self._start()
+        return True
+
     def wait(self, timeout: float = TIMEOUT_S) -> list:
-        """Exit statuses; on a failure, a hang or a timeout every child is killed first."""
+        """Exit statuses, all 0, else the test fails showing the logs. Every child is killed
+        first as soon as one exits non-zero or prints a traceback, on a timeout, or when the
+        test is interrupted."""
         deadline = time.monotonic() + timeout
         try:
             while any(p.poll() is None for p in self.procs):
+                texts = self._texts()
+                if self._restarted_if_port_taken(texts):
+                    continue
                 failed = [p for p in self.procs if p.poll() not in (None, 0)]
-                if failed or time.monotonic() > deadline:
+                if failed or any(TRACEBACK in t for t in texts) or time.monotonic() > deadline:
                     break
-                time.sleep(0.2)
+                time.sleep(0.5)
         finally:
             self.kill()
         codes = [p.returncode for p in self.procs]
         if codes != [0] * len(codes):
-            tails = "\n".join(f"--- {log.name} (rc {c}):\n" + log.read_text()[-3000:]
-                              for log, c in zip(self.logs, codes))
-            pytest.fail(f"multi-process run failed or timed out: {codes}\n{tails}")
+            pytest.fail(f"multi-process run failed or timed out: {codes}\n{self.tails(codes)}")
         return codes
+
+    def exit_times(self, timeout: float) -> list:
+        """Seconds after the start at which each child ended by itself (None: still running at
+        ``timeout``, then killed). Nothing is killed early: this is for failing clusters."""
+        times = [None] * len(self.procs)
+        try:
+            while None in times and time.monotonic() < self.started + timeout:
+                if self._restarted_if_port_taken(self._texts()):
+                    times = [None] * len(self.procs)
+                    continue
+                for i, p in enumerate(self.procs):
+                    if times[i] is None and p.poll() is not None:
+                        times[i] = time.monotonic() - self.started
+                time.sleep(0.1)
+        finally:
+            self.kill()
+        return times
+
+    def tails(self, codes) -> str:
+        return "\n".join(f"--- {log.name} (rc {c}):\n" + text[-3000:]
+                         for log, c, text in zip(self.logs, codes, self._texts()))
 
     def kill(self):
         for p in self.procs:
@@ -131,14 +216,45 @@ def trained(tmp_path_factory):
     except BaseException:
         first.kill()
         raise
-    first_pids = [p.pid for p in first.procs]
     first.wait()
+    first_pids = [p.pid for p in first.procs]   # after wait: a restart (port taken) changes them
     second = Cluster(lambda f: _prompt_train(f, _train_argv(model_dir, 4, "1x8")), tmp,
                      "steps34")
     second.wait()
     return {"dir": model_dir, "reference_dir": reference_dir, "reference": reference,
-            "pids": [first_pids, [p.pid for p in second.procs]],
+            "run": run, "pids": [first_pids, [p.pid for p in second.procs]],
             "logs": [first.logs, second.logs]}
+
+
+def _top1_margins(values: np.ndarray) -> np.ndarray:
+    """[..., C] -> [...]: best minus second best."""
+    top = np.sort(values, axis=-1)
+    return top[..., -1] - top[..., -2]
+
+
+def _validation_margins(run, prompt: np.ndarray) -> tuple:
+    """The reference's smallest top-1 margins in validation with ``prompt``: between the two
+    best label scores of each example (accuracy, rank classification) and the two best logits
+    at each target token (token accuracy)."""
+    import jax
+
+    from prompt_t5x import rank_classification, run_data, t5, validation
+    source = run_data.open_data(run, run.method.prompt_length)
+    method = run.method.build(t5.T5(run.model), source.label_words, source.encode)
+    frozen = frozen_sources.load_frozen_params(run.checkpoint, run.model, run.seed)
+    labels = rank_classification.encode_labels(source.label_words, source.encode,
+                                               run.targets_length)
+    classify = jax.jit(rank_classification.rank_classifier_fn(method, labels))
+    trainable = {"prompt": prompt}
+    labels_margin, tokens_margin = [], []
+    for batch in validation.limit_examples(source.eval_batches(), run.max_eval_examples):
+        real = np.asarray(batch["example_mask"], bool)
+        scores, _ = classify(frozen, trainable, batch["encoder_input_tokens"])
+        labels_margin.append(_top1_margins(np.asarray(scores))[real])
+        logits = method.logits(frozen, trainable, {k: batch[k] for k in validation.MODEL_KEYS})
+        counted = (np.asarray(batch["decoder_loss_weights"]) > 0) & real[:, None]
+        tokens_margin.append(_top1_margins(np.asarray(logits))[counted])
+    return np.concatenate(labels_margin).min(), np.concatenate(tokens_margin).min()
 
 
 def _validation(model_dir):
@@ -156,6 +272,9 @@ def test_two_processes_train_the_one_process_prompt(trained):
     ours, ref = _validation(trained["dir"]), _validation(trained["reference_dir"])
     assert sorted(ours) == sorted(ref) == [2, 4]
     for step in (2, 4):
+        prompt = np.load(trained["reference_dir"] / "prompts" / f"step_{step}.npy")
+        margins = _validation_margins(trained["run"], prompt)
+        assert min(margins) > MARGIN, (step, margins)   # so the argmax counts must agree
         assert ours[step]["accuracy"] == ref[step]["accuracy"]
         assert ours[step]["token_accuracy"] == ref[step]["token_accuracy"]
         assert ours[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5)
@@ -211,7 +330,7 @@ def driven(tmp_path_factory, fixtures_dir):
 
     def load(mesh, process):
         return np.load(tmp / f"mesh_{mesh}_process_{process}.npz")
-    return {"load": load, "argv": argv, "vocab": vocab}
+    return {"load": load, "argv": argv, "vocab": vocab, "tmp": tmp}
 
 
 def test_seqio_stream_rows_per_process(driven, fixtures_dir):
@@ -266,6 +385,51 @@ def test_partitioned_greedy_decoding_matches_one_device(driven):
     want = evaluation.make_decode_predict(method, frozen, multiprocess_driver.IdVocabulary(),
                                           spec)(trainable, batch)
     assert len(want) == 8 and len(set(want)) > 1   # not one constant output
+    # Every greedy choice (up to and including EOS) wins by MARGIN over the runner-up.
+    tokens = np.array([[int(t) for t in text.split()] for text in want], np.int32)
+    shifted = np.concatenate([np.zeros((8, 1), np.int32), tokens[:, :-1]], axis=1)
+    logits = method.logits(frozen, trainable, {"encoder_input_tokens":
+                                               batch["encoder_input_tokens"],
+                                               "decoder_input_tokens": shifted})
+    chosen = np.cumsum(shifted == spec.eos_id, axis=1) == 0   # before the row ended
+    assert np.all(np.argmax(np.asarray(logits), -1)[chosen] == tokens[chosen])
+    assert _top1_margins(np.asarray(logits))[chosen].min() > MARGIN
     for mesh in ("2x4", "1x8"):
         for process in (0, 1):
             assert list(driven["load"](mesh, process)["decoded"]) == want, (mesh, process)
+
+
+def test_a_batch_every_host_holds_survives_a_mesh_that_interleaves_hosts(driven):
+    """Validation's ``sharding.shard_global_batch`` on a 4x2 mesh whose 'data' rows go to
+    processes 0, 1, 0, 1: gathered back, the batch is unchanged on both processes (per-host
+    contiguous slices permuted its rows). Training's data shard refuses that mesh."""
+    want = np.arange(8 * 3, dtype=np.int32).reshape(8, 3)
+    for process in (0, 1):
+        saved = np.load(driven["tmp"] / f"interleaved_process_{process}.npz")
+        np.testing.assert_array_equal(saved["gathered"], want)
+        assert "interleaves hosts" in str(saved["refusal"]), str(saved["refusal"])
+
+
+def test_an_error_on_one_process_ends_every_process_at_once(tmp_path):
+    """Process 1 raises once the mesh is built while process 0 waits for it in a collective
+    (``FAIL_ENV``, read by the test driver only). Both leave through
+    ``distributed.exit_at_once_on_error``: process 1 at once, process 0 when its collective
+    loses the peer, instead of waiting in jax's shutdown barrier and collectives for minutes."""
+    argv = MODEL + [f"--gin.MODEL_DIR={tmp_path / 'unused'}", "--gin.TASK=synthetic_contains",
+                    "--gin.INPUTS_LENGTH=13", "--gin.TARGETS_LENGTH=2", "--gin.BATCH_SIZE=8"]
+    driver = [sys.executable, str(REPO / "tests" / "multiprocess_driver.py"), "--devices", "4",
+              "--out", str(tmp_path), "--mesh", "4x2"]
+    cluster = Cluster(lambda flags: driver + flags + ["--"] + argv, tmp_path, "failing",
+                      env={FAIL_ENV: "1"})
+    times = cluster.exit_times(FAIL_TIMEOUT_S)
+    codes = [p.returncode for p in cluster.procs]
+    report = f"exit times {times}\n{cluster.tails(codes)}"
+    assert None not in times, report
+    # Both through the handler's os._exit(1). Without it both abort (-SIGABRT) after jax's
+    # shutdown barrier times out (measured: 62 s with our 60 s timeout; jax's own is 300 s).
+    assert codes == [1, 1], report
+    assert max(times) - min(times) < EXIT_SPREAD_S, report
+    failing, waiting = (log.read_text() for log in reversed(cluster.logs))
+    assert TRACEBACK in failing and "RuntimeError: injected failure on process 1" in failing
+    assert "process 1 of 2 failed; exiting now" in failing, report
+    assert "process 0 of 2 failed; exiting now" in waiting, report

@@ -191,6 +191,27 @@ def test_batch_rows_must_divide_the_data_axis():
         sharding.shard_batch({"encoder_input_tokens": np.ones((4, 3), np.int32)}, mesh)
 
 
+def test_a_batch_every_host_holds_is_cut_per_device_for_any_device_order():
+    """``shard_global_batch`` (validation) gives each device exactly the rows its index names,
+    also when the mesh's device order is not jax.devices()' (TPU topology orders). The
+    two-process form of this, where per-host slices used to permute rows, is in
+    test_multiprocess."""
+    order = [5, 2, 7, 0, 3, 6, 1, 4]
+    devices = np.array(jax.devices())[order].reshape(4, 2)
+    mesh = jax.sharding.Mesh(devices, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 2)
+    batch = {"encoder_input_tokens": np.arange(8 * 3, dtype=np.int32).reshape(8, 3),
+             "decoder_loss_weights": np.linspace(0, 1, 16, dtype=np.float32).reshape(8, 2)}
+    placed = sharding.shard_global_batch(batch, mesh)
+    for name, value in batch.items():
+        array = placed[name]
+        assert array.sharding == sharding.batch_sharding(mesh)
+        np.testing.assert_array_equal(np.asarray(array), value)
+        for shard in array.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), value[shard.index])
+    with pytest.raises(ValueError, match="divisible by the mesh's 'data' size 4"):
+        sharding.shard_global_batch({"encoder_input_tokens": np.ones((6, 3), np.int32)}, mesh)
+
+
 # ---------------------------------------------------------------------------------------------
 # Every mesh == one device.
 

@@ -158,6 +158,62 @@ def test_damaged_checkpoint_errors_clearly_and_previous_restores(tmp_path, setup
     assert ckpt.all_steps() == [1, 2]
 
 
+class _ProcessOne:
+    """This test process as process 1 of 2: ``broadcast_from_primary`` answers with process 0's
+    values, which the test scripts (its listing is ours; ``zero_restores[step]`` is whether its
+    restore of ``step`` succeeded). restore_latest_good alternates the two broadcasts: the
+    candidate step, then process 0's verdict on it."""
+
+    def __init__(self, monkeypatch, zero_restores):
+        from prompt_t5x import distributed
+        self.zero_restores, self.step, self.calls = zero_restores, None, []
+        monkeypatch.setattr(distributed, "broadcast_from_primary", self.broadcast)
+        monkeypatch.setattr(distributed, "process_index", lambda: 1)
+        monkeypatch.setattr(distributed, "is_primary", lambda: False)
+
+    def broadcast(self, value):
+        self.calls.append(value)
+        if len(self.calls) % 2:          # the candidate step: process 0 lists what we list
+            self.step = int(value)
+            return int(value)
+        return int(self.zero_restores[self.step])
+
+
+def _two_steps(tmp_path, setup):
+    _, fresh, advance = setup
+    ckpt = train_checkpoints.TrainCheckpointer(str(tmp_path), keep_last=5)
+    good = advance(fresh(), 1)
+    ckpt.save(good)
+    ckpt.save(advance(good, 1))
+    return ckpt, good
+
+
+def test_process_zero_picks_the_step_every_process_resumes(tmp_path, setup, monkeypatch):
+    """Process 0 could not restore step 2 (its verdict is broadcast): this process restores
+    step 1 like it, although its own copy of step 2 is fine, and leaves moving step 2 aside
+    to process 0."""
+    ckpt, good = _two_steps(tmp_path, setup)
+    process = _ProcessOne(monkeypatch, {2: False, 1: True})
+    state, manifest = ckpt.restore_latest_good(setup[1](seed=5))
+    assert manifest["step"] == 1
+    _tree_equal(state, good)
+    assert process.calls == [2, True, 1, True]   # both restored here; process 0 took 1
+    assert os.path.isdir(ckpt.step_dir(2)) and not (tmp_path / "checkpoints_damaged").exists()
+
+
+def test_a_process_that_cannot_restore_process_zeros_step_raises(tmp_path, setup, monkeypatch):
+    """Step 2 is damaged only in this process's view: resuming from step 1 here while process 0
+    resumes from step 2 would train on different states, so it is an error naming both."""
+    ckpt, _ = _two_steps(tmp_path, setup)
+    _damage_data(ckpt.step_dir(2))
+    _ProcessOne(monkeypatch, {2: True, 1: True})
+    with pytest.raises(train_checkpoints.TrainCheckpointError,
+                       match="process 1 cannot restore training checkpoint step 2, which "
+                             "process 0 restored"):
+        ckpt.restore_latest_good(setup[1](seed=5))
+    assert ckpt.all_steps() == [1, 2]   # nothing moved: this process never quarantines
+
+
 def _run_driver(model_dir, out, *extra, cache_dir):
     # A shared persistent compilation cache: only the first run pays for XLA compilation.
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir),

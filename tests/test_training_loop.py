@@ -225,7 +225,8 @@ def test_resume_with_another_data_shard_count_is_refused(tmp_path, frozen):
     loop_lib.run_loop(method=METHOD, optimizer=OPTIMIZER, frozen=frozen,
                       make_batches=_sharded_stream(2), model_dir=model_dir,
                       config=_config(train_steps=2))
-    with pytest.raises(loop_lib.ResumeError, match="saved with 2 data shards .* has 1"):
+    with pytest.raises(loop_lib.ResumeError, match=r"data shards \(hosts along the mesh's "
+                                                   r"'data' axis\): 2 in the checkpoint, 1 now"):
         loop_lib.run_loop(method=METHOD, optimizer=OPTIMIZER, frozen=frozen,
                           make_batches=_sharded_stream(1), model_dir=model_dir, config=_config())
     # A stream whose global batches do not depend on the split (generated tasks) may resume.
@@ -233,6 +234,69 @@ def test_resume_with_another_data_shard_count_is_refused(tmp_path, frozen):
                                make_batches=_sharded_stream(1, any_count=True),
                                model_dir=model_dir, config=_config())
     assert result.resumed_from == 2 and result.last_step == 4
+
+
+def _declared_stream(**changes):
+    """A factory like ``run_data.train_stream``'s: it declares its stream's ``identity`` (what
+    the stream's state records) and notes every stream it builds."""
+    identity = {"name": "task_a", "split": "train", "seed": 0, "num_shards": 1, **changes}
+
+    class Stream(_batches()):
+        def state(self):
+            return {**identity, "position": self.position, "shard_index": 0}
+
+    class Factory:
+        resumes_with_any_shard_count = False
+
+        def __init__(self):
+            self.identity, self.built = identity, []
+
+        def __call__(self, position):
+            self.built.append(position)
+            return Stream(position)
+    return Factory()
+
+
+def test_resume_that_would_read_another_stream_is_refused_before_building_it(tmp_path,
+                                                                             frozen):
+    model_dir = str(tmp_path / "run")
+    loop_lib.run_loop(method=METHOD, optimizer=OPTIMIZER, frozen=frozen,
+                      make_batches=_declared_stream(), model_dir=model_dir,
+                      config=_config(train_steps=2), batch_size=4)
+    ckpt = train_checkpoints.TrainCheckpointer(model_dir, read_only=True)
+    assert ckpt.read_manifest(2)["data_state"] == {
+        "name": "task_a", "split": "train", "seed": 0, "num_shards": 1, "position": 2,
+        "shard_index": 0, "batch_size": 4}   # the global batch size is recorded too
+    ckpt.close()
+    other = _declared_stream(split="validation", seed=1)
+    with pytest.raises(loop_lib.ResumeError) as error:
+        loop_lib.run_loop(method=METHOD, optimizer=OPTIMIZER, frozen=frozen,
+                          make_batches=other, model_dir=model_dir, config=_config(),
+                          batch_size=8)
+    assert other.built == []   # refused before the (possibly slow) stream was built
+    assert (f"cannot resume step 2 of {model_dir}: this run would read another data stream "
+            "(split: 'train' in the checkpoint, 'validation' now; seed: 0 in the checkpoint, "
+            "1 now; global batch size: 4 in the checkpoint, 8 now)") in str(error.value)
+    with pytest.raises(loop_lib.ResumeError, match="task: 'task_a' in the checkpoint, 'task_b'"):
+        loop_lib.run_loop(method=METHOD, optimizer=OPTIMIZER, frozen=frozen,
+                          make_batches=_declared_stream(name="task_b"), model_dir=model_dir,
+                          config=_config(), batch_size=4)
+    same = _declared_stream()
+    result = loop_lib.run_loop(method=METHOD, optimizer=OPTIMIZER, frozen=frozen,
+                               make_batches=same, model_dir=model_dir, config=_config(),
+                               batch_size=4)
+    assert result.resumed_from == 2 and result.last_step == 4 and same.built == [2]
+
+
+def test_train_stream_declares_what_its_checkpoints_record():
+    from prompt_t5x import distributed, run_data
+    source = run_data.SyntheticData("synthetic_contains", 13, 2, batch_size=8, seed=3)
+    factory = run_data.train_stream(source)
+    state = factory(5).state()
+    assert factory.identity == {"name": "synthetic_contains", "seed": 3, "num_shards": 1}
+    assert {k: state[k] for k in factory.identity} == factory.identity
+    assert factory.resumes_with_any_shard_count   # generated batches do not depend on it
+    assert run_data.TrainStream(source, distributed.DataShard(1, 2)).identity["num_shards"] == 2
 
 
 def test_partitioned_loop_takes_host_rows_and_never_slices_them(tmp_path, frozen):
@@ -309,6 +373,15 @@ def test_train_command_end_to_end_then_resume(tmp_path, fixtures_dir, capsys):
     assert "to step 4 (resumed from 2)" in capsys.readouterr().out
     ckpt = train_checkpoints.TrainCheckpointer(str(model_dir))
     assert ckpt.latest_step() == 4 and ckpt.read_manifest(4)["data_state"]["position"] == 4
+    ckpt.close()
+    # Another seed or split would read another stream: exit 2 naming both, nothing written.
+    assert cli.main(train_argv(model_dir, data_dir, vocab, steps=6, extra=(
+        "--gin.train.seed=1", "--gin.train.train_split='validation'"))) == 2
+    err = capsys.readouterr().err
+    assert ("split: 'train' in the checkpoint, 'validation' now; seed: 0 in the checkpoint, "
+            "1 now") in err
+    ckpt = train_checkpoints.TrainCheckpointer(str(model_dir), read_only=True)
+    assert ckpt.all_steps() == [2, 4]
     ckpt.close()
 
     # eval / infer read this run's checkpoint (frozen model, prompt mode, seed from its
