@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -110,13 +110,19 @@ def _compile(jitted, *inputs):
     return compiled, time.perf_counter() - start
 
 
-def _measure(phase: str, args, cfg, compiled, compile_s: float, call) -> Dict[str, Any]:
-    """Time ``call`` (runs ``compiled``) by the shared protocol; its figures and memory."""
+def _measure(phase: str, args, cfg, compiled, compile_s: float, call,
+             after_timing: Callable[[], Dict[str, Any]] = dict) -> Dict[str, Any]:
+    """Time ``call`` (runs ``compiled``) by the shared protocol: its figures and memory, what
+    ``after_timing()`` reads before anything else runs, then (``--profile``) the profile."""
     import jax
     timing = protocol.time_calls(call, args.steps, args.warmup, jax.block_until_ready)
-    return {"compile_s": compile_s, **timing,
-            **bench_report.phase_figures(phase, args, cfg, timing),
-            "compiled_memory": compiled_memory(compiled), "device_peak_bytes": device_peak_bytes()}
+    out = {"compile_s": compile_s, **timing,
+           **bench_report.phase_figures(phase, args, cfg, timing),
+           "compiled_memory": compiled_memory(compiled), "device_peak_bytes": device_peak_bytes(),
+           **after_timing()}
+    if args.profile:
+        out.update(_profile(phase, args, compiled, call, out))
+    return out
 
 
 PROFILED_STEPS = 3
@@ -238,12 +244,9 @@ def bench_train(args, cfg, frozen, rng) -> Dict[str, Any]:
         holder["i"] += 1
         return holder["state"]
 
-    out = _measure("train", args, cfg, compiled, compile_s, call)
-    out.update(flops_cost_analysis=flops_lib.cost_analysis_flops(compiled),
-               final_loss=float(holder["metrics"]["loss"]))   # before any profiled call
-    if args.profile:
-        out.update(_profile("train", args, compiled, call, out))
-    return out
+    return _measure("train", args, cfg, compiled, compile_s, call, lambda: {
+        "flops_cost_analysis": flops_lib.cost_analysis_flops(compiled),
+        "final_loss": float(holder["metrics"]["loss"])})   # before any profiled call
 
 
 def bench_rank(args, cfg, frozen, trainable, rng) -> Dict[str, Any]:
@@ -257,11 +260,8 @@ def bench_rank(args, cfg, frozen, trainable, rng) -> Dict[str, Any]:
                                          (args.batch, args.encoder_len - args.prompt_len),
                                          dtype=np.int32))
     compiled, compile_s = _compile(classify, frozen, trainable, inputs)
-    call = lambda: compiled(frozen, trainable, inputs)  # noqa: E731
-    out = _measure("rank", args, cfg, compiled, compile_s, call)
-    if args.profile:
-        out.update(_profile("rank", args, compiled, call, out))
-    return out
+    return _measure("rank", args, cfg, compiled, compile_s,
+                    lambda: compiled(frozen, trainable, inputs))
 
 
 def bench_decode(args, cfg, frozen, trainable, rng) -> Dict[str, Any]:
@@ -284,11 +284,8 @@ def bench_decode(args, cfg, frozen, trainable, rng) -> Dict[str, Any]:
     compiled, compile_s = _compile(greedy, frozen, trainable, inputs)
     # Figures count cross-attention keys/values projected once, as the peer's do: decoding.py
     # projects them once per batch (T5.cross_attention_kv).
-    call = lambda: compiled(frozen, trainable, inputs)  # noqa: E731
-    out = _measure("decode", args, cfg, compiled, compile_s, call)
-    if args.profile:
-        out.update(_profile("decode", args, compiled, call, out))
-    return out
+    return _measure("decode", args, cfg, compiled, compile_s,
+                    lambda: compiled(frozen, trainable, inputs))
 
 
 def run_ours(args) -> Dict[str, Any]:
