@@ -146,6 +146,28 @@ class MetricsWriter:
         self.close()
 
 
+def drop_records_after(model_dir: str, step: int) -> int:
+    """On resuming from ``step``: remove the ``metrics.jsonl`` records a killed run wrote past its
+    last checkpoint (the resumed run writes those steps again), and a last line cut off mid-write.
+    Rewritten atomically; returns how many lines were dropped."""
+    from prompt_t5x import storage
+    path = os.path.join(model_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass   # a record cut off by the kill
+    if len(kept) != len(lines):
+        storage.write_bytes_atomic(path, "".join(kept).encode("utf-8"))
+    return len(lines) - len(kept)
+
+
 def read_jsonl(path: str):
     """All records of a ``metrics.jsonl`` file (NaN/Inf strings turned back into floats)."""
     out = []

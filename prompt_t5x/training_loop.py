@@ -63,7 +63,7 @@ from prompt_t5x import train_checkpoints
 from prompt_t5x.guarded_step import (AVERAGED, fresh_accumulators, make_guarded_step,
                                      make_sharded_guarded_step)
 from prompt_t5x.methods import Method
-from prompt_t5x.metrics_writer import MetricsWriter
+from prompt_t5x.metrics_writer import MetricsWriter, drop_records_after
 
 PyTree = Any
 Batch = Mapping[str, np.ndarray]
@@ -318,6 +318,8 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
     if saved_data is not None and not declared:
         _check_resumable(saved_data, batches, batch_size, where)
     primary = distributed.is_primary()   # one host writes the metrics of a multi-host run
+    if primary and resumed_from is not None:
+        drop_records_after(model_dir, resumed_from)   # a killed run's records past its checkpoint
     train_writer = MetricsWriter(model_dir, "train", config.tensorboard, enabled=primary)
     eval_writer = MetricsWriter(model_dir, "validation", config.tensorboard, enabled=primary)
     bar = _progress(config.train_steps, start, config.progress_bar and primary)

@@ -104,6 +104,11 @@ def test_loop_checkpoints_logs_and_resumes(tmp_path, frozen):
     assert glob.glob(os.path.join(model_dir, "train", "events.out.tfevents.*"))
     assert os.path.exists(os.path.join(model_dir, "prompts", "best.npy"))
 
+    # A run killed after step 3's metrics but before step 3's checkpoint, mid-way through a
+    # record: the resumed run drops both and writes step 3 and 4 afresh.
+    with open(os.path.join(model_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": 3, "split": "train", "loss": 123.0}) + '\n{"step": 4, "spl')
+
     # Resume: continues from step 2 with the saved data position and optimizer state, and
     # lands on exactly the state of an uninterrupted 4-step run.
     seen = []
@@ -115,6 +120,9 @@ def test_loop_checkpoints_logs_and_resumes(tmp_path, frozen):
                                make_batches=recording, model_dir=model_dir,
                                config=_config(), evaluate=_eval_fn(method, frozen))
     assert seen == [2] and second.resumed_from == 2 and second.last_step == 4
+    records = read_jsonl(os.path.join(model_dir, "metrics.jsonl"))
+    assert [r["step"] for r in records if r["split"] == "train"] == [2, 4]
+    assert all(r.get("loss") != 123.0 for r in records)
     straight_dir = str(tmp_path / "straight")
     loop_lib.run_loop(method=method, optimizer=OPTIMIZER, frozen=frozen,
                       make_batches=_batches(), model_dir=straight_dir, config=_config(),
