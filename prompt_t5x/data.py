@@ -198,6 +198,19 @@ def train_batches(name: str, spec: BatchSpec, *, split: str = "train", seed: int
                         position=position, shuffle=shuffle)
 
 
+def pad_eval_batch(batch: Mapping[str, np.ndarray], size: int, start: int
+                   ) -> Dict[str, np.ndarray]:
+    """``real <= size`` examples -> a batch of ``size`` rows (all-zero padding rows) with
+    ``example_mask`` [size] and ``example_index`` [size] (``start + row``, -1 for padding)."""
+    real = batch["encoder_input_tokens"].shape[0]
+    out = {k: np.concatenate([v, np.zeros((size - real,) + v.shape[1:], v.dtype)])
+           for k, v in batch.items()}
+    out["example_mask"] = np.arange(size) < real
+    out["example_index"] = np.where(out["example_mask"], start + np.arange(size), -1
+                                    ).astype(np.int32)
+    return out
+
+
 def eval_batches(name: str, spec: BatchSpec, *, split: str = "validation",
                  shard_info=None) -> Iterator[Dict[str, np.ndarray]]:
     """Every example of ``split`` (or of its ``shard_info`` shard) once, in order, in
@@ -210,15 +223,8 @@ def eval_batches(name: str, spec: BatchSpec, *, split: str = "validation",
     ds = ds.batch(size, drop_remainder=False)
     start = 0
     for batch in ds.as_numpy_iterator():
-        out = _to_numpy_batch(batch)
-        real = out["encoder_input_tokens"].shape[0]
-        if real < size:
-            out = {k: np.concatenate([v, np.zeros((size - real,) + v.shape[1:], v.dtype)])
-                   for k, v in out.items()}
-        out["example_mask"] = np.arange(size) < real
-        out["example_index"] = np.where(out["example_mask"], start + np.arange(size), -1
-                                        ).astype(np.int32)
-        start += real
+        out = pad_eval_batch(_to_numpy_batch(batch), size, start)
+        start += int(out["example_mask"].sum())
         yield out
     if start == 0:
         raise DataError(f"task {name!r} split {split!r} is empty: nothing to evaluate.")

@@ -31,7 +31,7 @@ import gin
 import jax
 import numpy as np
 
-from prompt_t5x import configurables, decoding, ensemble, gin_cli, prompted_model
+from prompt_t5x import configurables, decoding, ensemble, gin_cli, prompted_model, storage
 from prompt_t5x import t5 as t5_lib
 from prompt_t5x.cli import UsageError
 
@@ -285,14 +285,6 @@ def _text(value: Any) -> Any:
     return value
 
 
-def _write_atomic(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _describe(cfg: EvalConfig, loaded: prompted_model.Loaded, preds: Predictions) -> Dict[str, Any]:
     out = {"task": cfg.task, "split": cfg.split, "mode": preds.mode,
            "num_examples": len(preds.examples), "checkpoint": loaded.checkpoint,
@@ -321,7 +313,7 @@ def run_eval(cfg: EvalConfig) -> Dict[str, Any]:
         for info, answers in zip(record["prompts"], preds.per_prompt):
             info["metrics"] = metrics_of(answers)
     path = os.path.join(cfg.output_dir, f"{cfg.task}_{cfg.split}_metrics.json")
-    _write_atomic(path, json.dumps(record, indent=1) + "\n")
+    storage.write_bytes_atomic(path, (json.dumps(record, indent=1) + "\n").encode("utf-8"))
     record["path"] = path
     return record
 
@@ -345,7 +337,7 @@ def run_infer(cfg: EvalConfig) -> str:
                                  for n in range(len(loaded.sources))]
         lines.append(json.dumps(row, ensure_ascii=False))
     path = os.path.join(cfg.output_dir, f"{cfg.task}_{cfg.split}_predictions.jsonl")
-    _write_atomic(path, "\n".join(lines) + "\n")
+    storage.write_bytes_atomic(path, ("\n".join(lines) + "\n").encode("utf-8"))
     return path
 
 

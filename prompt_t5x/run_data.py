@@ -40,17 +40,13 @@ SYNTHETIC_EVAL_EXAMPLES = 512
 
 def pad_eval_batches(batches: Sequence[Dict[str, np.ndarray]], batch_size: int
                      ) -> List[Dict[str, np.ndarray]]:
-    """Full examples -> fixed-size batches with all-zero padding rows and the eval masks."""
+    """Full examples -> fixed-size batches with all-zero padding rows and the eval masks
+    (``data.pad_eval_batch``, which SeqIO's eval batches use too)."""
+    from prompt_t5x.data import pad_eval_batch   # numpy only: imports no TensorFlow
     out, start = [], 0
     for batch in batches:
-        real = batch["encoder_input_tokens"].shape[0]
-        padded = {k: np.concatenate([v, np.zeros((batch_size - real,) + v.shape[1:], v.dtype)])
-                  for k, v in batch.items()}
-        padded["example_mask"] = np.arange(batch_size) < real
-        padded["example_index"] = np.where(padded["example_mask"],
-                                           start + np.arange(batch_size), -1).astype(np.int32)
-        start += real
-        out.append(padded)
+        out.append(pad_eval_batch(batch, batch_size, start))
+        start += batch["encoder_input_tokens"].shape[0]
     return out
 
 

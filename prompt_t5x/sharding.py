@@ -71,6 +71,11 @@ def standard_logical_axis_rules(activation_partitioning_dims: int = 1,
     return tuple(sharded + replicated + [tuple(r) for r in additional_rules])
 
 
+def rules_or_default(rules: Optional[Sequence[Tuple[str, Optional[str]]]]) -> Rules:
+    """``rules`` as a tuple, or the default table (:func:`logical_axis_rules`) when None."""
+    return tuple(rules) if rules is not None else logical_axis_rules()
+
+
 def logical_axis_rules(activation_partitioning_dims: int = 1,
                        parameter_partitioning_dims: int = 1,
                        additional_rules: Sequence[Tuple[str, Optional[str]]] = ()) -> Rules:

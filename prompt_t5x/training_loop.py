@@ -167,12 +167,10 @@ class _Best:
             self.evals_since += 1
         if not write:
             return improved
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"metric": self.metric, "mode": self.mode, "step": self.step,
-                       "value": self.value, "metrics": self.metrics,
-                       "evaluations_since_best": self.evals_since}, f, indent=1)
-        os.replace(tmp, self.path)
+        storage.write_bytes_atomic(self.path, json.dumps(
+            {"metric": self.metric, "mode": self.mode, "step": self.step, "value": self.value,
+             "metrics": self.metrics, "evaluations_since_best": self.evals_since},
+            indent=1).encode("utf-8"))
         return improved
 
 
@@ -257,7 +255,7 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
     frozen_shardings = None
     if mesh is not None:
         from prompt_t5x import partitioning
-        rules = tuple(rules) if rules is not None else sharding_lib.logical_axis_rules()
+        rules = sharding_lib.rules_or_default(rules)
         frozen, frozen_shardings = partitioning.place_on_mesh(frozen, mesh)
         state = partitioning.create_train_state(method, optimizer, frozen, rng, mesh, rules,
                                                 trainable=initial_trainable)

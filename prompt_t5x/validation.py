@@ -86,7 +86,7 @@ def make_evaluator(method: Method, frozen: PyTree, batches: Sequence[Batch], *,
     else:
         from prompt_t5x import partitioning
         from prompt_t5x import sharding as sharding_lib
-        rules = tuple(rules) if rules is not None else sharding_lib.logical_axis_rules()
+        rules = sharding_lib.rules_or_default(rules)
         frozen, frozen_shardings = partitioning.place_on_mesh(frozen, mesh)
         rep, rows = sharding_lib.replicated(mesh), sharding_lib.batch_sharding(mesh)
         eval_step = partitioning.partition(eval_fn, mesh, rules, (rep, frozen_shardings, rows),
@@ -137,7 +137,7 @@ def make_decode_predict(method: Method, frozen: PyTree, vocabulary, spec, mesh=N
         return evaluation.make_decode_predict(method, frozen, vocabulary, spec)
     from prompt_t5x import partitioning
     from prompt_t5x import sharding as sharding_lib
-    rules = tuple(rules) if rules is not None else sharding_lib.logical_axis_rules()
+    rules = sharding_lib.rules_or_default(rules)
     frozen, _ = partitioning.place_on_mesh(frozen, mesh)
 
     def predict(trainable, batch):
