@@ -53,5 +53,5 @@ setup(
     install_requires=CORE,
     extras_require={"data": DATA, "plot": PLOT, "reference": REFERENCE, "test": TEST,
                     "all": DATA + PLOT},
-    entry_points={"console_scripts": ["prompt-t5x=prompt_t5x.cli:main"]},
+    entry_points={"console_scripts": ["prompt-t5x=prompt_t5x.commands.cli:main"]},
 )

@@ -47,7 +47,7 @@ B="--batch 32 --encoder_len 512 --prompt_len 100 --decoder_len 16 --steps 10 --w
 OURS="-m prompt_t5x bench"
 # Traces stay on the machine (folders too deep to come back); their split is in the JSON.
 PROFILES=/tmp/prompt_t5x_profiles
-PEER="-m prompt_t5x.peft_peer"
+PEER="-m prompt_t5x.bench.peft_peer"
 
 # run NAME LIMIT_S ARGS...: one timed run, its JSON in $OUT/$STAGE_$NAME.json. A stage's
 # LIMIT_S + 20 s of grace add up to at most 570 s: one device call is capped at 600 s.

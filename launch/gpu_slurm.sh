@@ -6,7 +6,7 @@
 #
 # Writes a batch script and submits it with sbatch. Inside the job, srun starts one task per node;
 # each task exports JAX_COORDINATOR_ADDRESS (first node of the allocation), JAX_NUM_PROCESSES and
-# JAX_PROCESS_ID, which prompt_t5x.distributed.initialize passes to jax.distributed.initialize.
+# JAX_PROCESS_ID, which prompt_t5x.parallel.distributed.initialize passes to jax.distributed.initialize.
 # --dry-run prints the batch script and the sbatch command instead of submitting.
 set -euo pipefail
 

@@ -9,7 +9,7 @@
 #
 # Every remote command goes to all workers at once (--worker=all): a pod slice only runs when the
 # same program starts on every host, and JAX finds the other workers itself
-# (prompt_t5x.distributed.initialize detects the pod from the TPU VM environment).
+# (prompt_t5x.parallel.distributed.initialize detects the pod from the TPU VM environment).
 # --dry-run prints the exact commands instead of running them.
 set -euo pipefail
 

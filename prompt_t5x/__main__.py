@@ -2,7 +2,7 @@
 
 import sys
 
-from prompt_t5x.cli import main
+from prompt_t5x.commands.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

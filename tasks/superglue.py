@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 from typing import List, Optional
 
-from prompt_t5x import metrics
+from prompt_t5x.data import metrics
 from tasks import families as fam
 from tasks import postprocessors as post
 from tasks import preprocessors as prep

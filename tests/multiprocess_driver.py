@@ -37,9 +37,12 @@ def decode_setup(config):
     the test's one-device reference."""
     import numpy as np
 
-    from prompt_t5x import decoding, methods, run_data, t5
-    method = methods.PromptTuning(t5.T5(config), prompt_length=4,
-                                  prompt_init=methods.random_uniform_init())
+    from prompt_t5x.data import run_data
+    from prompt_t5x.inference import decoding
+    from prompt_t5x.methods import prompt_init, prompt_tuning
+    from prompt_t5x.model import t5
+    method = prompt_tuning.PromptTuning(t5.T5(config), prompt_length=4,
+                                  prompt_init=prompt_init.random_uniform_init())
     prompt = np.random.RandomState(0).uniform(-0.5, 0.5, (4, config.emb_dim)).astype(np.float32)
     batch = run_data.SyntheticData("synthetic_contains", 13, 2, batch_size=8).eval_batches()[0]
     return method, {"prompt": prompt}, decoding.DecodeSpec("greedy", max_decode_len=4), batch
@@ -50,7 +53,8 @@ def decode_on_mesh(mesh, config):
     shards on ``mesh`` (a 32-id vocabulary: the generated tasks' inputs)."""
     import jax
 
-    from prompt_t5x import partitioning, sharding, validation
+    from prompt_t5x.parallel import partitioning, sharding
+    from prompt_t5x.training import validation
     config = config.replace(vocab_size=32)
     rules = sharding.logical_axis_rules()
     frozen = partitioning.init_frozen(config, jax.random.PRNGKey(1), mesh, rules)
@@ -66,7 +70,7 @@ def interleaved_mesh():
     import jax
     import numpy as np
 
-    from prompt_t5x import sharding
+    from prompt_t5x.parallel import sharding
     mine = [[d for d in jax.devices() if d.process_index == p] for p in range(2)]
     assert [len(m) for m in mine] == [4, 4], "made for two processes of 4 devices"
     rows = [mine[0][:2], mine[1][:2], mine[0][2:], mine[1][2:]]
@@ -77,7 +81,7 @@ def interleaved_mesh():
 def place_on_interleaved_mesh(out_dir: str, process_id: int) -> None:
     import numpy as np
 
-    from prompt_t5x import distributed, sharding
+    from prompt_t5x.parallel import distributed, sharding
     mesh = interleaved_mesh()
     try:
         distributed.data_shard(mesh)
@@ -108,7 +112,7 @@ def main(argv=None) -> int:
     os.environ["JAX_PLATFORMS"] = "cpu"
     fail_process = os.environ.get("MULTIPROCESS_DRIVER_FAIL_PROCESS")
 
-    from prompt_t5x import distributed
+    from prompt_t5x.parallel import distributed
     with distributed.exit_at_once_on_error("multiprocess_driver"):
         return drive(args, argv[split + 1:], fail_process)
 
@@ -117,7 +121,9 @@ def drive(args, gin_argv, fail_process) -> int:
     """Everything :func:`main` describes, inside the cluster."""
     import numpy as np
 
-    from prompt_t5x import distributed, run_data, run_train
+    from prompt_t5x.commands import run_train
+    from prompt_t5x.data import run_data
+    from prompt_t5x.parallel import distributed
 
     run_config, _ = run_train.parse_run(gin_argv + [
         f"--coordinator_address={args.coordinator_address}",

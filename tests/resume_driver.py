@@ -19,7 +19,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from prompt_t5x import methods, optim, t5, train, train_checkpoints  # noqa: E402
+from prompt_t5x.checkpoints import train_checkpoints
+from prompt_t5x.methods import prompt_init, prompt_tuning
+from prompt_t5x.model import t5
+from prompt_t5x.training import optim, train
 
 
 def batch_for_step(step: int, vocab: int = 101, batch: int = 4, length: int = 7):
@@ -45,8 +48,8 @@ def main(argv=None) -> int:
 
     config = t5.get_config("test", dropout_rate=0.1, num_encoder_layers=1, num_decoder_layers=1)
     frozen = t5.init_params(config, jax.random.PRNGKey(0))
-    method = methods.PromptTuning(t5.T5(config), prompt_length=5,
-                                  prompt_init=methods.random_uniform_init())
+    method = prompt_tuning.PromptTuning(t5.T5(config), prompt_length=5,
+                                  prompt_init=prompt_init.random_uniform_init())
     optimizer = optim.adafactor(learning_rate=0.3)
     state = train.create_train_state(method, optimizer, frozen, jax.random.PRNGKey(1))
     ckpt = train_checkpoints.TrainCheckpointer(args.model_dir, keep_last=2)

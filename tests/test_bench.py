@@ -9,7 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from prompt_t5x import bench, bench_protocol, cli, flops, t5
+from prompt_t5x.bench import bench, bench_protocol, flops
+from prompt_t5x.commands import cli
+from prompt_t5x.model import t5
 
 SMALL = ["--batch", "2", "--encoder_len", "24", "--prompt_len", "4", "--decoder_len", "5"]
 HAVE_PEER = all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft"))
@@ -94,8 +96,8 @@ def test_usage_errors(capsys):
 
 
 def test_bench_imports_no_tensorflow():
-    code = ("import sys, prompt_t5x.bench, prompt_t5x.peft_peer, prompt_t5x.decoding, "
-            "prompt_t5x.rank_classification; "
+    code = ("import sys, prompt_t5x.bench.bench, prompt_t5x.bench.peft_peer, prompt_t5x.inference.decoding, "
+            "prompt_t5x.inference.rank_classification; "
             "assert 'tensorflow' not in sys.modules and 'seqio' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -128,12 +130,12 @@ def test_peer_side_by_side(tmp_path, capsys):
 
 def test_peer_failure_keeps_ours(tmp_path, monkeypatch, capsys):
     """--peer: ours is saved before the peer starts; a failed peer is reported, exit 1."""
-    from prompt_t5x import bench, peft_peer
+    from prompt_t5x.bench import bench, peft_peer
     saved, argvs = [], {}
 
     def child(module, argv, json_path):
         argvs[module] = list(argv)
-        if module == "prompt_t5x.peft_peer":
+        if module == "prompt_t5x.bench.peft_peer":
             saved.append(json.loads(out.read_text()))   # what a killed run would leave
             raise RuntimeError("peer exited with status 1")
         return {"impl": "prompt_t5x", "config": {"size": "test", "batch": 2, "encoder_len": 8,
@@ -148,8 +150,8 @@ def test_peer_failure_keeps_ours(tmp_path, monkeypatch, capsys):
                        "--json", str(out)]) == 1
     assert saved[0]["ours"]["impl"] == "prompt_t5x"
     # Ours keeps --profile; the peer gets neither it nor the --peer flags.
-    assert argvs["prompt_t5x.bench"] == ["--size", "test", "--profile", str(tmp_path / "p")]
-    assert argvs["prompt_t5x.peft_peer"] == ["--size", "test"]
+    assert argvs["prompt_t5x.bench.bench"] == ["--size", "test", "--profile", str(tmp_path / "p")]
+    assert argvs["prompt_t5x.bench.peft_peer"] == ["--size", "test"]
     result = json.loads(out.read_text())
     assert result["ours"]["impl"] == "prompt_t5x"
     assert result["peer"] == {"error": "peer exited with status 1"}

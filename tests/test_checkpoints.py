@@ -9,9 +9,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorstore as ts
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from prompt_t5x import checkpoints, cli, storage, strict_loading, t5, t5x_writer
+from prompt_t5x.base import storage
+from prompt_t5x.checkpoints import strict_loading, t5x_reader, t5x_writer
+from prompt_t5x.commands import cli
+from prompt_t5x.model import t5
 
 FIXTURE = "t5x/t5_1_1_tiny_checkpoint_3"
 
@@ -37,8 +41,8 @@ def _assert_same(a, b):
 
 
 def test_real_fixture_loads_strictly_with_inferred_config_and_runs(fixtures_dir):
-    ckpt = checkpoints.open_checkpoint(str(fixtures_dir / FIXTURE))
-    assert ckpt.format == checkpoints.FORMAT_LEGACY and ckpt.step == 3
+    ckpt = t5x_reader.open_checkpoint(str(fixtures_dir / FIXTURE))
+    assert ckpt.format == t5x_reader.FORMAT_LEGACY and ckpt.step == 3
     config = ckpt.infer_config()
     assert (config.vocab_size, config.emb_dim, config.num_heads, config.head_dim, config.mlp_dim,
             config.num_encoder_layers, config.num_decoder_layers, config.relpos_buckets) == \
@@ -60,35 +64,35 @@ def test_model_dir_picks_latest_or_requested_step(tmp_path, test_params):
     config, params = test_params
     for step in (1, 5):
         t5x_writer.save_t5x_checkpoint(str(tmp_path / f"checkpoint_{step}"), params, step=step)
-    assert checkpoints.checkpoint_steps(str(tmp_path)) == [1, 5]
-    assert checkpoints.open_checkpoint(str(tmp_path)).step == 5
-    assert checkpoints.open_checkpoint(str(tmp_path), step=1).step == 1
-    with pytest.raises(checkpoints.CheckpointError, match=r"available steps: \[1, 5\]"):
-        checkpoints.open_checkpoint(str(tmp_path), step=3)
+    assert t5x_reader.checkpoint_steps(str(tmp_path)) == [1, 5]
+    assert t5x_reader.open_checkpoint(str(tmp_path)).step == 5
+    assert t5x_reader.open_checkpoint(str(tmp_path), step=1).step == 1
+    with pytest.raises(t5x_reader.CheckpointError, match=r"available steps: \[1, 5\]"):
+        t5x_reader.open_checkpoint(str(tmp_path), step=3)
 
 
 def test_given_config_is_checked_with_a_clear_error(fixtures_dir):
     wrong = t5.get_config("tiny")
     with pytest.raises(ValueError) as e:
-        checkpoints.load_t5x(str(fixtures_dir / FIXTURE), wrong)
+        t5x_reader.load_t5x(str(fixtures_dir / FIXTURE), wrong)
     msg = str(e.value)
     assert "emb_dim: config 64 vs checkpoint 4" in msg and "mlp_dim: config 96" in msg
 
 
 def test_sharded_restore_reads_only_each_devices_slices_and_casts(fixtures_dir, monkeypatch):
-    ckpt = checkpoints.open_checkpoint(str(fixtures_dir / FIXTURE))
+    ckpt = t5x_reader.open_checkpoint(str(fixtures_dir / FIXTURE))
     mesh = jax.make_mesh((2, 4), ("data", "model"))
     shardings = jax.tree_util.tree_map(lambda _: NamedSharding(mesh, P()),
                                        t5.param_shapes(ckpt.infer_config()))
     shardings["token_embedder"]["embedding"] = NamedSharding(mesh, P("model", None))
     reads = []
-    original = checkpoints.LazyArray.read
+    original = t5x_reader.LazyArray.read
 
     def spy(self, index=(), dtype=None):
         reads.append((self.name, index))
         return original(self, index, dtype)
 
-    monkeypatch.setattr(checkpoints.LazyArray, "read", spy)
+    monkeypatch.setattr(t5x_reader.LazyArray, "read", spy)
     params, _ = ckpt.load_params(shardings=shardings, dtype="bfloat16")
     emb = params["token_embedder"]["embedding"]
     assert emb.dtype == jax.numpy.bfloat16 and emb.sharding == shardings["token_embedder"][
@@ -109,11 +113,11 @@ def test_legacy_write_read_round_trip(tmp_path, test_params, root):
     slots = {"encoder": {"encoder_norm": {"scale": {"v": np.arange(32, dtype=np.float32)}}}}
     t5x_writer.save_t5x_checkpoint(storage.join(base, "checkpoint_42"), params, step=42,
                                    param_states=slots)
-    loaded = checkpoints.load_t5x(base)  # model dir -> latest checkpoint_<step>
-    assert loaded.step == 42 and loaded.format == checkpoints.FORMAT_LEGACY
+    loaded = t5x_reader.load_t5x(base)  # model dir -> latest checkpoint_<step>
+    assert loaded.step == 42 and loaded.format == t5x_reader.FORMAT_LEGACY
     assert loaded.config == config.replace(dropout_rate=0.1, dtype="bfloat16")
     _assert_same(loaded.params, params)
-    ckpt = checkpoints.open_checkpoint(storage.join(base, "checkpoint_42"))
+    ckpt = t5x_reader.open_checkpoint(storage.join(base, "checkpoint_42"))
     np.testing.assert_array_equal(
         ckpt.arrays["state/param_states/encoder/encoder_norm/scale/v"].read(), np.arange(32))
     assert not ckpt.params["decoder/logits_dense/kernel"].is_inline
@@ -129,7 +133,7 @@ def test_sharded_arrays_are_written_shard_by_shard(tmp_path, test_params):
     sharded["token_embedder"] = {"embedding": jax.device_put(
         params["token_embedder"]["embedding"][:100], NamedSharding(mesh, P("model", "data")))}
     t5x_writer.save_t5x_checkpoint(str(tmp_path / "checkpoint_1"), sharded, step=1)
-    got = checkpoints.open_checkpoint(str(tmp_path)).params["token_embedder/embedding"].read()
+    got = t5x_reader.open_checkpoint(str(tmp_path)).params["token_embedder/embedding"].read()
     np.testing.assert_array_equal(got, params["token_embedder"]["embedding"][:100])
 
 
@@ -139,7 +143,7 @@ def test_gs_paths_map_to_gcs_kvstores_with_relative_array_paths():
     saved = {"driver": "zarr", "metadata": {"shape": [768, 2048], "dtype": "<f4"},
              "kvstore": {"driver": "gcs", "bucket": "t5x-dummy-bucket",
                          "path": "target.encoder.layers_0.mlp.wi_0.kernel"}}
-    spec = checkpoints._legacy_spec(ckpt_dir, saved, "target/encoder/layers_0/mlp/wi_0/kernel")
+    spec = t5x_reader._legacy_spec(ckpt_dir, saved, "target/encoder/layers_0/mlp/wi_0/kernel")
     resolved = ts.Spec(spec).to_json()["kvstore"]
     assert resolved["driver"] == "gcs" and resolved["bucket"] == "t5-data"
     assert resolved["path"].rstrip("/") == ("pretrained_models/t5x/t5_1_1_lm100k_base/"
@@ -151,7 +155,7 @@ def test_single_msgpack_file_with_everything_inline_and_bf16(tmp_path, test_para
     config, params = test_params
     path = str(tmp_path / "all_inline.msgpack")
     t5x_writer.save_t5x_checkpoint(path, params, step=7, single_file=True, dtype="bfloat16")
-    ckpt = checkpoints.open_checkpoint(path)
+    ckpt = t5x_reader.open_checkpoint(path)
     assert ckpt.step == 7 and all(a.is_inline for a in ckpt.arrays.values())
     loaded, _ = ckpt.load_params(config)
     for name, value in strict_loading.flatten(params).items():
@@ -180,9 +184,9 @@ def test_orbax_layout_written_like_t5x_is_read(tmp_path, test_params, use_ocdbt)
                  "decoder": {"decoder_norm": {"scale": {"v": np.ones(32, np.float32)}}}}}}
     _orbax_save(tmp_path, 1100, state, use_ocdbt)
     assert os.path.isfile(tmp_path / "checkpoint_1100" / "state" / "_METADATA")
-    assert checkpoints.detect_format(str(tmp_path / "checkpoint_1100")) == checkpoints.FORMAT_ORBAX
-    ckpt = checkpoints.open_checkpoint(str(tmp_path))
-    assert ckpt.format == checkpoints.FORMAT_ORBAX and ckpt.step == 1100
+    assert t5x_reader.detect_format(str(tmp_path / "checkpoint_1100")) == t5x_reader.FORMAT_ORBAX
+    ckpt = t5x_reader.open_checkpoint(str(tmp_path))
+    assert ckpt.format == t5x_reader.FORMAT_ORBAX and ckpt.step == 1100
     mesh = jax.make_mesh((8,), ("model",))
     loaded, used = ckpt.load_params(shardings=NamedSharding(mesh, P()))
     assert used.emb_dim == 32 and used.num_decoder_layers == 3
@@ -196,6 +200,7 @@ def test_older_orbax_aggregate_file_layout(tmp_path, test_params, keep_metadata)
     """Older orbax (2023 T5X) kept non-partitioned leaves such as the step in an aggregate msgpack
     file ``state/checkpoint``, with ``PLACEHOLDER://<name>`` for arrays stored separately."""
     import shutil
+
     from flax import serialization
 
     config, params = test_params
@@ -214,8 +219,8 @@ def test_older_orbax_aggregate_file_layout(tmp_path, test_params, keep_metadata)
         meta_path.write_text(json.dumps(meta))
     else:
         meta_path.unlink()
-    ckpt = checkpoints.open_checkpoint(str(tmp_path / "checkpoint_77"))
-    assert ckpt.format == checkpoints.FORMAT_ORBAX and ckpt.step == 77
+    ckpt = t5x_reader.open_checkpoint(str(tmp_path / "checkpoint_77"))
+    assert ckpt.format == t5x_reader.FORMAT_ORBAX and ckpt.step == 77
     assert ckpt.arrays["state/step"].is_inline
     _assert_same(ckpt.load_params(config)[0], params)
 
@@ -229,7 +234,7 @@ def test_strict_loading_lists_missing_unexpected_and_misshaped_at_once(tmp_path,
     t5x_writer.save_t5x_checkpoint(str(tmp_path / "checkpoint_1"), strict_loading.unflatten(bad),
                                    step=1)
     with pytest.raises(strict_loading.CheckpointMismatchError) as e:
-        checkpoints.load_t5x(str(tmp_path), config)
+        t5x_reader.load_t5x(str(tmp_path), config)
     err = e.value
     assert err.missing == ["decoder/logits_dense/kernel"]
     assert err.unexpected == ["encoder/layers_0/attention/extra/kernel"]
@@ -245,7 +250,7 @@ def test_allow_list_partial_load_is_explicit(tmp_path, test_params):
     del partial["decoder/logits_dense/kernel"]
     t5x_writer.save_t5x_checkpoint(str(tmp_path / "checkpoint_1"),
                                    strict_loading.unflatten(partial), step=1)
-    loaded = checkpoints.load_t5x(str(tmp_path), config,
+    loaded = t5x_reader.load_t5x(str(tmp_path), config,
                                   allow_missing=["decoder/logits_dense/*"]).params
     assert "logits_dense" not in loaded["decoder"]  # absent, never silently random
     with pytest.raises(strict_loading.CheckpointMismatchError):
@@ -256,14 +261,14 @@ def test_allow_list_partial_load_is_explicit(tmp_path, test_params):
 
 
 def test_damaged_or_foreign_paths_give_clear_errors(tmp_path, fixtures_dir):
-    with pytest.raises(checkpoints.CheckpointError, match="is not a T5X checkpoint"):
-        checkpoints.open_checkpoint(str(tmp_path))
+    with pytest.raises(t5x_reader.CheckpointError, match="is not a T5X checkpoint"):
+        t5x_reader.open_checkpoint(str(tmp_path))
     truncated = tmp_path / "checkpoint_3"
     truncated.mkdir()
     raw = (fixtures_dir / FIXTURE / "checkpoint").read_bytes()
     (truncated / "checkpoint").write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(checkpoints.CheckpointError, match="truncated") as e:
-        checkpoints.open_checkpoint(str(truncated))
+    with pytest.raises(t5x_reader.CheckpointError, match="truncated") as e:
+        t5x_reader.open_checkpoint(str(truncated))
     assert str(truncated / "checkpoint") in str(e.value)
 
 

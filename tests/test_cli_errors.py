@@ -3,7 +3,7 @@ model directory left behind."""
 
 import pytest
 
-from prompt_t5x import cli
+from prompt_t5x.commands import cli
 
 
 def _train(tmp_path, *extra, task="synthetic_contains", model_dir=None):

@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_t5x import decoding, methods, t5
-from prompt_t5x.decoding import DecodeSpec
+from prompt_t5x.inference import decoding
+from prompt_t5x.inference.decoding import DecodeSpec
+from prompt_t5x.methods import model_tuning, prompt_init, prompt_tuning
+from prompt_t5x.model import t5
 
 INPUTS = np.array([[5, 6, 7, 8, 1, 0],
                    [9, 10, 1, 0, 0, 0],
@@ -16,8 +18,8 @@ INPUTS = np.array([[5, 6, 7, 8, 1, 0],
 
 
 def _prompted(model, mode, length=3, seed=1):
-    return methods.PromptTuning(model, prompt_length=length, prompt_mode=mode,
-                                prompt_init=methods.random_uniform_init(scale=1.0,
+    return prompt_tuning.PromptTuning(model, prompt_length=length, prompt_mode=mode,
+                                prompt_init=prompt_init.random_uniform_init(scale=1.0,
                                                                         symmetric=True))
 
 
@@ -32,7 +34,7 @@ def setups():
     config = t5.get_config("test")
     model = t5.T5(config)
     params = t5.init_params(config, jax.random.PRNGKey(0))
-    out = {"no_prompt": (methods.ModelTuning(model), {}, params)}
+    out = {"no_prompt": (model_tuning.ModelTuning(model), {}, params)}
     for mode in ("prepend", "before_eos"):
         method = _prompted(model, mode)
         out[mode] = (method, params, method.init_trainable(jax.random.PRNGKey(7), params))

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from prompt_t5x import distributed as dist
+from prompt_t5x.parallel import distributed as dist
 
 
 @pytest.mark.parametrize("env,flags,expected", [
@@ -101,7 +101,7 @@ def test_data_shard_rows_must_divide():
 
 
 def test_data_shard_on_the_fake_device_mesh_is_the_whole_batch():
-    from prompt_t5x import sharding
+    from prompt_t5x.parallel import sharding
     mesh = sharding.make_mesh(sharding.MeshConfig.parse("4x2"))
     assert dist.data_shard(mesh) == dist.DataShard(0, 1)
 
@@ -110,7 +110,7 @@ def test_data_shard_on_the_fake_device_mesh_is_the_whole_batch():
 def test_generated_task_shards_make_up_the_one_process_batch(count):
     """Each host's stream is its rows of the same global batch: together, exactly what one
     process trains on, at every position (so a resumed stream needs no replay)."""
-    from prompt_t5x import run_data
+    from prompt_t5x.data import run_data
     source = run_data.SyntheticData("synthetic_contains", 13, 2, batch_size=8, seed=3)
     whole = source.train_batches(5)
     hosts = [source.train_batches(5, dist.DataShard(i, count)) for i in range(count)]
@@ -167,7 +167,7 @@ def test_an_error_in_a_joined_process_exits_at_once(monkeypatch, capsys, error, 
     this one: the traceback is printed and the process leaves through os._exit at once."""
     import jax
 
-    from prompt_t5x.cli import UsageError
+    from prompt_t5x.base.errors import UsageError
     error = error if error is not None else UsageError("train.mesh: bad")
     exits = []
 
@@ -196,7 +196,7 @@ def test_outside_a_cluster_errors_propagate_unchanged():
 def test_legacy_t5x_writer_refuses_several_processes(tmp_path, monkeypatch):
     import jax
 
-    from prompt_t5x import t5x_writer
+    from prompt_t5x.checkpoints import t5x_writer
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     with pytest.raises(RuntimeError, match="single-process only, but this run has 2 processes"):
         t5x_writer.save_t5x_checkpoint(str(tmp_path / "checkpoint_1"),
@@ -208,8 +208,8 @@ def test_train_refuses_a_mesh_that_interleaves_hosts_before_loading_weights(tmp_
                                                                            monkeypatch):
     """``run_train.build_mesh`` asks for this host's data shard, so a mesh whose 'data' axis
     splits the hosts badly is a usage error (exit 2) before any weights load."""
-    from prompt_t5x import run_train
-    from prompt_t5x.cli import UsageError
+    from prompt_t5x.base.errors import UsageError
+    from prompt_t5x.commands import run_train
     run, _ = run_train.parse_run([
         "--gin_file=models/quickstart.gin", "--gin_file=runs/prompt_tuning.gin",
         "--gin.CHECKPOINT=None", f"--gin.MODEL_DIR={tmp_path / 'run'}",

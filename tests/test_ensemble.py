@@ -5,7 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-from prompt_t5x import decoding, ensemble, methods, rank_classification, t5
+from prompt_t5x.inference import decoding, ensemble, rank_classification
+from prompt_t5x.methods import prompt_init, prompt_tuning
+from prompt_t5x.model import t5
 
 INPUTS = np.array([[5, 6, 7, 8, 1, 0],
                    [9, 10, 1, 0, 0, 0]], np.int32)
@@ -17,8 +19,8 @@ def setup():
     config = t5.get_config("test")
     model = t5.T5(config)
     params = t5.init_params(config, jax.random.PRNGKey(0))
-    method = methods.PromptTuning(model, prompt_length=3, prompt_mode="before_eos",
-                                  prompt_init=methods.random_uniform_init(1.0, symmetric=True))
+    method = prompt_tuning.PromptTuning(model, prompt_length=3, prompt_mode="before_eos",
+                                  prompt_init=prompt_init.random_uniform_init(1.0, symmetric=True))
     prompts = np.stack([np.asarray(method.init_trainable(jax.random.PRNGKey(i), params)["prompt"])
                         for i in range(3)])
     labels = rank_classification.make_label_batch([[20, 21], [30], [40, 41, 42]], 4)

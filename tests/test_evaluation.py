@@ -7,8 +7,11 @@ import jax
 import numpy as np
 import pytest
 
-from prompt_t5x import cli, decoding, evaluation, methods, t5x_writer
-from prompt_t5x import rank_classification, t5
+from prompt_t5x.checkpoints import t5x_writer
+from prompt_t5x.commands import cli, evaluate_cmd
+from prompt_t5x.inference import decoding, evaluation, rank_classification
+from prompt_t5x.methods import prompt_tuning
+from prompt_t5x.model import t5
 
 N_EXAMPLES = 6
 LENGTHS = ["--gin.INPUTS_LENGTH=24", "--gin.TARGETS_LENGTH=4", "--gin.BATCH_SIZE=4"]
@@ -54,9 +57,9 @@ def _flags(world, out, *extra):
 
 def _encoder_rows(world):
     """The split's encoder inputs [E, 24] as the data bridge makes them."""
-    from prompt_t5x import data
-    spec = data.BatchSpec(24, 4, 4, prompt_length=4)
-    batches = list(data.eval_batches("local_glue_sst2", spec, split="validation"))
+    from prompt_t5x.data import seqio_bridge
+    spec = seqio_bridge.BatchSpec(24, 4, 4, prompt_length=4)
+    batches = list(seqio_bridge.eval_batches("local_glue_sst2", spec, split="validation"))
     rows = np.concatenate([b["encoder_input_tokens"][b["example_mask"]] for b in batches])
     assert rows.shape == (N_EXAMPLES, 24)
     return rows
@@ -66,7 +69,7 @@ def _reference_rank(world, prompt):
     """Independent rank classification: one prompt shared by the rows (no ensemble layout)."""
     import tasks
     vocab = tasks.vocab.get_vocabulary(world["vocab"])
-    method = methods.PromptTuning(t5.T5(world["config"]), prompt_length=4)
+    method = prompt_tuning.PromptTuning(t5.T5(world["config"]), prompt_length=4)
     labels = rank_classification.encode_labels(["negative", "positive"], vocab.encode, 4)
     classify = rank_classification.make_rank_classifier(method, labels)
     _, predicted = classify(world["params"], {"prompt": prompt}, _encoder_rows(world))
@@ -106,7 +109,7 @@ def test_infer_decode_matches_decoder(world, tmp_path):
     assert len(rows) == N_EXAMPLES
     import tasks
     vocab = tasks.vocab.get_vocabulary(world["vocab"])
-    method = methods.PromptTuning(t5.T5(world["config"]), prompt_length=4)
+    method = prompt_tuning.PromptTuning(t5.T5(world["config"]), prompt_length=4)
     tokens = _encoder_rows(world)[:1]
     out = decoding.decode_jit(method, world["params"], {"prompt": prompt}, tokens,
                               decoding.DecodeSpec(strategy="beam", beam_size=2, max_decode_len=4))
@@ -196,7 +199,7 @@ def test_train_then_eval_and_infer_from_the_model_dir(world, tmp_path):
     config = t5.get_config("tiny", dropout_rate=0.1)
     frozen = t5.init_params(config, jax.random.PRNGKey(4))
     prompt = np.load(model_dir / "prompts" / "step_2.npy")
-    method = methods.PromptTuning(t5.T5(config), prompt_length=4, prompt_mode="before_eos")
+    method = prompt_tuning.PromptTuning(t5.T5(config), prompt_length=4, prompt_mode="before_eos")
     labels = rank_classification.encode_labels(
         ["negative", "positive"], tasks.vocab.get_vocabulary(world["vocab"]).encode, 4)
     scores, _ = rank_classification.make_rank_classifier(method, labels)(
@@ -207,7 +210,7 @@ def test_train_then_eval_and_infer_from_the_model_dir(world, tmp_path):
 
 def test_offline_train_eval_infer_on_the_generated_task(tmp_path, capsys):
     """The README's fresh-machine commands: bundled quickstart model, generated task, no TF."""
-    from prompt_t5x import cli
+    from prompt_t5x.commands import cli
     run = str(tmp_path / "run")
     common = ["--gin.TASK=synthetic_contains", "--gin.INPUTS_LENGTH=13", "--gin.TARGETS_LENGTH=2"]
     assert cli.main(["train", "--gin_file=models/quickstart.gin",
@@ -241,7 +244,7 @@ def test_gin_parameters_are_the_config_fields():
     import inspect
 
     import gin
-    params = inspect.signature(evaluation._gin_bindings).parameters
+    params = inspect.signature(evaluate_cmd._gin_bindings).parameters
     fields = [f for f in dataclasses.fields(evaluation.EvalConfig) if f.init]
     assert list(params) == [f.name for f in fields]
     assert params["task"].default is gin.REQUIRED and params["output_dir"].default is gin.REQUIRED

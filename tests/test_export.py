@@ -14,8 +14,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from prompt_t5x import (cli, export, hf_checkpoint, methods, optim, prompts, t5,  # noqa: E402
-                        train, train_checkpoints)
+from prompt_t5x.checkpoints import hf_checkpoint, prompt_export, train_checkpoints
+from prompt_t5x.commands import cli
+from prompt_t5x.methods import prompt_init, prompt_tuning
+from prompt_t5x.model import t5
+from prompt_t5x.training import optim, train
 
 BATCH = dict(encoder_input_tokens=np.array([[5, 6, 7, 1, 0, 0], [3, 4, 9, 9, 2, 1]], np.int32),
              decoder_input_tokens=np.array([[0, 9, 8], [0, 2, 3]], np.int32),
@@ -43,7 +46,7 @@ def test_peft_adapter_gives_our_logits_with_the_prompt(tmp_path, model):
     config, params = model
     prompt = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (4, config.emb_dim)))
     hf_checkpoint.save_hf_t5(str(tmp_path / "hf"), params, config)
-    export.write_peft_prompt_adapter(str(tmp_path / "adapter"), prompt,
+    prompt_export.write_peft_prompt_adapter(str(tmp_path / "adapter"), prompt,
                                      num_layers=config.num_encoder_layers,
                                      num_attention_heads=config.num_heads)
     saved = hf_checkpoint.read_safetensors(str(tmp_path / "adapter" / "adapter_model.safetensors"))
@@ -68,7 +71,7 @@ def test_adapter_written_by_peft_imports_back(tmp_path):
     wrapped.save_pretrained(tmp_path)
     table = wrapped.prompt_encoder["default"].embedding.weight.detach().numpy()
     assert table.shape == (10, 8)
-    prompt, config = export.read_peft_prompt_adapter(str(tmp_path))
+    prompt, config = prompt_export.read_peft_prompt_adapter(str(tmp_path))
     np.testing.assert_array_equal(prompt, table[:5])
     assert config["peft_type"] == "PROMPT_TUNING"
     assert cli.main(["export", str(tmp_path), "--out", str(tmp_path / "back.npy")]) == 0
@@ -76,8 +79,8 @@ def test_adapter_written_by_peft_imports_back(tmp_path):
 
 
 def _train_two_steps(model_dir, config, params):
-    method = methods.PromptTuning(t5.T5(config), prompt_length=3,
-                                  prompt_init=methods.random_uniform_init())
+    method = prompt_tuning.PromptTuning(t5.T5(config), prompt_length=3,
+                                  prompt_init=prompt_init.random_uniform_init())
     optimizer = optim.adafactor()
     state = train.create_train_state(method, optimizer, params, jax.random.PRNGKey(1))
     step = train.make_train_step(method, optimizer)
@@ -99,7 +102,7 @@ def test_export_command_from_training_checkpoint(tmp_path, model, capsys):
     assert adapter_config["num_virtual_tokens"] == 3 and adapter_config["token_dim"] == 32
     assert adapter_config["num_layers"] == 2 and adapter_config["num_attention_heads"] == 4
     assert adapter_config["base_model_name_or_path"] == "t5-test"
-    back, _ = export.read_peft_prompt_adapter(str(tmp_path / "adapter"))
+    back, _ = prompt_export.read_peft_prompt_adapter(str(tmp_path / "adapter"))
     np.testing.assert_array_equal(back, prompt)
     # The per-save prompt file agrees with the export.
     np.testing.assert_array_equal(np.load(tmp_path / "run" / "prompts" / "step_2.npy"), prompt)
@@ -124,17 +127,17 @@ def test_export_errors_exit_2(tmp_path, capsys):
 
 def test_released_prompts_load_as_prompt_inits(fixtures_dir):
     path = fixtures_dir / "prompts" / "t5_1_1_lm100k_base_sst2.npy"
-    prompt, info = export.load_prompt(str(path))
+    prompt, info = prompt_export.load_prompt(str(path))
     assert prompt.shape == (100, 768) and prompt.dtype == np.float32 and info["kind"] == "npy"
     np.testing.assert_array_equal(prompt, np.load(path))
     # As the init of a prompt-tuning method for a d_model=768 model (T5 1.1 base width).
     config = t5.get_config("test", emb_dim=768)
-    method = methods.PromptTuning(t5.T5(config), prompt_length=100,
-                                  prompt_init=methods.npy_init(str(path)))
+    method = prompt_tuning.PromptTuning(t5.T5(config), prompt_length=100,
+                                  prompt_init=prompt_init.npy_init(str(path)))
     trainable = method.init_trainable(jax.random.PRNGKey(0), frozen=None)
     np.testing.assert_array_equal(np.asarray(trainable["prompt"]), prompt)
-    wrong = methods.PromptTuning(t5.T5(t5.get_config("test")), prompt_length=100,
-                                 prompt_init=methods.npy_init(str(path)))
+    wrong = prompt_tuning.PromptTuning(t5.T5(t5.get_config("test")), prompt_length=100,
+                                 prompt_init=prompt_init.npy_init(str(path)))
     with pytest.raises(ValueError, match="d_model"):
         wrong.init_trainable(jax.random.PRNGKey(0), frozen=None)
-    assert prompts.from_npy(str(path), (100, 768)).shape == (100, 768)
+    assert prompt_init.from_npy(str(path), (100, 768)).shape == (100, 768)

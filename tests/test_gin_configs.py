@@ -2,11 +2,11 @@
 
 import pathlib
 
-import gin
 import pytest
 
-from prompt_t5x import configurables, gin_cli, t5
-from prompt_t5x import run_train, scaling  # noqa: F401  (register 'train' and 'scaling')
+import gin
+from prompt_t5x.commands import configurables, gin_cli, run_train, scaling  # noqa: F401  (register 'train' and 'scaling')
+from prompt_t5x.model import t5
 
 GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin"
 ALL_FILES = sorted(str(p.relative_to(GIN_DIR)) for p in GIN_DIR.rglob("*.gin"))

@@ -13,7 +13,9 @@ import pytest  # noqa: E402
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from prompt_t5x import cli, hf_checkpoint, strict_loading, t5  # noqa: E402
+from prompt_t5x.checkpoints import hf_checkpoint, strict_loading
+from prompt_t5x.commands import cli
+from prompt_t5x.model import t5
 
 BATCH = dict(encoder_input_tokens=np.array([[5, 6, 7, 1, 0], [3, 4, 1, 0, 0]], np.int32),
              decoder_input_tokens=np.array([[0, 9, 8], [0, 2, 3]], np.int32),
@@ -104,8 +106,10 @@ def test_bfloat16_safetensors_and_dtype_cast(tmp_path, hf_model):
 
 def test_sharded_import_places_and_casts_each_parameter(tmp_path, hf_model):
     """Shardings and dtype go through the same strict read as T5X checkpoints."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    from prompt_t5x import checkpoints
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from prompt_t5x.checkpoints import t5x_reader
     hf_model.save_pretrained(tmp_path, safe_serialization=True)
     host, _ = hf_checkpoint.load_hf_t5(str(tmp_path))
     mesh = jax.make_mesh((2, 4), ("data", "model"))
@@ -121,7 +125,7 @@ def test_sharded_import_places_and_casts_each_parameter(tmp_path, hf_model):
     for name, value in strict_loading.flatten(params).items():
         want = strict_loading.flatten(host)[name].astype(jax.numpy.bfloat16)
         np.testing.assert_array_equal(np.asarray(value), want, err_msg=name)
-    with pytest.raises(checkpoints.CheckpointError, match="no sharding given for parameter"):
+    with pytest.raises(t5x_reader.CheckpointError, match="no sharding given for parameter"):
         hf_checkpoint.load_hf_t5(str(tmp_path), shardings={"token_embedder/embedding": split})
 
 

@@ -189,7 +189,7 @@ def test_gpu_bench_stage_commands_parse_validate_and_fit_one_call(stage, tmp_pat
     """Every run of every stage is a valid bench / peer command line (flags that exist, values
     that pass validation), and a stage's limits plus grace fit one 600 s device call: a GPU
     session must not lose its minutes to a typo or a killed call."""
-    from prompt_t5x import bench_protocol, peft_peer
+    from prompt_t5x.bench import bench_protocol, peft_peer
     runs = gpu_runs(stage, tmp_path)
     assert runs, stage
     assert sum(limit + 20 for limit, _ in runs) <= 570, stage
@@ -201,14 +201,14 @@ def test_gpu_bench_stage_commands_parse_validate_and_fit_one_call(stage, tmp_pat
             args = bench_protocol.build_parser().parse_args(rest[1:])
             bench_protocol.validate(args)
         else:
-            assert module == "prompt_t5x.peft_peer"
+            assert module == "prompt_t5x.bench.peft_peer"
             args = peft_peer.build_parser().parse_args(rest)
             peft_peer.validate(args)
         assert args.json.startswith(str(tmp_path / f"{stage}_")) and args.json.endswith(".json")
 
 
 def test_gpu_bench_targets_use_the_issue_configuration(tmp_path):
-    from prompt_t5x import bench_protocol
+    from prompt_t5x.bench import bench_protocol
     ((_, xl),) = gpu_runs("xl", tmp_path)
     args = bench_protocol.build_parser().parse_args(xl[4:])
     assert (args.size, args.batch, args.encoder_len, args.prompt_len, args.decoder_len) == (

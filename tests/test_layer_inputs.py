@@ -1,12 +1,11 @@
 """Per-layer inputs for the methods after prompt tuning: key/value prefixes and deep prompts."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jax
-import jax.numpy as jnp
-
-from prompt_t5x import t5
+from prompt_t5x.model import t5
 
 
 @pytest.fixture(scope="module")

@@ -99,33 +99,34 @@ def test_wsc_simple_exact_strings_and_train_filter(registry, fixtures_dir):
 
 
 def test_wsc_postprocessor_and_metric_on_local_eval(registry):
-    from prompt_t5x import data
-    spec = data.BatchSpec(inputs_length=512, targets_length=32, batch_size=8)
+    from prompt_t5x.data import seqio_bridge
+    spec = seqio_bridge.BatchSpec(inputs_length=512, targets_length=32, batch_size=8)
     import seqio
-    examples = data.eval_examples("local_super_glue_wsc_simple_eval", spec, split="validation",
+    examples = seqio_bridge.eval_examples("local_super_glue_wsc_simple_eval", spec, split="validation",
                                   shard_info=seqio.ShardInfo(0, 1))
     # Echoing the candidate says "yes, it is the referent" for every example: accuracy is then
     # the fraction of examples whose candidate is right.
     echo = [ex["targets_pretokenized"].decode() for ex in examples]
-    got = data.compute_metrics("local_super_glue_wsc_simple_eval", examples, echo)
+    got = seqio_bridge.compute_metrics("local_super_glue_wsc_simple_eval", examples, echo)
     expected = 100 * np.mean([ex["label"] == 1 for ex in examples])
     assert got["accuracy"] == pytest.approx(expected)
 
 
 def test_rte_metrics_through_postprocessor(registry):
     import seqio
-    from prompt_t5x import data
-    spec = data.BatchSpec(inputs_length=64, targets_length=8, batch_size=4)
-    examples = data.eval_examples("local_super_glue_rte", spec, split="validation",
+
+    from prompt_t5x.data import seqio_bridge
+    spec = seqio_bridge.BatchSpec(inputs_length=64, targets_length=8, batch_size=4)
+    examples = seqio_bridge.eval_examples("local_super_glue_rte", spec, split="validation",
                                   shard_info=seqio.ShardInfo(0, 1))
     perfect = [ex["targets_pretokenized"].decode() for ex in examples]
-    assert data.compute_metrics("local_super_glue_rte", examples, perfect) == {"accuracy": 100.0}
+    assert seqio_bridge.compute_metrics("local_super_glue_rte", examples, perfect) == {"accuracy": 100.0}
     constant = ["entailment"] * len(examples)
     frac = np.mean([ex["label"] == 0 for ex in examples])
-    got = data.compute_metrics("local_super_glue_rte", examples, constant)["accuracy"]
+    got = seqio_bridge.compute_metrics("local_super_glue_rte", examples, constant)["accuracy"]
     assert got == pytest.approx(100 * frac)
     garbage = ["maybe"] * len(examples)   # not a label word: counted wrong
-    assert data.compute_metrics("local_super_glue_rte", examples, garbage) == {"accuracy": 0.0}
+    assert seqio_bridge.compute_metrics("local_super_glue_rte", examples, garbage) == {"accuracy": 0.0}
 
 
 # ------------------------------------------------------------------------------ bad input ----
@@ -175,7 +176,7 @@ def test_missing_file_empty_split_and_ambiguous_dir(registry, tmp_path):
 
 
 def test_cli_show_task_and_errors(registry, fixtures_dir, capsys):
-    from prompt_t5x import cli
+    from prompt_t5x.commands import cli
     vocab = str(fixtures_dir / "vocab" / "t5_cc_all_32000_100extra.spm.model")
     common = ["--vocab", vocab, "--data_dir", str(fixtures_dir / "data")]
     assert cli.main(["show-task", "local_glue_sst2", "-n", "1", *common]) == 0

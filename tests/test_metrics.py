@@ -1,4 +1,4 @@
-"""prompt_t5x.metrics against hand-computed and scikit-learn / scipy values."""
+"""prompt_t5x.data.metrics against hand-computed and scikit-learn / scipy values."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
-from prompt_t5x import metrics
+from prompt_t5x.data import metrics
 
 
 def test_accuracy_hand_checked():

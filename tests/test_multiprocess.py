@@ -40,8 +40,10 @@ import time
 import numpy as np
 import pytest
 
-from prompt_t5x import distributed, frozen_sources, run_train, train_checkpoints
-from prompt_t5x.metrics_writer import read_jsonl
+from prompt_t5x.checkpoints import frozen_sources, train_checkpoints
+from prompt_t5x.commands import run_train
+from prompt_t5x.parallel import distributed
+from prompt_t5x.training.metrics_writer import read_jsonl
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SEQIO_TASK = "local_super_glue_wsc_simple_train"
@@ -238,7 +240,10 @@ def _validation_margins(run, prompt: np.ndarray) -> tuple:
     at each target token (token accuracy)."""
     import jax
 
-    from prompt_t5x import rank_classification, run_data, t5, validation
+    from prompt_t5x.data import run_data
+    from prompt_t5x.inference import rank_classification
+    from prompt_t5x.model import t5
+    from prompt_t5x.training import validation
     source = run_data.open_data(run, run.method.prompt_length)
     method = run.method.build(t5.T5(run.model), source.label_words, source.encode)
     frozen = frozen_sources.load_frozen_params(run.checkpoint, run.model, run.seed)
@@ -247,7 +252,7 @@ def _validation_margins(run, prompt: np.ndarray) -> tuple:
     classify = jax.jit(rank_classification.rank_classifier_fn(method, labels))
     trainable = {"prompt": prompt}
     labels_margin, tokens_margin = [], []
-    for batch in validation.limit_examples(source.eval_batches(), run.max_eval_examples):
+    for batch in run_data.limit_examples(source.eval_batches(), run.max_eval_examples):
         real = np.asarray(batch["example_mask"], bool)
         scores, _ = classify(frozen, trainable, batch["encoder_input_tokens"])
         labels_margin.append(_top1_margins(np.asarray(scores))[real])
@@ -336,19 +341,19 @@ def driven(tmp_path_factory, fixtures_dir):
 def test_seqio_stream_rows_per_process(driven, fixtures_dir):
     """The stream ``prompt-t5x train`` feeds: SeqIO shard i of 2 on 2x4; the same rows on 1x8."""
     import seqio
-    import tasks
 
-    from prompt_t5x import data
+    import tasks
+    from prompt_t5x.data import seqio_bridge
     tasks.register_all(vocab_path=str(driven["vocab"]), data_dir=str(fixtures_dir / "data"))
-    spec = data.BatchSpec(32, 4, 8, prompt_length=8)
+    spec = seqio_bridge.BatchSpec(32, 4, 8, prompt_length=8)
 
     def load(mesh, process):
         saved = driven["load"](mesh, process)
-        batches = [{k: saved[f"{k}_{i}"] for k in data.MODEL_FEATURES} for i in range(3)]
+        batches = [{k: saved[f"{k}_{i}"] for k in seqio_bridge.MODEL_FEATURES} for i in range(3)]
         return tuple(saved["shard"]), int(saved["process"]), batches
 
     def expected(index, count):
-        stream = data.train_batches(SEQIO_TASK, spec, seed=0,
+        stream = seqio_bridge.train_batches(SEQIO_TASK, spec, seed=0,
                                     shard_info=seqio.ShardInfo(index, count))
         return [next(stream) for _ in range(3)]
 
@@ -357,7 +362,7 @@ def test_seqio_stream_rows_per_process(driven, fixtures_dir):
     for (shard, _, batches) in hosts:
         for got, want in zip(batches, expected(*shard)):
             assert got["encoder_input_tokens"].shape == (4, 32)
-            for k in data.MODEL_FEATURES:
+            for k in seqio_bridge.MODEL_FEATURES:
                 np.testing.assert_array_equal(got[k], want[k])
     rows = [{r.tobytes() for b in h[2] for r in b["encoder_input_tokens"]} for h in hosts]
     assert rows[0] and rows[1] and not rows[0] & rows[1]
@@ -366,7 +371,7 @@ def test_seqio_stream_rows_per_process(driven, fixtures_dir):
     assert [s[0] for s in shared] == [(0, 1), (0, 1)]
     for a, b, want in zip(shared[0][2], shared[1][2], expected(0, 1)):
         assert a["encoder_input_tokens"].shape == (8, 32)
-        for k in data.MODEL_FEATURES:
+        for k in seqio_bridge.MODEL_FEATURES:
             np.testing.assert_array_equal(a[k], b[k])
             np.testing.assert_array_equal(a[k], want[k])
 
@@ -377,7 +382,8 @@ def test_partitioned_greedy_decoding_matches_one_device(driven):
     import jax
     import multiprocess_driver
 
-    from prompt_t5x import evaluation, t5
+    from prompt_t5x.inference import evaluation
+    from prompt_t5x.model import t5
     run, _ = run_train.parse_run(driven["argv"])
     config = run.model.replace(vocab_size=32)
     method, trainable, spec, batch = multiprocess_driver.decode_setup(config)

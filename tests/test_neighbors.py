@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from prompt_t5x import cli, neighbors
+from prompt_t5x.commands import cli
+from prompt_t5x.inference import neighbors
 
 
 def _brute_force(prompt, embedding, k):
@@ -61,8 +62,8 @@ def test_token_strings_with_real_vocab(fixtures_dir):
 def test_command_on_real_checkpoint(fixtures_dir, tmp_path, capsys):
     ckpt = str(fixtures_dir / "t5x" / "t5_1_1_tiny_checkpoint_3")
     vocab = str(fixtures_dir / "vocab" / "t5_cc_all_32000_100extra.spm.model")
-    from prompt_t5x import checkpoints
-    table = checkpoints.open_checkpoint(ckpt).params["token_embedder/embedding"].read()
+    from prompt_t5x.checkpoints import t5x_reader
+    table = t5x_reader.open_checkpoint(ckpt).params["token_embedder/embedding"].read()
     prompt = np.stack([table[1000], -table[42], table[7] + 1e-3])  # [3, 4]
     np.save(tmp_path / "p.npy", prompt)
     out_json = tmp_path / "n.json"
@@ -85,7 +86,9 @@ def test_command_on_real_checkpoint(fixtures_dir, tmp_path, capsys):
 
 def test_command_on_hf_dir(tmp_path, capsys):
     import jax
-    from prompt_t5x import hf_checkpoint, t5
+
+    from prompt_t5x.checkpoints import hf_checkpoint
+    from prompt_t5x.model import t5
     config = t5.get_config("test")
     rng = np.random.default_rng(1)
     params = jax.tree_util.tree_map(lambda s: rng.normal(size=s.shape).astype(np.float32),

@@ -1,12 +1,11 @@
 """Adafactor (T5X semantics) against values computed by hand in numpy."""
 
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-import jax.numpy as jnp
-
-from prompt_t5x import optim
+from prompt_t5x.training import optim
 
 
 def _numpy_adafactor(param, grads, lr=0.3, decay=0.8, clip=1.0, wd=1e-5, start=0):

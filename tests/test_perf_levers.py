@@ -13,8 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_t5x import attention, decoding, flops, methods, optim, t5, train
-from prompt_t5x.bench_protocol import random_train_batch
+from prompt_t5x.bench import flops
+from prompt_t5x.bench.bench_protocol import random_train_batch
+from prompt_t5x.inference import decoding
+from prompt_t5x.methods import model_tuning, prompt_init, prompt_tuning
+from prompt_t5x.model import attention, t5
+from prompt_t5x.training import optim, train
 
 PROMPT_LEN = 5
 # 'test' has every dim distinct (embed 32, heads*kv 40, mlp 48, vocab 101); batch 3 x encoder
@@ -55,7 +59,7 @@ def reference(setup):
 
 def loss_logits_grad(cfg, frozen, trainable, batch):
     """(loss, logits [B, T, V], d loss / d prompt [P, D]) of the train step's objective."""
-    method = methods.PromptTuning(t5.T5(cfg), prompt_length=PROMPT_LEN)
+    method = prompt_tuning.PromptTuning(t5.T5(cfg), prompt_length=PROMPT_LEN)
 
     def loss(tr):
         logits = method.logits(frozen, tr, batch)
@@ -123,7 +127,7 @@ def test_cudnn_arguments_for_cached_decoding(setup, emulated_cudnn):
     spec = decoding.DecodeSpec(strategy="greedy", max_decode_len=DECODER_LEN, eos_id=None)
 
     def greedy(impl):
-        method = methods.PromptTuning(t5.T5(cfg.replace(attention_impl=impl)),
+        method = prompt_tuning.PromptTuning(t5.T5(cfg.replace(attention_impl=impl)),
                                       prompt_length=PROMPT_LEN)
         return decoding.decode(method, frozen, prompt, batch["encoder_input_tokens"], spec)
 
@@ -253,7 +257,7 @@ def test_no_weight_gradient_matmul_in_compiled_step(setup):
     assert len(kernels) >= 6  # [32,40], [40,32], [32,48], [48,32], [32,101], [101,32]
     frozen = t5.param_shapes(cfg)   # abstract: nothing allocated
     optimizer = optim.adafactor()
-    method = methods.PromptTuning(t5.T5(cfg), PROMPT_LEN, prompt_init=methods.random_uniform_init())
+    method = prompt_tuning.PromptTuning(t5.T5(cfg), PROMPT_LEN, prompt_init=prompt_init.random_uniform_init())
     state = jax.eval_shape(lambda f: train.create_train_state(method, optimizer, f,
                                                               jax.random.PRNGKey(0)), frozen)
     compiled, jaxpr = _compiled_step(method, optimizer, state, frozen, batch)
@@ -263,7 +267,7 @@ def test_no_weight_gradient_matmul_in_compiled_step(setup):
     assert [s for s in _jaxpr_dot_shapes(jaxpr.jaxpr) if s in kernels] == []
 
     # The same checks flag model tuning, whose step does compute weight gradients.
-    tuning = methods.ModelTuning(t5.T5(cfg))
+    tuning = model_tuning.ModelTuning(t5.T5(cfg))
     tuned_state = jax.eval_shape(lambda p: train.create_train_state(
         tuning, optimizer, {}, jax.random.PRNGKey(0), trainable=p), frozen)
     compiled, jaxpr = _compiled_step(tuning, optimizer, tuned_state, {}, batch)

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from prompt_t5x import plan, t5
+from prompt_t5x.commands import plan
+from prompt_t5x.model import t5
 
 # Dims divisible by 8; frozen weights bf16 as in the real plan.
 CFG = t5.get_config("test", vocab_size=128, emb_dim=56, num_heads=8, head_dim=6, mlp_dim=40,
@@ -37,7 +38,7 @@ def test_plan_one_reports_sharded_weights_memory_and_flops(mesh_text, param_dims
     # the arguments are the weight shards plus the (small) state and batch shard
     assert row["weights_gib"] < row["arguments_gib"] < row["weights_gib"] + 1e-3
     assert row["peak_gib"] >= row["arguments_gib"]
-    # XLA's count includes element-wise work on top of the matmuls of prompt_t5x.flops
+    # XLA's count includes element-wise work on top of the matmuls of prompt_t5x.bench.flops
     # the compiled step does every counted matmul (so never less) plus a little bookkeeping
     assert 1.0 <= row["tflops_compiled"] / row["tflops_analytic"] <= 1.5
     assert all(row["fits"].values())

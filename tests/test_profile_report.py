@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from prompt_t5x import bench, profile_report
+from prompt_t5x.bench import bench, profile_report
 
 # A GPU-style optimised module: cuBLAS and Triton GEMMs, a cuDNN attention call inside a fusion,
 # a collective, a loop whose body holds a dot, element-wise fusions, and a header long enough to

@@ -1,12 +1,12 @@
 """Prompt combining (positions, masks, variable lengths) and prompt initializers."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jax
-import jax.numpy as jnp
-
-from prompt_t5x import prompts, t5
+from prompt_t5x.methods import prompt_init
+from prompt_t5x.model import prompt_inputs, t5
 
 
 def _reference_combine(embedded, mask, prompt, mode):
@@ -21,7 +21,7 @@ def _reference_combine(embedded, mask, prompt, mode):
     return np.stack(out), np.stack(out_mask)
 
 
-@pytest.mark.parametrize("mode", prompts.COMBINE_MODES)
+@pytest.mark.parametrize("mode", prompt_inputs.COMBINE_MODES)
 @pytest.mark.parametrize("per_example", [False, True])
 def test_combine_matches_rowwise_reference(mode, per_example):
     rng = np.random.RandomState(0)
@@ -29,7 +29,7 @@ def test_combine_matches_rowwise_reference(mode, per_example):
     mask = np.array([[i < n for i in range(6)] for n in lengths])
     embedded = rng.randn(4, 6, 5).astype(np.float32) * mask[..., None]
     prompt = rng.randn(*((4, 3, 5) if per_example else (3, 5))).astype(np.float32)
-    got, got_mask, index = prompts.combine_prompt(jnp.asarray(embedded), jnp.asarray(mask),
+    got, got_mask, index = prompt_inputs.combine_prompt(jnp.asarray(embedded), jnp.asarray(mask),
                                                   jnp.asarray(prompt), mode)
     want, want_mask = _reference_combine(embedded, mask, prompt, mode)
     np.testing.assert_array_equal(np.asarray(got), want)
@@ -42,9 +42,9 @@ def test_combine_matches_rowwise_reference(mode, per_example):
 
 def test_bad_prompt_shape_is_a_clear_error():
     with pytest.raises(ValueError, match="does not fit"):
-        prompts.combine_prompt(jnp.zeros((2, 4, 8)), jnp.ones((2, 4), bool), jnp.zeros((3, 7)))
+        prompt_inputs.combine_prompt(jnp.zeros((2, 4, 8)), jnp.ones((2, 4), bool), jnp.zeros((3, 7)))
     with pytest.raises(ValueError, match="unknown prompt combine mode"):
-        prompts.insertion_points(jnp.ones((2, 4), bool), "middle")
+        prompt_inputs.insertion_points(jnp.ones((2, 4), bool), "middle")
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def _batch(ids, targets):
             "decoder_target_tokens": jnp.asarray(targets, jnp.int32)}
 
 
-@pytest.mark.parametrize("mode", prompts.COMBINE_MODES)
+@pytest.mark.parametrize("mode", prompt_inputs.COMBINE_MODES)
 def test_padding_is_masked_and_prompt_visible(tiny, mode):
     """A padded row gives the same logits as the same row alone without padding."""
     config, model, params = tiny
@@ -101,15 +101,15 @@ def test_padding_tokens_content_is_ignored(tiny):
 
 def test_random_uniform_ranges():
     key = jax.random.PRNGKey(0)
-    p = np.asarray(prompts.random_uniform(key, 50, 40, scale=0.5))
+    p = np.asarray(prompt_init.random_uniform(key, 50, 40, scale=0.5))
     assert p.shape == (50, 40) and p.min() >= 0.0 and p.max() < 0.5 and p.min() < 0.05
-    s = np.asarray(prompts.random_uniform(key, 50, 40, scale=0.5, symmetric=True))
+    s = np.asarray(prompt_init.random_uniform(key, 50, 40, scale=0.5, symmetric=True))
     assert s.min() >= -0.5 and s.max() < 0.5 and s.min() < -0.4
 
 
 def test_sampled_vocab_draws_distinct_rows_from_the_first_n():
     emb = np.arange(200 * 3, dtype=np.float32).reshape(200, 3)
-    p = np.asarray(prompts.sampled_vocab(jax.random.PRNGKey(1), emb, 20, population=50))
+    p = np.asarray(prompt_init.sampled_vocab(jax.random.PRNGKey(1), emb, 20, population=50))
     ids = p[:, 0] / 3
     assert np.all(ids < 50) and len(set(ids.tolist())) == 20
     np.testing.assert_array_equal(p, emb[ids.astype(int)])
@@ -121,7 +121,7 @@ def test_class_labels_with_the_real_t5_vocabulary(fixtures_dir):
     emb = np.load(fixtures_dir / "prompts" / "tiny_embeddings_32128x4.npy")
     sp = spm.SentencePieceProcessor(model_file=str(vocab))
     labels = ["positive", "negative", "not_entailment"]
-    p = np.asarray(prompts.class_labels(jax.random.PRNGKey(0), emb, 10, labels, str(vocab)))
+    p = np.asarray(prompt_init.class_labels(jax.random.PRNGKey(0), emb, 10, labels, str(vocab)))
     assert p.shape == (10, 4)
     for i, label in enumerate(labels):
         ids = sp.encode(label)
@@ -130,18 +130,18 @@ def test_class_labels_with_the_real_t5_vocabulary(fixtures_dir):
     rest_rows = {tuple(r) for r in emb[:5000]}
     assert all(tuple(r) in rest_rows for r in p[3:])       # the rest: sampled vocabulary
     with pytest.raises(ValueError, match="do not fit"):
-        prompts.class_labels(jax.random.PRNGKey(0), emb, 2, labels, str(vocab))
+        prompt_init.class_labels(jax.random.PRNGKey(0), emb, 2, labels, str(vocab))
 
 
 def test_from_npy_checks_shape_and_refuses_pickles(tmp_path, fixtures_dir):
-    released = prompts.from_npy(fixtures_dir / "prompts" / "t5_1_1_lm100k_base_sst2.npy",
+    released = prompt_init.from_npy(fixtures_dir / "prompts" / "t5_1_1_lm100k_base_sst2.npy",
                                 (100, 768))
     assert released.shape == (100, 768) and np.isfinite(released).all()
     with pytest.raises(ValueError, match="expected"):
-        prompts.from_npy(fixtures_dir / "prompts" / "prompt_5x256.npy", (100, 256))
+        prompt_init.from_npy(fixtures_dir / "prompts" / "prompt_5x256.npy", (100, 256))
     bad = tmp_path / "obj.npy"
     np.save(bad, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="not a plain numeric"):
-        prompts.from_npy(bad)
+        prompt_init.from_npy(bad)
     with pytest.raises(FileNotFoundError):
-        prompts.from_npy(tmp_path / "missing.npy")
+        prompt_init.from_npy(tmp_path / "missing.npy")

@@ -2,11 +2,14 @@
 
 import numpy as np
 
-from prompt_t5x import quickstart, synthetic, t5
+from prompt_t5x.checkpoints import bundled
+from prompt_t5x.commands import quickstart
+from prompt_t5x.data import synthetic
+from prompt_t5x.model import t5
 
 
 def test_asset_is_a_t5x_tree_and_the_generated_task_is_balanced():
-    config, params = quickstart.load_asset()
+    config, params = bundled.load_asset()
     import jax
     want = jax.tree.map(lambda s: s.shape, t5.param_shapes(config))
     got = jax.tree.map(lambda a: a.shape, params)

@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_t5x import methods, rank_classification as rc, t5
+from prompt_t5x.inference import rank_classification as rc
+from prompt_t5x.methods import prompt_init, prompt_tuning
+from prompt_t5x.model import t5
 
 LABELS = [[5], [7, 8], [9, 10, 11]]   # label token ids (no EOS), different lengths
 TARGETS_LENGTH = 6
@@ -16,8 +18,8 @@ TARGETS_LENGTH = 6
 def setup():
     config = t5.get_config("test")
     frozen = t5.init_params(config, jax.random.PRNGKey(0))
-    method = methods.PromptTuning(t5.T5(config), prompt_length=3,
-                                  prompt_init=methods.random_uniform_init(0.5))
+    method = prompt_tuning.PromptTuning(t5.T5(config), prompt_length=3,
+                                  prompt_init=prompt_init.random_uniform_init(0.5))
     trainable = method.init_trainable(jax.random.PRNGKey(1), frozen)
     rng = np.random.default_rng(0)
     tokens = rng.integers(2, config.vocab_size, size=(5, 7)).astype(np.int32)

@@ -2,7 +2,8 @@
 
 import math
 
-from prompt_t5x import cli, scaling, t5
+from prompt_t5x.commands import cli, scaling
+from prompt_t5x.model import t5
 
 MODELS = ("[{'name': 'd16', 'size': 'tiny', 'vocab_size': 32, 'emb_dim': 16, 'num_heads': 2, "
           "'head_dim': 8, 'mlp_dim': 24, 'num_encoder_layers': 1, 'num_decoder_layers': 1}, "

@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from prompt_t5x import cli, run_train, sharding, t5, train_checkpoints
+from prompt_t5x.checkpoints import train_checkpoints
+from prompt_t5x.commands import cli, run_train
+from prompt_t5x.model import t5
+from prompt_t5x.parallel import sharding
 
 
 def _argv(model_dir, mesh=None, *extra):

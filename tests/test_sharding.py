@@ -15,9 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
-from prompt_t5x import methods, partitioning, sharding, t5, train
+from prompt_t5x.checkpoints import frozen_sources
+from prompt_t5x.methods import prompt_tuning
+from prompt_t5x.model import t5
+from prompt_t5x.parallel import partitioning, sharding
+from prompt_t5x.training import sharded_run, train
 
 # Every dim divisible by 8 (the largest mesh axis) and distinct, so a transposed layout shows.
 CFG = t5.get_config("test", vocab_size=128, emb_dim=56, num_heads=8, head_dim=6, mlp_dim=40,
@@ -217,7 +222,7 @@ def test_a_batch_every_host_holds_is_cut_per_device_for_any_device_order():
 
 
 def _method():
-    return methods.PromptTuning(t5.T5(CFG), prompt_length=PROMPT_LENGTH)
+    return prompt_tuning.PromptTuning(t5.T5(CFG), prompt_length=PROMPT_LENGTH)
 
 
 def _recording_optimizer():
@@ -268,10 +273,10 @@ def test_mesh_matches_single_device(reference, mesh_text, act_dims, param_dims):
     # Same keys as the reference: PRNGKey(1) for the weights, PRNGKey(2) for the state.
     frozen = partitioning.init_frozen(CFG, jax.random.PRNGKey(1), sharding.make_mesh(config),
                                       config.rules())
-    run = partitioning.prepare_sharded_run(CFG, method, optimizer, config, jax.random.PRNGKey(0),
+    run = sharded_run.prepare_sharded_run(CFG, method, optimizer, config, jax.random.PRNGKey(0),
                                            donate_state=False)
     # prepare_sharded_run drew its own weights/state keys; use the reference's for comparison.
-    state = partitioning.create_train_state(method, optimizer, frozen, jax.random.PRNGKey(2),
+    state = sharded_run.create_train_state(method, optimizer, frozen, jax.random.PRNGKey(2),
                                             run.mesh, run.rules)
     mesh = run.mesh
     assert jax.tree.map(lambda x: x.sharding, run.frozen) == jax.tree.map(
@@ -317,14 +322,14 @@ def test_2d_activation_and_parameter_rules_follow_t5x_priority():
 
 def test_restore_t5x_checkpoint_straight_into_shards(fixtures_dir):
     """The real T5X fixture checkpoint read into a 4x2 mesh with 2-D parameter partitioning."""
-    from prompt_t5x import checkpoints
+    from prompt_t5x.checkpoints import t5x_reader
 
     path = str(fixtures_dir / "t5x" / "t5_1_1_tiny_checkpoint_3")
-    config = checkpoints.open_checkpoint(path).infer_config()
+    config = t5x_reader.open_checkpoint(path).infer_config()
     mesh_config = sharding.MeshConfig.parse("4x2", parameter_partitioning_dims=2)
     mesh, rules = sharding.make_mesh(mesh_config), mesh_config.rules()
-    restored = _flat(partitioning.restore_frozen(path, config, mesh, rules))
-    on_host = _flat(checkpoints.load_t5x(path, config).params)
+    restored = _flat(frozen_sources.restore_frozen(path, config, mesh, rules))
+    on_host = _flat(t5x_reader.load_t5x(path, config).params)
     expected_specs = _flat(sharding.mesh_specs(t5.logical_axes(config), rules))
     assert sorted(restored) == sorted(on_host)
     for name, array in restored.items():

@@ -8,7 +8,8 @@ transformers = pytest.importorskip("transformers")
 
 import jax.numpy as jnp  # noqa: E402
 
-from prompt_t5x import hf_interop, t5  # noqa: E402
+from prompt_t5x.checkpoints import hf_interop
+from prompt_t5x.model import t5
 
 CONFIGS = {
     # heads * d_kv (40) != d_model (32), unequal encoder/decoder depth

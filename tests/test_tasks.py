@@ -116,6 +116,7 @@ def _fake_as_dataset(self, split, decoders=None, read_config=None, **kwargs):
 @pytest.fixture(scope="module")
 def mocked(fixtures_dir):
     import tensorflow_datasets as tfds
+
     import tasks
     tasks.register_all(
         vocab_path=str(fixtures_dir / "vocab" / "t5_cc_all_32000_100extra.spm.model"))
@@ -200,6 +201,7 @@ def test_c4_prefix_lm_splits_text_into_prefix_and_continuation(mocked):
 
 def test_mixtures_rates_and_sampling(mocked):
     import seqio
+
     from tasks import mixtures
     mixture = seqio.get_mixture_or_task("super_glue_v102")
     rates = {t.name: mixture.get_rate(t) for t in mixture.tasks}
@@ -219,7 +221,8 @@ def test_mixtures_rates_and_sampling(mocked):
 
 
 def test_show_task_on_tfds_task(mocked, capsys):
-    from prompt_t5x import cli
+    from prompt_t5x.base import errors
+    from prompt_t5x.commands import cli
     assert cli.main(["show-task", "super_glue_copa_v102", "--split", "train", "-n", "3"]) == 0
     out = capsys.readouterr().out
     assert out.count("=== super_glue_copa_v102 [train] example") == 1  # only 1 record exists
@@ -232,28 +235,33 @@ def test_show_task_on_tfds_task(mocked, capsys):
 
 
 def test_unknown_task_module_is_a_usage_error(mocked, capsys):
-    from prompt_t5x import cli
+    from prompt_t5x.base import errors
+    from prompt_t5x.commands import cli
     assert cli.main(["tasks", "--task_module", "no_such_module_xyz"]) == 2
     assert "no_such_module_xyz" in capsys.readouterr().err
 
 
 def test_open_task_reports_bad_tasks_splits_and_modules_as_usage_errors(mocked):
     """``eval``/``infer``/``show-task`` (and train's SeqIO data) resolve tasks this one way."""
-    from prompt_t5x import cli, task_cli
-    assert task_cli.open_task("super_glue_copa_v102", ("train",)).name == "super_glue_copa_v102"
-    with pytest.raises(cli.UsageError, match="has no split 'validation'; available: test"):
-        task_cli.open_task("super_glue_axb_v102", ("validation",))
-    with pytest.raises(cli.UsageError, match=r"unknown task .* Generated tasks .*synthetic_contains"):
-        task_cli.open_task("synthetic_contain")
-    with pytest.raises(cli.UsageError, match="no_such_module_xyz"):
-        task_cli.open_task("super_glue_copa_v102", task_modules=["no_such_module_xyz"])
+    from prompt_t5x.base import errors
+    from prompt_t5x.commands import cli
+    from prompt_t5x.data import task_registry
+    assert task_registry.open_task("super_glue_copa_v102", ("train",)).name == "super_glue_copa_v102"
+    with pytest.raises(errors.UsageError, match="has no split 'validation'; available: test"):
+        task_registry.open_task("super_glue_axb_v102", ("validation",))
+    with pytest.raises(errors.UsageError, match=r"unknown task .* Generated tasks .*synthetic_contains"):
+        task_registry.open_task("synthetic_contain")
+    with pytest.raises(errors.UsageError, match="no_such_module_xyz"):
+        task_registry.open_task("super_glue_copa_v102", task_modules=["no_such_module_xyz"])
 
 
 def test_missing_seqio_is_one_usage_error_naming_the_extra(monkeypatch):
     """Where SeqIO/TensorFlow are absent (the GPU image), a SeqIO task asks for the extra."""
     import sys
 
-    from prompt_t5x import cli, task_cli
+    from prompt_t5x.base import errors
+    from prompt_t5x.commands import cli
+    from prompt_t5x.data import task_registry
     monkeypatch.setitem(sys.modules, "tasks", None)   # 'import tasks' raises ImportError
-    with pytest.raises(cli.UsageError, match=r"pip install 'prompt_t5x\[data\]'"):
-        task_cli.open_task("super_glue_copa_v102")
+    with pytest.raises(errors.UsageError, match=r"pip install 'prompt_t5x\[data\]'"):
+        task_registry.open_task("super_glue_copa_v102")

@@ -13,7 +13,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from prompt_t5x import methods, optim, t5, train, train_checkpoints
+from prompt_t5x.checkpoints import train_checkpoints
+from prompt_t5x.methods import prompt_init, prompt_tuning
+from prompt_t5x.model import t5
+from prompt_t5x.training import optim, train
 
 DRIVER = os.path.join(os.path.dirname(__file__), "resume_driver.py")
 
@@ -22,8 +25,8 @@ DRIVER = os.path.join(os.path.dirname(__file__), "resume_driver.py")
 def setup():
     config = t5.get_config("test")
     frozen = t5.init_params(config, jax.random.PRNGKey(0))
-    method = methods.PromptTuning(t5.T5(config), prompt_length=3,
-                                  prompt_init=methods.random_uniform_init())
+    method = prompt_tuning.PromptTuning(t5.T5(config), prompt_length=3,
+                                  prompt_init=prompt_init.random_uniform_init())
     optimizer = optim.adafactor()
     step_fn = train.make_train_step(method, optimizer, donate=False)
     batch = dict(encoder_input_tokens=np.array([[5, 6, 7, 1]], np.int32),
@@ -165,7 +168,7 @@ class _ProcessOne:
     candidate step, then process 0's verdict on it."""
 
     def __init__(self, monkeypatch, zero_restores):
-        from prompt_t5x import distributed
+        from prompt_t5x.parallel import distributed
         self.zero_restores, self.step, self.calls = zero_restores, None, []
         monkeypatch.setattr(distributed, "broadcast_from_primary", self.broadcast)
         monkeypatch.setattr(distributed, "process_index", lambda: 1)

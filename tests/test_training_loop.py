@@ -14,9 +14,13 @@ import numpy as np
 import optax
 import pytest
 
-from prompt_t5x import cli, methods, optim, t5, train_checkpoints
-from prompt_t5x import training_loop as loop_lib
-from prompt_t5x.metrics_writer import read_jsonl
+from prompt_t5x.checkpoints import train_checkpoints
+from prompt_t5x.commands import cli
+from prompt_t5x.methods import prompt_init, prompt_tuning
+from prompt_t5x.model import t5
+from prompt_t5x.training import optim
+from prompt_t5x.training import training_loop as loop_lib
+from prompt_t5x.training.metrics_writer import read_jsonl
 
 CONFIG = t5.get_config("test")          # vocab 101, d_model 32: fast on CPU
 PROMPT_LENGTH = 3
@@ -50,8 +54,8 @@ def frozen():
 
 
 # One method/optimizer object for all loop tests: the compiled step is cached per object.
-METHOD = methods.PromptTuning(t5.T5(CONFIG), PROMPT_LENGTH,
-                              prompt_init=methods.random_uniform_init())
+METHOD = prompt_tuning.PromptTuning(t5.T5(CONFIG), PROMPT_LENGTH,
+                              prompt_init=prompt_init.random_uniform_init())
 OPTIMIZER = optim.adafactor()
 
 
@@ -149,7 +153,8 @@ def test_early_stopping_after_patience_evaluations(tmp_path, frozen):
 def test_tensorboard_event_file_is_readable_by_tensorflow(tmp_path):
     tf = pytest.importorskip("tensorflow")
     from tensorflow.core.util import event_pb2
-    from prompt_t5x.metrics_writer import MetricsWriter, crc32c
+
+    from prompt_t5x.training.metrics_writer import MetricsWriter, crc32c
     assert crc32c(b"123456789") == 0xE3069283   # the CRC-32C check value
     with MetricsWriter(str(tmp_path), "train") as writer:
         writer.write(7, {"loss": 1.5, "accuracy": 0.25})
@@ -162,7 +167,8 @@ def test_tensorboard_event_file_is_readable_by_tensorflow(tmp_path):
 
 
 def test_evaluator_scores_real_rows_only_in_split_order(frozen):
-    from prompt_t5x import run_data, validation
+    from prompt_t5x.data import run_data
+    from prompt_t5x.training import validation
     full = [next(_batches(seed=5, batch_size=4)(0)), next(_batches(seed=6, batch_size=2)(0))]
     batches = run_data.pad_eval_batches(full, 4)          # 4 + 2 real rows, 2 padding rows
     examples = [{"id": i} for i in range(6)]
@@ -180,7 +186,7 @@ def test_evaluator_scores_real_rows_only_in_split_order(frozen):
     results = evaluate(prompt)
     assert results["n"] == 6 and seen["pairs"] == [(i, f"row{i}") for i in range(6)]
     assert results["loss"] > 0 and 0 <= results["token_accuracy"] <= 1
-    limited = validation.limit_examples(batches, 5)
+    limited = run_data.limit_examples(batches, 5)
     assert validation.make_evaluator(METHOD, frozen, limited, examples=examples,
                                      compute_metrics=compute_metrics,
                                      predict=predict)(prompt)["n"] == 5
@@ -297,7 +303,8 @@ def test_resume_that_would_read_another_stream_is_refused_before_building_it(tmp
 
 
 def test_train_stream_declares_what_its_checkpoints_record():
-    from prompt_t5x import distributed, run_data
+    from prompt_t5x.data import run_data
+    from prompt_t5x.parallel import distributed
     source = run_data.SyntheticData("synthetic_contains", 13, 2, batch_size=8, seed=3)
     factory = run_data.train_stream(source)
     state = factory(5).state()
@@ -310,7 +317,7 @@ def test_train_stream_declares_what_its_checkpoints_record():
 def test_partitioned_loop_takes_host_rows_and_never_slices_them(tmp_path, frozen):
     """One process owns every 'data' row: its rows are the global batch. A stream that gives
     fewer rows than its share (e.g. slicing twice) is one clear error, not a smaller batch."""
-    from prompt_t5x import sharding
+    from prompt_t5x.parallel import sharding
     mesh_config = sharding.MeshConfig.parse("8x1")
     mesh = sharding.make_mesh(mesh_config)
     with pytest.raises(ValueError, match="gave this host 4 rows but its share of the global "

@@ -1,0 +1,24 @@
+"""The one distinction every command makes: a user's mistake or a bug.
+
+``UsageError`` is bad user input (flags, gin, data files, vocabularies, prompts, checkpoints,
+paths): the command line prints it as one message and exits with status 2, no traceback. Any other
+exception is a bug and keeps its traceback (exit status 1). Every wing raises this one type, and
+:func:`run_command` is the one place that turns it into an exit status (the ``prompt-t5x`` entry
+point and the modules run as ``python -m`` children: bench and its peer).
+"""
+
+import sys
+from typing import Callable, List
+
+
+class UsageError(Exception):
+    """Bad user input: printed as one message and exit status 2 (no traceback)."""
+
+
+def run_command(name: str, func: Callable[[List[str]], int], argv: List[str]) -> int:
+    """``func(argv)`` as command ``name``: a UsageError is one message on stderr and status 2."""
+    try:
+        return int(func(argv) or 0)
+    except UsageError as e:
+        print(f"prompt-t5x {name}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,145 @@
+"""What ``prompt-t5x bench`` (``prompt_t5x.bench.bench``) and its HF PEFT peer (``prompt_t5x.bench.peft_peer``)
+share, so both time the same work the same way: the flags and their checks, the model
+configuration, the random batches, and the timing protocol.
+
+Timing: ``warmup`` untimed calls, then ``steps`` calls each synchronised with the device (median
+and min reported), then ``steps`` calls back to back with one synchronisation at the end
+(``pipelined``: what a training loop with no host sync sees).
+
+Imports no TensorFlow (the GPU machine has none) and no PyTorch (ours never needs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any, Callable, Dict, List
+
+import numpy as np
+
+from prompt_t5x.bench import bench_report
+
+DESCRIPTION = "Throughput, MFU and memory of prompt tuning a frozen T5 on random data."
+H100_BF16_PEAK = 790e12  # dense bf16 FLOP/s measured on the issue's H100 (nominal 989e12)
+PHASES = bench_report.PHASES
+
+
+# ----------------------------------------------------------------------------- flags
+
+def build_parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False: --peer runs re-build the children's command lines by flag name.
+    p = argparse.ArgumentParser(prog="prompt-t5x bench", description=DESCRIPTION,
+                                allow_abbrev=False)
+    p.add_argument("--size", default="tiny",
+                   help="t5.SIZES name: tiny, small, base, large, xl, xxl")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--encoder_len", type=int, default=512,
+                   help="encoder positions incl. the prompt (inputs = encoder_len - prompt_len)")
+    p.add_argument("--prompt_len", type=int, default=100)
+    p.add_argument("--decoder_len", type=int, default=16)
+    p.add_argument("--remat", default="none", help="t5.REMAT_POLICIES name")
+    p.add_argument("--attention", default="einsum", help="einsum | xla | cudnn")
+    p.add_argument("--dtype", default="bfloat16", help="activation dtype")
+    p.add_argument("--param_dtype", default="bfloat16", help="storage dtype of the frozen weights")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="dropout rate (> 0 makes xla/cudnn attention fall back to einsum)")
+    p.add_argument("--microbatches", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--steps", type=int, default=10, help="timed calls per phase")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per phase after compile")
+    p.add_argument("--phases", default="train,rank,decode",
+                   help=f"comma list of {PHASES}")
+    p.add_argument("--num_candidates", type=int, default=2, help="rank classification labels")
+    p.add_argument("--decode_len", type=int, default=None,
+                   help="greedy tokens (default decoder_len)")
+    p.add_argument("--peak_flops", type=float, default=H100_BF16_PEAK)
+    p.add_argument("--aot", action="store_true",
+                   help="only compile the train step for abstract inputs; report FLOPs/memory")
+    p.add_argument("--peer", choices=["peft"], default=None,
+                   help="also run HF PEFT for the same configuration and print the ratio")
+    p.add_argument("--peer_compile", action="store_true", help="peer: torch.compile the model")
+    p.add_argument("--peer_grad_ckpt", action="store_true", help="peer: gradient checkpointing")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="ours only: trace --steps more calls of each phase into DIR/PHASE and "
+                        "split their device time into matmul / attention / collective / other")
+    return p
+
+
+def usage_error(msg: str):
+    """A ``cli.UsageError`` (exit status 2, one line), imported late: ``cli`` loads commands."""
+    from prompt_t5x.base.errors import UsageError
+    return UsageError(msg)
+
+
+def validate(args: argparse.Namespace) -> None:
+    from prompt_t5x.model import attention, t5
+    if args.size not in t5.SIZES:
+        raise usage_error(f"--size {args.size!r} unknown; choose from {sorted(t5.SIZES)}")
+    if args.remat not in t5.REMAT_POLICIES:
+        raise usage_error(f"--remat {args.remat!r} unknown; choose from "
+                          f"{sorted(t5.REMAT_POLICIES)}")
+    if args.attention not in attention.IMPLEMENTATIONS:
+        raise usage_error(f"--attention {args.attention!r}; choose from "
+                          f"{attention.IMPLEMENTATIONS}")
+    for name in ("batch", "prompt_len", "decoder_len", "steps", "num_candidates", "microbatches"):
+        if getattr(args, name) < 1:
+            raise usage_error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.encoder_len <= args.prompt_len:
+        raise usage_error(f"--encoder_len {args.encoder_len} must exceed --prompt_len "
+                          f"{args.prompt_len} (encoder = inputs + prompt)")
+    if args.batch % args.microbatches:
+        raise usage_error(f"--batch {args.batch} is not divisible by --microbatches "
+                          f"{args.microbatches}")
+    unknown = set(phases(args)) - set(PHASES)
+    if unknown:
+        raise usage_error(f"--phases: unknown {sorted(unknown)}; choose from {PHASES}")
+
+
+def phases(args) -> List[str]:
+    return [s for s in args.phases.split(",") if s]
+
+
+def model_config(args):
+    from prompt_t5x.model import t5
+    return t5.get_config(args.size, dtype=args.dtype, param_dtype=args.param_dtype,
+                         remat_policy=args.remat, attention_impl=args.attention,
+                         dropout_rate=args.dropout)
+
+
+# ----------------------------------------------------------------------------- inputs, timing
+
+def random_train_batch(rng: np.random.Generator, vocab: int, batch: int, inputs_len: int,
+                       decoder_len: int) -> Dict[str, np.ndarray]:
+    """Random SeqIO-style batch with no padding (ids 2..vocab-1; 0 = pad, 1 = EOS)."""
+    targets = rng.integers(2, vocab, (batch, decoder_len), dtype=np.int32)
+    return {"encoder_input_tokens": rng.integers(2, vocab, (batch, inputs_len), dtype=np.int32),
+            "decoder_input_tokens": np.concatenate(
+                [np.zeros((batch, 1), np.int32), targets[:, :-1]], axis=1),
+            "decoder_target_tokens": targets,
+            "decoder_loss_weights": np.ones((batch, decoder_len), np.float32)}
+
+
+def time_calls(call: Callable[[], Any], steps: int, warmup: int,
+               sync: Callable[[Any], Any]) -> Dict[str, float]:
+    """Median / min of ``steps`` synchronised calls, plus one pipelined run of ``steps``.
+
+    ``sync(out)`` returns once the work behind ``out = call()`` is done on the device
+    (``jax.block_until_ready`` for ours; a CUDA synchronize for the peer).
+    """
+    for _ in range(warmup):
+        sync(call())
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        sync(call())
+        times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    out = None
+    for _ in range(steps):
+        out = call()
+    sync(out)
+    pipelined = (time.perf_counter() - start) / steps
+    return {"median_s": statistics.median(times), "min_s": min(times),
+            "pipelined_s": pipelined, "steps": steps}

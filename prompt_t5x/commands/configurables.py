@@ -1,0 +1,166 @@
+"""Gin configurables of the ``train`` / ``scaling`` runs (importing this module registers them).
+
+Names as they appear in gin files:
+
+  t5.get_config          size ('small' ... 'xxl', 'tiny') plus any ``T5Config`` field override
+  optim.adafactor        ``prompt_t5x.training.optim.adafactor`` (T5X Adafactor; lr 0.3 by default)
+  methods.prompt_tuning  prompt_length, prompt_mode, prompt_init  -> a ``MethodSpec``
+  methods.model_tuning   every weight trainable (the paper's baseline) -> a ``MethodSpec``
+  prompts.class_labels / prompts.sampled_vocab / prompts.random_uniform / prompts.from_file
+                         prompt initialisers -> a ``PromptInitSpec``
+
+Methods and prompt initialisers are *specs*: what to build is fixed by the gin file, but building
+needs things only known at run time (the T5 module, the task's label words, the vocabulary), so
+the run calls ``spec.build(...)`` once it has them. None of this imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Callable, Optional, Sequence
+
+import gin
+from prompt_t5x.methods import interface, prompt_init
+from prompt_t5x.methods.model_tuning import ModelTuning
+from prompt_t5x.methods.prompt_tuning import PromptTuning
+from prompt_t5x.model import t5 as t5_lib
+from prompt_t5x.training import optim
+
+Encode = Callable[[str], Sequence[int]]
+
+# ----------------------------------------------------------------------------- model size ----
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(t5_lib.T5Config))
+
+
+def get_config(size: str = gin.REQUIRED, **overrides) -> t5_lib.T5Config:
+    """``prompt_t5x.model.t5.get_config`` with every override name checked (gin accepts any name for
+    ``**overrides``, so a typo like ``emb_dimm`` would otherwise surface as a TypeError)."""
+    for name in overrides:
+        if name not in _CONFIG_FIELDS:
+            close = difflib.get_close_matches(name, _CONFIG_FIELDS, n=3)
+            hint = f" Did you mean {' or '.join(close)}?" if close else ""
+            raise ValueError(f"t5.get_config: {name!r} is not a T5Config field.{hint} "
+                             f"Fields: {', '.join(_CONFIG_FIELDS)}.")
+    return t5_lib.get_config(size, **overrides)
+
+
+# --------------------------------------------------------------------- prompt initialisers ----
+@dataclasses.dataclass(frozen=True)
+class PromptInitSpec:
+    """Which prompt initialiser to use; ``build`` binds it to the task and vocabulary."""
+
+    kind: str                                  # class_labels|sampled_vocab|random_uniform|from_file
+    population: int = 5000                     # sample from the first N vocabulary ids
+    labels: Optional[Sequence[str]] = None     # class_labels: None -> the task's label words
+    scale: float = 0.5                         # random_uniform
+    symmetric: bool = False                    # random_uniform: [-scale, scale) not [0, scale)
+    path: Optional[str] = None                 # from_file: a .npy [P, D]
+
+    def build(self, label_words: Optional[Sequence[str]] = None,
+              encode: Optional[Encode] = None) -> prompt_init.PromptInit:
+        if self.kind == "class_labels":
+            labels = list(self.labels) if self.labels is not None else label_words
+            if not labels:
+                # Free-text / regression targets have no label words: the paper falls back to
+                # sampled vocabulary for every row in that case.
+                return prompt_init.sampled_vocab_init(self.population)
+            if encode is None:
+                raise ValueError("class-label prompt init needs the vocabulary to encode the "
+                                 "label words")
+            return prompt_init.class_labels_init(tuple(labels), encode, self.population)
+        if self.kind == "sampled_vocab":
+            return prompt_init.sampled_vocab_init(self.population)
+        if self.kind == "random_uniform":
+            return prompt_init.random_uniform_init(self.scale, self.symmetric)
+        if self.kind == "from_file":
+            if not self.path:
+                raise ValueError("prompts.from_file needs a path: bind prompts.from_file.path")
+            return prompt_init.npy_init(self.path)
+        raise ValueError(f"unknown prompt init kind {self.kind!r}")
+
+
+@gin.configurable("class_labels", module="prompts")
+def class_labels(population: int = 5000, labels: Optional[Sequence[str]] = None
+                 ) -> PromptInitSpec:
+    return PromptInitSpec("class_labels", population=population,
+                          labels=None if labels is None else tuple(labels))
+
+
+@gin.configurable("sampled_vocab", module="prompts")
+def sampled_vocab(population: int = 5000) -> PromptInitSpec:
+    return PromptInitSpec("sampled_vocab", population=population)
+
+
+@gin.configurable("random_uniform", module="prompts")
+def random_uniform(scale: float = 0.5, symmetric: bool = False) -> PromptInitSpec:
+    return PromptInitSpec("random_uniform", scale=scale, symmetric=symmetric)
+
+
+@gin.configurable("from_file", module="prompts")
+def from_file(path: str = gin.REQUIRED) -> PromptInitSpec:
+    return PromptInitSpec("from_file", path=path)
+
+
+# ---------------------------------------------------------------------------------- methods ----
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """A tuning method before it has a model: ``kind`` is 'prompt_tuning' or 'model_tuning'."""
+
+    kind: str
+    prompt_length: int = 0
+    prompt_mode: str = "prepend"
+    prompt_init: Optional[PromptInitSpec] = None
+
+    @property
+    def name(self) -> str:
+        return self.kind
+
+    def build(self, model: t5_lib.T5, label_words: Optional[Sequence[str]] = None,
+              encode: Optional[Encode] = None) -> interface.Method:
+        if self.kind == "prompt_tuning":
+            init = (self.prompt_init or PromptInitSpec("sampled_vocab")).build(label_words, encode)
+            return PromptTuning(model, self.prompt_length, self.prompt_mode, init)
+        if self.kind == "model_tuning":
+            return ModelTuning(model)
+        raise ValueError(f"unknown method {self.kind!r}")
+
+    def trainable_parameters(self, config: t5_lib.T5Config) -> int:
+        """How many numbers are trained (the x-axis companion of the scaling plot)."""
+        if self.kind == "prompt_tuning":
+            return self.prompt_length * config.emb_dim
+        return config.num_params
+
+
+@gin.configurable("prompt_tuning", module="methods")
+def prompt_tuning(prompt_length: int = 100, prompt_mode: str = "prepend",
+                  prompt_init: Optional[PromptInitSpec] = None) -> MethodSpec:
+    return MethodSpec("prompt_tuning", prompt_length, prompt_mode,
+                      prompt_init or class_labels())
+
+
+@gin.configurable("model_tuning", module="methods")
+def model_tuning() -> MethodSpec:
+    return MethodSpec("model_tuning")
+
+
+# ------------------------------------------------------------------------- registrations ----
+gin.external_configurable(get_config, name="get_config", module="t5")
+gin.external_configurable(optim.adafactor, name="adafactor", module="optim")
+
+# Every configurable name and its function, for "did you mean" hints on typos (see gin_cli).
+REGISTERED = {
+    "t5.get_config": get_config,
+    "optim.adafactor": optim.adafactor,
+    "methods.prompt_tuning": prompt_tuning,
+    "methods.model_tuning": model_tuning,
+    "prompts.class_labels": class_labels,
+    "prompts.sampled_vocab": sampled_vocab,
+    "prompts.random_uniform": random_uniform,
+    "prompts.from_file": from_file,
+}
+
+
+def register(name: str, fn) -> None:
+    """Record a configurable defined elsewhere (``train``, ``scaling``) for the typo hints."""
+    REGISTERED[name] = fn

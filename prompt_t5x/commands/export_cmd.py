@@ -1,0 +1,36 @@
+"""``prompt-t5x export``: a trained prompt -> ``.npy`` or a Hugging Face PEFT adapter, and back.
+
+The formats live in ``prompt_t5x.checkpoints.prompt_export``; this is only the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from prompt_t5x.base.errors import UsageError
+from prompt_t5x.checkpoints import prompt_export
+
+
+def main(argv) -> int:
+    parser = argparse.ArgumentParser(
+        prog="prompt-t5x export",
+        description="Export a trained prompt as .npy or a Hugging Face PEFT prompt-tuning adapter, "
+                    "or import a PEFT prompt adapter back to .npy.")
+    parser.add_argument("source", help="training model dir (or one of its checkpoints), a "
+                                       "prompt .npy file, or a PEFT prompt adapter directory")
+    parser.add_argument("--out", required=True,
+                        help="output: a .npy file, or a directory for a PEFT adapter")
+    parser.add_argument("--format", choices=("npy", "peft"), default=None,
+                        help="output format (default: npy if --out ends in .npy, else peft)")
+    parser.add_argument("--step", type=int, default=None,
+                        help="training step to export (default: latest)")
+    parser.add_argument("--base_model", default=None,
+                        help="base_model_name_or_path recorded in the PEFT adapter config")
+    args = parser.parse_args(argv)
+    try:
+        fmt, prompt = prompt_export.export_prompt(args.source, args.out, fmt=args.format, step=args.step,
+                                    base_model_name_or_path=args.base_model)
+    except (prompt_export.ExportError, FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    print(f"wrote {fmt} prompt [{prompt.shape[0]}, {prompt.shape[1]}] to {args.out}")
+    return 0

@@ -1,0 +1,265 @@
+"""The data bridge: SeqIO task/mixture -> host-local numpy batches of fixed shape.
+
+Lengths. ``inputs_length`` (L) is the *token* budget of the task's inputs; SeqIO's
+``EncDecFeatureConverter`` pads/trims ``encoder_input_tokens`` to exactly L. The prompt is added by
+the model, not here: with a prompt of P vectors the encoder sees ``L + P`` positions
+(``BatchSpec.encoder_length``). So to match a paper setting "encoder length 512 with a 100-token
+prompt" pass ``inputs_length=412, prompt_length=100``; to feed every task token plus the prompt,
+pass the task length and let the encoder grow.
+
+Batches. A training batch is ``{'encoder_input_tokens': int32 [B, L], 'decoder_input_tokens':
+int32 [B, T], 'decoder_target_tokens': int32 [B, T], 'decoder_loss_weights': float32 [B, T]}`` with
+B the *host-local* batch (global batch / number of data shards of ``shard_info``; every reader
+defaults to the whole split, :func:`whole_split`, and ``prompt-t5x train`` passes each host's
+``distributed.data_shard(mesh)``, so hosts that share the mesh's 'data' rows read the same
+shard). Pad id 0, EOS 1.
+
+Order and position. Training data is a deterministic function of (task, split, seed, shard):
+shuffling and every random preprocessing step are seeded. ``TrainBatches.position`` counts
+batches produced; a checkpoint stores it and ``train_batches(..., position=n)`` resumes at the
+same batch by deterministically replaying and skipping n batches (cheap next to a training step:
+no model work, just tf.data).
+
+Eval. ``eval_batches`` covers every example of a split exactly once: the last batch is padded
+with all-zero rows and ``example_mask`` (bool [B]) marks the real ones; ``example_index``
+(int32 [B], -1 on padding) gives each row's position in the split (in the shard, if one is
+given), the order of ``eval_examples``, so predictions can be put back in order for
+``compute_metrics``.
+
+Packing (several examples per row) is refused when a prompt is used: the prompt would be
+prepended once per row, so all but the first packed example would see no prompt of their own.
+
+This module imports TensorFlow/SeqIO; the core never imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+MODEL_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
+                  "decoder_loss_weights")
+
+
+class DataError(ValueError):
+    """Bad task/split/configuration; the message says what and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+    inputs_length: int        # L: encoder tokens from the task
+    targets_length: int       # T: decoder tokens
+    batch_size: int           # global batch size (all hosts)
+    prompt_length: int = 0    # P: added by the model; the encoder sees L + P
+    pack: bool = False
+
+    def __post_init__(self):
+        for name in ("inputs_length", "targets_length", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise DataError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.prompt_length < 0:
+            raise DataError(f"prompt_length must be >= 0, got {self.prompt_length}")
+        if self.pack and self.prompt_length > 0:
+            raise DataError(
+                "packing is not supported with a prompt: the prompt is prepended once per row, "
+                "so every packed example after the first would be read without its prompt. "
+                "Set pack=False (the default) for prompt tuning.")
+
+    @property
+    def encoder_length(self) -> int:
+        return self.inputs_length + self.prompt_length
+
+    @property
+    def task_feature_lengths(self) -> Dict[str, int]:
+        return {"inputs": self.inputs_length, "targets": self.targets_length}
+
+
+def _seqio():
+    import seqio
+
+    import tasks  # noqa: F401  (registers the built-in tasks)
+    return seqio
+
+
+def get_task_or_mixture(name: str):
+    """The registered task/mixture ``name``; unknown names get the closest registered ones."""
+    seqio = _seqio()
+    known = list(seqio.TaskRegistry.names()) + list(seqio.MixtureRegistry.names())
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise DataError(f"unknown task or mixture {name!r}.{hint} "
+                        "Run 'prompt-t5x tasks' to list them.")
+    return seqio.get_mixture_or_task(name)
+
+
+def check_split(provider, split: str) -> None:
+    splits = list(provider.splits)
+    if split not in splits:
+        raise DataError(f"task {provider.name!r} has no split {split!r}; "
+                        f"available: {', '.join(splits) or 'none'}.")
+
+
+def whole_split():
+    """``ShardInfo(0, 1)``: the whole split (or stream). The default of every reader here: a host
+    reads a part only when told which (``prompt-t5x train`` passes its training data shard,
+    ``distributed.data_shard(mesh)``; validation reads the whole split on every host)."""
+    import seqio
+    return seqio.ShardInfo(index=0, num_shards=1)
+
+
+def host_batch_size(spec: BatchSpec, shard_info) -> int:
+    if spec.batch_size % shard_info.num_shards:
+        raise DataError(f"global batch size {spec.batch_size} is not divisible by the number "
+                        f"of hosts {shard_info.num_shards}.")
+    return spec.batch_size // shard_info.num_shards
+
+
+def _task_dataset(provider, spec: BatchSpec, split: str, *, shuffle: bool, seed: Optional[int],
+                  shard_info, num_epochs: Optional[int]):
+    """The task's preprocessed, tokenized examples; bad input (unreadable vocabulary, missing
+    or malformed local file, empty split) becomes one DataError."""
+    from tasks import vocab
+    check_split(provider, split)
+    try:
+        vocab.check_provider_vocab(provider)
+        # try_in_mem_cache=False: SeqIO's in-memory cache would pin a whole split in RAM per
+        # process and bypasses tfds mocks in tests; sources here are streamed.
+        return provider.get_dataset(spec.task_feature_lengths, split=split, shuffle=shuffle,
+                                    seed=seed, shard_info=shard_info, num_epochs=num_epochs,
+                                    use_cached=False, try_in_mem_cache=False)
+    except DataError:
+        raise
+    except (ValueError, FileNotFoundError) as e:
+        raise DataError(str(e)) from e
+
+
+def _model_features(provider, spec: BatchSpec, split: str, *, shuffle: bool, seed: Optional[int],
+                    shard_info, num_epochs: Optional[int]):
+    """Feature-converted tf.data.Dataset of single examples (no batching)."""
+    import tensorflow as tf
+    seqio = _seqio()
+    ds = _task_dataset(provider, spec, split, shuffle=shuffle, seed=seed, shard_info=shard_info,
+                       num_epochs=num_epochs)
+    converter = seqio.EncDecFeatureConverter(pack=spec.pack)
+    ds = converter(ds, spec.task_feature_lengths)
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options)
+
+
+def _to_numpy_batch(batch: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+    out = {k: np.asarray(batch[k], np.int32) for k in MODEL_FEATURES[:3]}
+    out["decoder_loss_weights"] = np.asarray(batch["decoder_loss_weights"], np.float32)
+    return out
+
+
+class TrainBatches:
+    """Endless iterator of host-local training batches that knows its position."""
+
+    def __init__(self, name: str, spec: BatchSpec, *, split: str = "train", seed: int = 0,
+                 shard_info=None, position: int = 0, shuffle: bool = True):
+        if position < 0:
+            raise DataError(f"position must be >= 0, got {position}")
+        self.name, self.spec, self.split, self.seed = name, spec, split, seed
+        self.shard_info = shard_info or whole_split()
+        self.batch_size = host_batch_size(spec, self.shard_info)
+        provider = get_task_or_mixture(name)
+        ds = _model_features(provider, spec, split, shuffle=shuffle, seed=seed,
+                             shard_info=self.shard_info, num_epochs=None)
+        ds = ds.batch(self.batch_size, drop_remainder=True).skip(position)
+        self._iterator = ds.prefetch(2).as_numpy_iterator()
+        self.position = position
+
+    def __iter__(self) -> "TrainBatches":
+        return self
+
+    def __next__(self) -> Dict[str, np.ndarray]:
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            raise DataError(f"task {self.name!r} split {self.split!r} produced no full batch of "
+                            f"{self.batch_size} examples (is the split empty?).") from None
+        self.position += 1
+        return _to_numpy_batch(batch)
+
+    def state(self) -> Dict[str, Any]:
+        """What a checkpoint stores to resume this stream exactly."""
+        return {"name": self.name, "split": self.split, "seed": self.seed,
+                "position": self.position, "shard_index": self.shard_info.index,
+                "num_shards": self.shard_info.num_shards}
+
+
+def train_batches(name: str, spec: BatchSpec, *, split: str = "train", seed: int = 0,
+                  shard_info=None, position: int = 0, shuffle: bool = True) -> TrainBatches:
+    return TrainBatches(name, spec, split=split, seed=seed, shard_info=shard_info,
+                        position=position, shuffle=shuffle)
+
+
+def pad_eval_batch(batch: Mapping[str, np.ndarray], size: int, start: int
+                   ) -> Dict[str, np.ndarray]:
+    """``real <= size`` examples -> a batch of ``size`` rows (all-zero padding rows) with
+    ``example_mask`` [size] and ``example_index`` [size] (``start + row``, -1 for padding)."""
+    real = batch["encoder_input_tokens"].shape[0]
+    out = {k: np.concatenate([v, np.zeros((size - real,) + v.shape[1:], v.dtype)])
+           for k, v in batch.items()}
+    out["example_mask"] = np.arange(size) < real
+    out["example_index"] = np.where(out["example_mask"], start + np.arange(size), -1
+                                    ).astype(np.int32)
+    return out
+
+
+def eval_batches(name: str, spec: BatchSpec, *, split: str = "validation",
+                 shard_info=None) -> Iterator[Dict[str, np.ndarray]]:
+    """Every example of ``split`` (or of its ``shard_info`` shard) once, in order, in
+    fixed-shape batches (see module doc)."""
+    provider = get_task_or_mixture(name)
+    shard_info = shard_info or whole_split()
+    size = host_batch_size(spec, shard_info)
+    ds = _model_features(provider, spec, split, shuffle=False, seed=None,
+                         shard_info=shard_info, num_epochs=1)
+    ds = ds.batch(size, drop_remainder=False)
+    start = 0
+    for batch in ds.as_numpy_iterator():
+        out = pad_eval_batch(_to_numpy_batch(batch), size, start)
+        start += int(out["example_mask"].sum())
+        yield out
+    if start == 0:
+        raise DataError(f"task {name!r} split {split!r} is empty: nothing to evaluate.")
+
+
+def eval_examples(name: str, spec: BatchSpec, *, split: str = "validation",
+                  shard_info=None) -> List[Dict[str, Any]]:
+    """The preprocessed examples of ``split`` (strings and fields the postprocessors need), in
+    the same order as ``eval_batches``'s ``example_index``."""
+    provider = get_task_or_mixture(name)
+    ds = _task_dataset(provider, spec, split, shuffle=False, seed=None,
+                       shard_info=shard_info or whole_split(), num_epochs=1)
+    return list(ds.as_numpy_iterator())
+
+
+def compute_metrics(name: str, examples: Sequence[Mapping[str, Any]],
+                    predictions: Sequence[str]) -> Dict[str, float]:
+    """Postprocess targets and predicted strings and run the task's metric functions."""
+    provider = get_task_or_mixture(name)
+    if len(examples) != len(predictions):
+        raise DataError(f"task {name!r}: {len(predictions)} predictions for {len(examples)} "
+                        "examples.")
+    post = provider.postprocess_fn or (lambda text, example=None, is_target=False: text)
+    targets = [post(ex["targets_pretokenized"], example=ex, is_target=True) for ex in examples]
+    preds = [post(p, example=ex, is_target=False) for p, ex in zip(predictions, examples)]
+    results: Dict[str, float] = {}
+    for fn in provider.metric_fns:
+        results.update(fn(targets, preds))
+    return results
+
+
+def label_names(name: str) -> Optional[Sequence[str]]:
+    """The label words of a classification task (None for free-text or regression tasks)."""
+    from tasks import families
+    get_task_or_mixture(name)
+    info = families.TASK_INFO.get(name)
+    return None if info is None else info.label_names

@@ -1,0 +1,66 @@
+"""Opening a SeqIO task: registration with the run's vocabulary, local data and user modules.
+
+Every command that reads a SeqIO task (``train``, ``eval``, ``infer``, ``tasks``, ``show-task``)
+passes its three settings (``vocabulary``, ``data_dir``, ``task_modules``) through
+:func:`register_tasks` / :func:`open_task`, so tasks are registered and a bad task, data dir or
+vocabulary is reported the same way everywhere (one ``UsageError``). ``tasks/`` (and so SeqIO and
+TensorFlow) is imported only when a SeqIO task is opened.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+from prompt_t5x.base.errors import UsageError
+from prompt_t5x.data import synthetic
+
+
+def register_tasks(vocabulary: Optional[str] = None, data_dir: Optional[str] = None,
+                   task_modules: Sequence[str] = ()) -> None:
+    """Import the task registry, re-registered with ``vocabulary`` and the local-file tasks of
+    ``data_dir`` when either is given, then each user module of ``task_modules``.
+
+    Raises UsageError (one message) for a bad data dir, a module that cannot be imported, or
+    SeqIO/TensorFlow missing.
+    """
+    try:
+        import tasks
+    except ImportError as e:
+        # SeqIO/TensorFlow are the optional 'data' extra (the GPU image, for one, has neither).
+        raise UsageError(f"SeqIO tasks need the data extra: pip install 'prompt_t5x[data]' "
+                         f"(import failed: {e}); the generated synthetic_* tasks need none."
+                         ) from None
+    try:
+        if vocabulary or data_dir:
+            tasks.register_all(vocab_path=vocabulary, data_dir=data_dir)
+        for module in task_modules:
+            tasks.load_task_module(module)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from None
+
+
+def open_task(name: str, splits: Sequence[str] = (), *, vocabulary: Optional[str] = None,
+              data_dir: Optional[str] = None, task_modules: Sequence[str] = ()):
+    """The registered SeqIO task or mixture ``name`` (after :func:`register_tasks` with the
+    other arguments), checked to have every split of ``splits``; UsageError if not."""
+    register_tasks(vocabulary, data_dir, task_modules)
+    from prompt_t5x.data import seqio_bridge
+    try:
+        provider = seqio_bridge.get_task_or_mixture(name)
+        for split in splits:
+            seqio_bridge.check_split(provider, split)
+    except (ValueError, FileNotFoundError) as e:
+        hint = ""
+        if name.startswith("synthetic"):
+            hint = (" Generated tasks (not SeqIO; train, eval and infer take them): "
+                    f"{', '.join(synthetic.TASKS)}.")
+        raise UsageError(f"{e}{hint}") from None
+    return provider
+
+
+def check_vocabulary(path: Optional[str]) -> None:
+    """UsageError unless ``path`` is a local file or a remote (``gs://``...) URL."""
+    if path and "://" not in path and not os.path.isfile(path):
+        raise UsageError(f"vocabulary {path!r} not found: set --gin.VOCABULARY to a "
+                         "SentencePiece .model file (T5's cc_all.32000.100extra).")

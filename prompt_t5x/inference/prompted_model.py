@@ -1,0 +1,146 @@
+"""A prompted frozen T5 from prompt sources: what ``eval`` / ``infer`` run.
+
+A prompt source is a ``.npy`` [P, D], a PEFT prompt adapter, or a prompt_t5x training model dir
+(its latest or ``step`` checkpoint). The frozen T5 is ``checkpoint`` (a T5X checkpoint or a
+Hugging Face T5 dir; ``'random'`` = the seeded random weights ``train`` uses when it has none)
+or, for a training model dir, the one its manifest records -- together with the run's model
+config, prompt mode and seed, so that evaluating a run needs nothing but its directory.
+Several sources make an ensemble: they must share one shape. Bad input -> ``UsageError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import numpy as np
+
+from prompt_t5x.base.errors import UsageError
+from prompt_t5x.model import t5 as t5_lib
+
+
+@dataclasses.dataclass
+class Loaded:
+    method: Any                 # prompt_tuning.PromptTuning
+    frozen: Any                 # T5 params
+    prompts: np.ndarray         # [N, P, D]
+    sources: List[Dict[str, Any]]
+    checkpoint: Optional[str]
+
+
+def _manifest_for(source: str, step: Optional[int]) -> Optional[Dict[str, Any]]:
+    from prompt_t5x.checkpoints import train_checkpoints
+    if not os.path.isdir(source):
+        return None
+    model_dir = train_checkpoints.find_model_dir(source)
+    if model_dir is None:
+        return None
+    try:
+        return train_checkpoints.TrainCheckpointer(model_dir).read_manifest(step)
+    except train_checkpoints.TrainCheckpointError as e:
+        raise UsageError(f"prompt {source!r}: {e}") from None
+
+
+def load_prompts(sources: Sequence[str], step: Optional[int] = None
+                 ) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
+    """Every prompt source -> [N, P, D] plus per-source info (kind, step, training manifest)."""
+    from prompt_t5x.checkpoints import prompt_export, train_checkpoints
+    prompts, infos = [], []
+    for source in sources:
+        if "://" not in source and not os.path.exists(source):
+            raise UsageError(f"prompt {source!r} not found: give a .npy [length, embed] file, a "
+                             "PEFT prompt adapter dir or a prompt_t5x training model dir")
+        try:
+            prompt, info = prompt_export.load_prompt(source, step=step)
+        except (prompt_export.ExportError, train_checkpoints.TrainCheckpointError, ValueError,
+                FileNotFoundError) as e:
+            raise UsageError(f"prompt {source!r}: {e}") from None
+        info = dict(info, source=source, manifest=_manifest_for(source, step))
+        prompts.append(np.asarray(prompt, np.float32))
+        infos.append(info)
+    shapes = sorted({p.shape for p in prompts})
+    if len(shapes) != 1:
+        raise UsageError("ensemble prompts must all have one shape [P, D]; got "
+                         + ", ".join(f"{i['source']}: {p.shape}" for p, i in zip(prompts, infos)))
+    return np.stack(prompts), infos
+
+
+def load_frozen(checkpoint: Optional[str], manifest: Optional[Dict[str, Any]] = None, *,
+                config: Optional[t5_lib.T5Config] = None, seed: int = 0
+                ) -> Tuple[Any, t5_lib.T5Config, Optional[str]]:
+    """(params, config, checkpoint path) of the frozen T5 (see the module docstring)."""
+    from prompt_t5x.checkpoints import frozen_sources, hf_checkpoint, strict_loading, t5x_reader
+    if checkpoint is None and manifest is not None:
+        checkpoint = manifest.get("frozen_checkpoint") or "random"
+        # The run's frozen weights: random ones are re-made from the run's own seed.
+        seed = int(manifest.get("run", {}).get("seed", 0))
+    if config is None and manifest is not None and manifest.get("model_config"):
+        config = t5_lib.T5Config.from_dict(manifest["model_config"])
+    if checkpoint is None:
+        raise UsageError("no frozen model: set --gin.CHECKPOINT to a T5X checkpoint or a Hugging "
+                         "Face T5 dir (or evaluate a training model dir, which records it)")
+    kind = frozen_sources.checkpoint_kind(checkpoint)   # UsageError naming the path if missing
+    try:
+        if kind == "random":
+            if config is None:
+                raise UsageError("checkpoint 'random' needs the model size: pass "
+                                 "--gin_file=models/<size>.gin and bind evaluate.model")
+            return t5_lib.init_params(config, jax.random.PRNGKey(seed + 1)), config, None
+        if kind in ("quickstart", "trained"):
+            # The bundled quickstart model, or the weights of an earlier model-tuning run (e.g.
+            # the scaling sweep's pretraining stage): their size comes from the manifest/config.
+            if config is None:
+                if kind != "quickstart":
+                    raise UsageError(f"checkpoint {checkpoint!r} is a training run: pass its "
+                                     "model size with --gin_file=models/<size>.gin")
+                from prompt_t5x.checkpoints import bundled
+                config = bundled.load_asset()[0]
+            params = frozen_sources.load_frozen_params(checkpoint, config, seed, kind=kind)
+        elif kind == "hf":
+            params, config = hf_checkpoint.load_hf_t5(checkpoint, config)
+        else:
+            loaded = t5x_reader.load_t5x(checkpoint, config)
+            params, config = loaded.params, loaded.config
+    except (strict_loading.CheckpointMismatchError, t5x_reader.CheckpointError,
+            hf_checkpoint.HFCheckpointError, FileNotFoundError) as e:
+        raise UsageError(f"cannot load checkpoint {checkpoint!r}: {e}") from None
+    return params, config, checkpoint
+
+
+@functools.lru_cache(maxsize=16)
+def _prompt_method(config: t5_lib.T5Config, prompt_length: int, prompt_mode: str):
+    """One method object per (config, length, mode): jitted decoders/scorers are cached per
+    method object, so repeated evaluations in one process (e.g. during training) compile once."""
+    from prompt_t5x.methods import prompt_tuning
+    return prompt_tuning.PromptTuning(t5_lib.T5(config), prompt_length=prompt_length,
+                                prompt_mode=prompt_mode)
+
+
+def load(sources: Sequence[str], *, checkpoint: Optional[str] = None,
+         model: Optional[t5_lib.T5Config] = None, prompt_mode: Optional[str] = None,
+         step: Optional[int] = None, seed: int = 0) -> Loaded:
+    """The prompt-tuning method, frozen params (on device) and [N, P, D] prompts of ``sources``.
+
+    ``model`` / ``prompt_mode`` / ``seed`` default to the training manifest's, if any.
+    """
+    prompts, infos = load_prompts(sources, step)
+    manifest = next((i["manifest"] for i in infos if i.get("manifest")), None)
+    frozen, config, checkpoint = load_frozen(checkpoint, manifest, config=model, seed=seed)
+    if prompts.shape[2] != config.emb_dim:
+        raise UsageError(f"the prompt has width {prompts.shape[2]} but the model's d_model is "
+                         f"{config.emb_dim}: prompt and checkpoint are of different model sizes")
+    # Once on the device: host arrays would be copied again by every jitted call.
+    frozen = jax.device_put(frozen)
+    mode = prompt_mode
+    if mode is None and manifest is not None:
+        mode = manifest.get("run", {}).get("prompt_mode")
+    try:
+        method = _prompt_method(config, prompts.shape[1], mode or "prepend")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    for info in infos:
+        info.pop("manifest", None)
+    return Loaded(method, frozen, prompts, infos, checkpoint)

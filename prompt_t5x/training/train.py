@@ -1,0 +1,159 @@
+"""Training state and the pure, jitted train step that differentiates only the trainable tree.
+
+Two trees: the frozen T5 weights (an argument of every step, never differentiated, never in the
+optimizer state, never donated) and a small ``TrainState`` (trainable params, optimizer state,
+step, rng). Because the frozen weights enter ``jax.grad`` as constants, XLA never builds their
+weight-gradient matmuls: the backward pass is activation gradients only (tested on the jaxpr).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from prompt_t5x.methods.interface import Method
+
+PyTree = Any
+Batch = Mapping[str, jax.Array]
+Metrics = Dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array       # int32 scalar: train steps taken
+    params: PyTree        # the trainable tree only
+    opt_state: PyTree
+    rng: jax.Array        # base key; the step's dropout key is fold_in(rng, step)
+
+
+def create_train_state(method: Method, optimizer: optax.GradientTransformation, frozen: PyTree,
+                       rng: jax.Array, trainable: Optional[PyTree] = None,
+                       step: int = 0) -> TrainState:
+    """A fresh state; ``trainable`` defaults to ``method.init_trainable``."""
+    init_rng, rng = jax.random.split(rng)
+    if trainable is None:
+        trainable = method.init_trainable(init_rng, frozen)
+    return TrainState(step=jnp.asarray(step, jnp.int32), params=trainable,
+                      opt_state=optimizer.init(trainable), rng=rng)
+
+
+def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
+                       z_loss: float) -> Tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Weighted sums over [B, T]: (cross-entropy, z-loss term, correct tokens, weight).
+
+    logits [B, T, V] float32, targets [B, T] int, weights [B, T]. The z-loss ``z * log(Z)^2``
+    (T5X/PaLM) keeps the softmax normaliser near 1 and is part of the optimised loss.
+    """
+    logits = logits.astype(jnp.float32)
+    weights = weights.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    ce = log_z - target_logit
+    z_term = z_loss * jnp.square(log_z)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    # Selected, not multiplied: a non-finite value at a weight-0 position (a filler row that a
+    # kernel leaves undefined) must not turn the sums into NaN.
+    live = weights > 0
+
+    def weighted_sum(x):
+        return jnp.sum(jnp.where(live, x * weights, 0.0))
+
+    return weighted_sum(ce), weighted_sum(z_term), weighted_sum(correct), jnp.sum(weights)
+
+
+def _loss_weights(batch: Batch) -> jax.Array:
+    if "decoder_loss_weights" in batch:
+        return batch["decoder_loss_weights"]
+    return (batch["decoder_target_tokens"] > 0).astype(jnp.float32)
+
+
+def _split_microbatches(batch: Batch, n: int) -> Batch:
+    """[B, ...] -> [n, B/n, ...] with microbatch i = rows i, i+n, i+2n, ...
+
+    Strided rather than contiguous: with the batch sharded over the mesh's 'data' axis, every
+    microbatch then holds rows of every data shard, so all devices work on every microbatch.
+    """
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"batch size {x.shape[0]} is not divisible by {n} microbatches")
+        return jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
+    return {k: split(v) for k, v in batch.items()}
+
+
+def train_step_fn(method: Method, optimizer: optax.GradientTransformation, *,
+                  z_loss: float = 1e-4, num_microbatches: int = 1, enable_dropout: bool = True
+                  ) -> Callable[[TrainState, PyTree, Batch], Tuple[TrainState, Metrics]]:
+    """The pure (unjitted) step; ``make_train_step`` jits it, ``sharding`` adds shardings.
+
+    The loss is the mean over target tokens (weights summed over the whole batch, across
+    microbatches), so gradient accumulation gives the same gradient as one big batch.
+    """
+
+    def sums(trainable, frozen, batch, rng):
+        logits = method.logits(frozen, trainable, batch, enable_dropout=enable_dropout, rng=rng)
+        ce, zl, correct, weight = cross_entropy_sums(
+            logits, batch["decoder_target_tokens"], _loss_weights(batch), z_loss)
+        return ce + zl, (ce, zl, correct, weight)
+
+    grad_fn = jax.grad(sums, has_aux=True)
+
+    def step(state: TrainState, frozen: PyTree, batch: Batch) -> Tuple[TrainState, Metrics]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        if num_microbatches == 1:
+            grads, (ce, zl, correct, weight) = grad_fn(state.params, frozen, batch, rng)
+        else:
+            micro = _split_microbatches(batch, num_microbatches)
+
+            def body(carry, xs):
+                acc, i = carry
+                g, aux = grad_fn(state.params, frozen, xs, jax.random.fold_in(rng, i))
+                acc = jax.tree.map(jnp.add, acc, (g, aux))
+                return (acc, i + 1), None
+
+            zeros = (jax.tree.map(jnp.zeros_like, state.params),
+                     tuple(jnp.zeros((), jnp.float32) for _ in range(4)))
+            ((grads, (ce, zl, correct, weight)), _), _ = jax.lax.scan(
+                body, (zeros, jnp.zeros((), jnp.int32)), micro)
+        denom = jnp.maximum(weight, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": (ce + zl) / denom, "z_loss": zl / denom,
+                   "accuracy": correct / denom, "tokens": weight,
+                   "grad_norm": optax.tree.norm(grads),
+                   "param_norm": optax.tree.norm(params)}
+        if isinstance(params, Mapping) and "prompt" in params:
+            metrics["prompt_norm"] = jnp.linalg.norm(params["prompt"].astype(jnp.float32))
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return step
+
+
+def make_train_step(method: Method, optimizer: optax.GradientTransformation, *,
+                    z_loss: float = 1e-4, num_microbatches: int = 1, enable_dropout: bool = True,
+                    donate: bool = True):
+    """Jitted ``train_step(state, frozen, batch) -> (state, metrics)``; the state is donated."""
+    fn = train_step_fn(method, optimizer, z_loss=z_loss, num_microbatches=num_microbatches,
+                       enable_dropout=enable_dropout)
+    return jax.jit(fn, donate_argnums=(0,) if donate else ())
+
+
+def eval_sums_fn(method: Method, *, z_loss: float = 1e-4):
+    """Pure ``(trainable, frozen, batch) -> sums`` for teacher-forced evaluation (no dropout)."""
+
+    def sums(trainable, frozen, batch):
+        logits = method.logits(frozen, trainable, batch, enable_dropout=False)
+        ce, zl, correct, weight = cross_entropy_sums(
+            logits, batch["decoder_target_tokens"], _loss_weights(batch), z_loss)
+        return {"loss_sum": ce + zl, "correct": correct, "tokens": weight}
+
+    return sums
+
+
+def make_eval_step(method: Method, *, z_loss: float = 1e-4):
+    return jax.jit(eval_sums_fn(method, z_loss=z_loss))
