@@ -2,9 +2,9 @@
 
 import pathlib
 
+import gin
 import pytest
 
-import gin
 from prompt_t5x.commands import configurables, gin_cli, run_train, scaling  # noqa: F401  (register 'train' and 'scaling')
 from prompt_t5x.model import t5
 

@@ -382,14 +382,15 @@ def test_partitioned_greedy_decoding_matches_one_device(driven):
     import jax
     import multiprocess_driver
 
-    from prompt_t5x.inference import evaluation
+    from prompt_t5x.inference import decoding
     from prompt_t5x.model import t5
     run, _ = run_train.parse_run(driven["argv"])
     config = run.model.replace(vocab_size=32)
     method, trainable, spec, batch = multiprocess_driver.decode_setup(config)
     frozen = t5.init_params(config, jax.random.PRNGKey(1))
-    want = evaluation.make_decode_predict(method, frozen, multiprocess_driver.IdVocabulary(),
-                                          spec)(trainable, batch)
+    out = decoding.decode_jit(method, frozen, trainable, batch["encoder_input_tokens"], spec)
+    want = [multiprocess_driver.IdVocabulary().decode(row.tolist())
+            for row in np.asarray(out.tokens)]
     assert len(want) == 8 and len(set(want)) > 1   # not one constant output
     # Every greedy choice (up to and including EOS) wins by MARGIN over the runner-up.
     tokens = np.array([[int(t) for t in text.split()] for text in want], np.int32)

@@ -221,7 +221,6 @@ def test_mixtures_rates_and_sampling(mocked):
 
 
 def test_show_task_on_tfds_task(mocked, capsys):
-    from prompt_t5x.base import errors
     from prompt_t5x.commands import cli
     assert cli.main(["show-task", "super_glue_copa_v102", "--split", "train", "-n", "3"]) == 0
     out = capsys.readouterr().out
@@ -235,7 +234,6 @@ def test_show_task_on_tfds_task(mocked, capsys):
 
 
 def test_unknown_task_module_is_a_usage_error(mocked, capsys):
-    from prompt_t5x.base import errors
     from prompt_t5x.commands import cli
     assert cli.main(["tasks", "--task_module", "no_such_module_xyz"]) == 2
     assert "no_such_module_xyz" in capsys.readouterr().err
@@ -244,7 +242,6 @@ def test_unknown_task_module_is_a_usage_error(mocked, capsys):
 def test_open_task_reports_bad_tasks_splits_and_modules_as_usage_errors(mocked):
     """``eval``/``infer``/``show-task`` (and train's SeqIO data) resolve tasks this one way."""
     from prompt_t5x.base import errors
-    from prompt_t5x.commands import cli
     from prompt_t5x.data import task_registry
     assert task_registry.open_task("super_glue_copa_v102", ("train",)).name == "super_glue_copa_v102"
     with pytest.raises(errors.UsageError, match="has no split 'validation'; available: test"):
@@ -260,7 +257,6 @@ def test_missing_seqio_is_one_usage_error_naming_the_extra(monkeypatch):
     import sys
 
     from prompt_t5x.base import errors
-    from prompt_t5x.commands import cli
     from prompt_t5x.data import task_registry
     monkeypatch.setitem(sys.modules, "tasks", None)   # 'import tasks' raises ImportError
     with pytest.raises(errors.UsageError, match=r"pip install 'prompt_t5x\[data\]'"):

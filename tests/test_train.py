@@ -1,7 +1,7 @@
 """The train step: only the trainable tree moves, no weight gradients, loss falls, no TF."""
 
-import re
 import pathlib
+import re
 import subprocess
 import sys
 

@@ -18,7 +18,7 @@ from prompt_t5x.checkpoints import train_checkpoints
 from prompt_t5x.commands import cli
 from prompt_t5x.methods import prompt_init, prompt_tuning
 from prompt_t5x.model import t5
-from prompt_t5x.training import optim
+from prompt_t5x.training import optim, train
 from prompt_t5x.training import training_loop as loop_lib
 from prompt_t5x.training.metrics_writer import read_jsonl
 
@@ -215,7 +215,7 @@ def test_nan_guard_names_step_and_keeps_last_good_checkpoint(tmp_path, frozen):
     assert "last good checkpoint is step 2" in message
     ckpt = train_checkpoints.TrainCheckpointer(model_dir)
     assert ckpt.all_steps() == [2]      # nothing written after the NaN
-    state_template = loop_lib.train_lib.create_train_state(
+    state_template = train.create_train_state(
         _method(), _nan_at(2), frozen, jax.random.PRNGKey(0))
     state, _ = ckpt.restore(state_template, 2)
     assert np.all(np.isfinite(np.asarray(state.params["prompt"])))
@@ -331,11 +331,18 @@ def test_gradient_accumulation_matches_one_big_batch(frozen):
     method = _method()
     batch = next(_batches(batch_size=8)(0))
     results = []
+    from prompt_t5x.parallel import partitioning, sharding
+    from prompt_t5x.training import sharded_run
+    mesh, rules = sharding.single_device_mesh(), sharding.rules_or_default(None)
+    on_mesh, shardings = partitioning.place_on_mesh(frozen, mesh)
     for micro in (1, 2):
         opt = optax.sgd(0.5)
-        state = loop_lib.train_lib.create_train_state(method, opt, frozen, jax.random.PRNGKey(3))
-        step = loop_lib.make_guarded_step(method, opt, num_microbatches=micro)
-        state, acc, _ = step(state, frozen, batch, loop_lib.fresh_accumulators())
+        state = sharded_run.create_train_state(method, opt, on_mesh, jax.random.PRNGKey(3), mesh,
+                                               rules)
+        step = loop_lib.make_guarded_step(method, opt, mesh, rules, shardings,
+                                          num_microbatches=micro)
+        acc = jax.device_put(loop_lib.fresh_accumulators(), sharding.replicated(mesh))
+        state, acc, _ = step(state, on_mesh, sharding.shard_batch(batch, mesh), acc)
         results.append((np.asarray(state.params["prompt"]), float(acc[0]["loss"]),
                         float(acc[0]["grad_norm"])))
     (p1, l1, g1), (p2, l2, g2) = results

@@ -13,7 +13,8 @@ Each phase is compiled ahead of time (compile time, ``cost_analysis`` and ``memo
 from the executable that is timed), warmed up, then timed call by call with
 ``jax.block_until_ready`` (median reported) and once more as a back-to-back run with a single
 sync at the end (``pipelined``: what a training loop with no host sync sees). Batches are placed
-on the device before timing. MFU = analytic matmul FLOPs (``prompt_t5x.bench.flops``) / median time /
+on the device before timing. MFU = analytic matmul FLOPs (``prompt_t5x.bench.flops``) / median time
+/
 ``--peak_flops``. Peak memory: ``device.memory_stats()['peak_bytes_in_use']`` where the backend
 has it (GPU/TPU); always also the compiled executable's ``memory_analysis()`` (on CPU the only
 figure; see docs/performance.md for its caveats).

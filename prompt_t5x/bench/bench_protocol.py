@@ -1,4 +1,5 @@
-"""What ``prompt-t5x bench`` (``prompt_t5x.bench.bench``) and its HF PEFT peer (``prompt_t5x.bench.peft_peer``)
+"""What ``prompt-t5x bench`` (``prompt_t5x.bench.bench``) and its HF PEFT peer
+(``prompt_t5x.bench.peft_peer``)
 share, so both time the same work the same way: the flags and their checks, the model
 configuration, the random batches, and the timing protocol.
 

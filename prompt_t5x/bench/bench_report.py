@@ -1,5 +1,6 @@
 """The figures of a benchmark run and how they are printed and saved, shared by ``prompt-t5x
-bench`` (``prompt_t5x.bench.bench``) and its peer (``prompt_t5x.bench.peft_peer``), so both report the same
+bench`` (``prompt_t5x.bench.bench``) and its peer (``prompt_t5x.bench.peft_peer``), so both report
+the same
 numbers computed the same way (examples/s and tokens/s from the median step, MFU of the analytic
 FLOPs of ``prompt_t5x.bench.flops`` over a given peak).
 """

@@ -12,7 +12,8 @@ ours does); greedy decoding is ``generate(num_beams=1, do_sample=False)`` forced
 ``decode_len`` new tokens (HF caches self- and cross-attention keys/values).
 
 Flags, random batches and the timing protocol (``prompt_t5x.bench.bench_protocol``) and the figures
-(``bench_report.phase_figures``: ``prompt_t5x.bench.flops``) are ours', so MFU and examples/s compare
+(``bench_report.phase_figures``: ``prompt_t5x.bench.flops``) are ours', so MFU and examples/s
+compare
 directly.
 Memory: ``torch.cuda.max_memory_allocated()`` on GPU; on CPU the process's peak RSS (which
 includes the framework itself, so it is not comparable with ours' compiled estimate).
@@ -21,7 +22,8 @@ Optional dependency: torch, transformers and peft. transformers 5.x ties T5's ``
 embedding whatever the config says (T5 1.1 unties them), so under 5.x the peer's logits are not
 T5 1.1's; its work is the same (one ``[d_model, vocab]`` matmul either way, plus one scaling of
 the decoder output), so the timing comparison holds, and the results record ``lm_head_tied``.
-(The *parity* tests need the untied 4.x, which the ``reference`` extra pins.) Run: ``python -m prompt_t5x.bench.peft_peer --size base ...`` or, side by side
+(The *parity* tests need the untied 4.x, which the ``reference`` extra pins.) Run: ``python -m
+prompt_t5x.bench.peft_peer --size base ...`` or, side by side
 with ours, ``prompt-t5x bench --peer peft``.
 """
 

@@ -7,7 +7,8 @@ device of a ``jax.sharding.Sharding`` needs, so a model never has to fit on one 
 
 :func:`read_params` checks a flat ``{name: LazyArray}`` against the parameters a ``T5Config``
 needs (one error listing every difference), then reads each one cast and placed as asked. The T5X
-reader (``prompt_t5x.checkpoints.t5x_reader``) and the HF importer (``prompt_t5x.checkpoints.hf_checkpoint``) both load
+reader (``prompt_t5x.checkpoints.t5x_reader``) and the HF importer
+(``prompt_t5x.checkpoints.hf_checkpoint``) both load
 through it.
 """
 

@@ -19,7 +19,8 @@ Paths may be local or any TensorStore kvstore URL (``gs://bucket/dir``, ``memory
 is read until asked: :class:`LazyArray` reads whole arrays, slices, or exactly the slices each
 device of a ``jax.sharding.Sharding`` needs (so a model never has to fit on one host).
 Leaves are ``prompt_t5x.checkpoints.lazy_arrays.LazyArray`` and parameters load through
-``lazy_arrays.read_params``, the strict load HF imports share. ``prompt_t5x.checkpoints.t5x_writer`` writes
+``lazy_arrays.read_params``, the strict load HF imports share.
+``prompt_t5x.checkpoints.t5x_writer`` writes
 the legacy format.
 """
 

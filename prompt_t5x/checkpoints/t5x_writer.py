@@ -1,7 +1,8 @@
 """Write T5X checkpoints in the legacy format (msgpack + gzip'ed zarr), as T5X itself does.
 
 ``checkpoint_<step>/checkpoint`` is the flax msgpack blob ``{'version': 3, 'optimizer':
-{'target': params, 'state': {'step', 'param_states'}}}`` (layout: ``prompt_t5x.checkpoints.t5x_reader``,
+{'target': params, 'state': {'step', 'param_states'}}}`` (layout:
+``prompt_t5x.checkpoints.t5x_reader``,
 which reads it back). Partitioned weights (kernels, embeddings) become zarr arrays beside it,
 named by their ``.``-joined keys, chunked so that chunks tile the array (T5X's partitioned writes
 need that) and stay under 64 MiB; in the blob each is replaced by its TensorStore spec with a

@@ -21,6 +21,7 @@ import difflib
 from typing import Callable, Optional, Sequence
 
 import gin
+
 from prompt_t5x.methods import interface, prompt_init
 from prompt_t5x.methods.model_tuning import ModelTuning
 from prompt_t5x.methods.prompt_tuning import PromptTuning

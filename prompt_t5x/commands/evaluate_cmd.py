@@ -20,6 +20,7 @@ import sys
 from typing import Any, Dict, List, Sequence
 
 import gin
+
 from prompt_t5x.commands import configurables, gin_cli
 from prompt_t5x.inference import evaluation
 

@@ -28,8 +28,9 @@ def main(argv) -> int:
                         help="base_model_name_or_path recorded in the PEFT adapter config")
     args = parser.parse_args(argv)
     try:
-        fmt, prompt = prompt_export.export_prompt(args.source, args.out, fmt=args.format, step=args.step,
-                                    base_model_name_or_path=args.base_model)
+        fmt, prompt = prompt_export.export_prompt(args.source, args.out, fmt=args.format,
+                                                  step=args.step,
+                                                  base_model_name_or_path=args.base_model)
     except (prompt_export.ExportError, FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from e
     print(f"wrote {fmt} prompt [{prompt.shape[0]}, {prompt.shape[1]}] to {args.out}")

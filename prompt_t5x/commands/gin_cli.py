@@ -29,10 +29,11 @@ import re
 from typing import Dict, Iterable, List, Sequence, Tuple
 
 import gin
+
 from prompt_t5x.base.errors import UsageError
 from prompt_t5x.commands import configurables
 
-_PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
+_PACKAGE_DIR = pathlib.Path(__file__).resolve().parents[1]   # prompt_t5x/
 DEFAULT_SEARCH_PATHS = (str(_PACKAGE_DIR.parent / "gin"), str(_PACKAGE_DIR / "gin"))
 _INCLUDE = re.compile(r"^\s*include\s+['\"]([^'\"]+)['\"]", re.M)
 _MACRO_REF = re.compile(r"%([A-Za-z_][A-Za-z0-9_.]*)")
@@ -194,8 +195,8 @@ def translate_gin_error(e: BaseException) -> UsageError:
 
 # ------------------------------------------------------------------------------- parse ----
 # Modules whose import registers gin configurables used by the files in gin/ (TF-free).
-CONFIGURABLE_MODULES = ["prompt_t5x.commands.configurables", "prompt_t5x.commands.run_train", "prompt_t5x.commands.scaling",
-                        "prompt_t5x.inference.evaluation"]
+CONFIGURABLE_MODULES = ["prompt_t5x.commands.configurables", "prompt_t5x.commands.run_train",
+                        "prompt_t5x.commands.scaling", "prompt_t5x.commands.evaluate_cmd"]
 
 
 def register_configurables() -> None:

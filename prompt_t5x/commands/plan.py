@@ -3,7 +3,7 @@
   prompt-t5x plan --gin_file=models/xxl.gin --mesh=8x1 --mesh=2x4 --mesh=4x4 --mesh=4x8
 
 For each mesh the train step that ``prompt-t5x train`` runs (the step inside its non-finite
-guard, ``guarded_step.make_sharded_guarded_step``) is lowered for *abstract* arguments
+guard, ``guarded_step.make_guarded_step``) is lowered for *abstract* arguments
 (``jax.ShapeDtypeStruct`` s carrying their ``NamedSharding``; nothing is allocated) and
 compiled by XLA for that many fake CPU devices (``--xla_force_host_platform_device_count``, set
 here before JAX starts). The table reports, per device, what the compiled SPMD program's buffer
@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 def _gin_values(gin_args) -> Dict[str, object]:
     """Model config and run sizes from the gin files, read through gin-config itself."""
     import gin
+
     from prompt_t5x.commands import (
         gin_cli,
         run_train,  # noqa: F401  registers the 'train' configurable
@@ -150,7 +151,7 @@ def plan_one(config, mesh_text: str, *, batch_size: int, inputs_length: int, tar
     import numpy as np
 
     from prompt_t5x.bench import flops
-    from prompt_t5x.methods import interface, prompt_init, prompt_tuning
+    from prompt_t5x.methods import prompt_init, prompt_tuning
     from prompt_t5x.model import t5
     from prompt_t5x.parallel import partitioning, sharding
     from prompt_t5x.training import guarded_step, optim, sharded_run
@@ -182,9 +183,9 @@ def plan_one(config, mesh_text: str, *, batch_size: int, inputs_length: int, tar
     }
     # Exactly what `prompt-t5x train` runs: the train step inside the loop's non-finite guard,
     # with its on-device accumulators (a few scalars) as the fourth argument.
-    step = guarded_step.make_sharded_guarded_step(method, optimizer, mesh, rules,
-                                                   partitioning.shardings_of(frozen),
-                                                   num_microbatches=num_microbatches)
+    step = guarded_step.make_guarded_step(method, optimizer, mesh, rules,
+                                          partitioning.shardings_of(frozen),
+                                          num_microbatches=num_microbatches)
     acc = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                                       sharding=sharding.replicated(mesh)),
                        jax.eval_shape(guarded_step.fresh_accumulators))

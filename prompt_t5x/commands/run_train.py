@@ -36,9 +36,9 @@ import shutil
 import sys
 from typing import Any, List, Mapping, Optional, Sequence
 
+import gin
 import jax
 
-import gin
 from prompt_t5x.base.errors import UsageError
 from prompt_t5x.checkpoints import frozen_sources
 from prompt_t5x.commands import configurables, gin_cli
@@ -161,16 +161,16 @@ def _mesh_config(text: str, parameter_dims: int = 1,
 
 
 def build_mesh(run: RunConfig):
-    """(mesh, rules) for ``run``, or (None, None) for an unpartitioned one-device run.
+    """(mesh, rules) for ``run``: its ``train.mesh``, or the 1x1 mesh of the first device (one
+    device is a mesh like any other: there is no unpartitioned path).
 
     UsageError (before anything is written or loaded) when the mesh does not fit the devices,
     the hosts (``distributed.data_shard``), the batch or the model's dimensions.
     """
     text = run.mesh
     if text is None:
-        if jax.process_count() == 1:
-            return None, None
-        text = "auto"   # several processes must share one mesh
+        # One process: one device, as a 1x1 mesh. Several processes must share one mesh.
+        text = "1x1" if jax.process_count() == 1 else "auto"
     mesh_config = _mesh_config(text, run.parameter_partitioning_dims,
                                run.activation_partitioning_dims)
     devices = jax.devices()
@@ -234,11 +234,8 @@ def execute(run: RunConfig, *, gin_config: str = "") -> LoopResult:
 def _train(run: RunConfig, kind: str, source, gin_config: str, mesh=None,
            rules=None) -> LoopResult:
     from prompt_t5x.training import validation
-    if mesh is None:
-        params = frozen_sources.load_frozen_params(run.checkpoint, run.model, run.seed, kind)
-    else:
-        params = frozen_sources.load_sharded_frozen_params(run.checkpoint, run.model, run.seed,
-                                                           kind, mesh, rules)
+    params = frozen_sources.load_sharded_frozen_params(run.checkpoint, run.model, run.seed, kind,
+                                                       mesh, rules)
     model = t5_lib.T5(run.model)
     method = run.method.build(model, source.label_words, source.encode)
     initial_trainable = None

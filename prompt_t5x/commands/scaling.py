@@ -9,7 +9,8 @@ with the share of parameters each method trains.
 gin: ``scaling.runs`` maps a method label to a scoped ``train`` configuration
 (``'Prompt tuning': @prompt_tuning/train()``): everything the ``train`` command takes, with scope
 bindings for what differs per method (learning rate, method). ``scaling.models`` lists the models:
-each a dict with ``name``, ``size`` (a row of ``prompt_t5x.model.t5.SIZES``), optional ``checkpoint``
+each a dict with ``name``, ``size`` (a row of ``prompt_t5x.model.t5.SIZES``), optional
+``checkpoint``
 and any ``T5Config`` field overrides, e.g. ``{'name': 'd64', 'size': 'tiny', 'emb_dim': 64}``.
 Optional ``scaling.pretrain`` (a model-tuning ``train`` configuration) first trains each model
 (from its checkpoint, or from random weights) and hands the result to every method as its
@@ -32,6 +33,7 @@ import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import gin
+
 from prompt_t5x.base.errors import UsageError
 from prompt_t5x.commands import configurables, gin_cli
 from prompt_t5x.model import t5 as t5_lib

@@ -1,4 +1,5 @@
-"""Where a ``train`` run gets its data: SeqIO tasks (``prompt_t5x.data.seqio_bridge``) or generated tasks.
+"""Where a ``train`` run gets its data: SeqIO tasks (``prompt_t5x.data.seqio_bridge``) or generated
+tasks.
 
 Both backends give the training loop the same things: a resumable iterator of fixed-shape numpy
 batches (``train_batches(position, shard)``), every validation example once in fixed-shape
@@ -157,7 +158,8 @@ class SyntheticData:
 
 
 class SeqioData:
-    """A registered SeqIO task or mixture through ``prompt_t5x.data.seqio_bridge`` (imports TensorFlow)."""
+    """A registered SeqIO task or mixture through ``prompt_t5x.data.seqio_bridge`` (imports
+    TensorFlow)."""
 
     def __init__(self, name: str, inputs_length: int, targets_length: int, batch_size: int,
                  prompt_length: int, seed: int = 0, train_split: str = "train",
@@ -165,8 +167,9 @@ class SeqioData:
                  data_dir: Optional[str] = None, task_modules: Sequence[str] = ()):
         from prompt_t5x.data import seqio_bridge, task_registry  # SeqIO: only for SeqIO tasks
         self._data = seqio_bridge
-        self.provider = task_registry.open_task(name, (train_split, eval_split), vocabulary=vocabulary,
-                                           data_dir=data_dir, task_modules=task_modules)
+        self.provider = task_registry.open_task(name, (train_split, eval_split),
+                                                vocabulary=vocabulary, data_dir=data_dir,
+                                                task_modules=task_modules)
         try:
             self.spec = seqio_bridge.BatchSpec(inputs_length, targets_length, batch_size,
                                        prompt_length=prompt_length)

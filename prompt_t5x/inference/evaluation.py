@@ -8,7 +8,8 @@ latest or ``step`` checkpoint); the frozen T5 is ``checkpoint`` or, for a traini
 one its manifest records (see ``prompt_t5x.inference.prompted_model``).
 
 Predictions are rank classification (score every label word, take the best) for tasks with label
-words and ``mode='auto'``, otherwise decoding (``prompt_t5x.inference.decoding``: greedy, beam or sampling).
+words and ``mode='auto'``, otherwise decoding (``prompt_t5x.inference.decoding``: greedy, beam or
+sampling).
 ``eval`` writes ``<output_dir>/<task>_<split>_metrics.json`` (the task's metrics, per prompt too
 when ensembling); ``infer`` writes ``<output_dir>/<task>_<split>_predictions.jsonl``. Every input
 is checked before anything is computed or written; bad input is one ``UsageError`` (exit 2).
@@ -100,7 +101,8 @@ class EvalConfig:
 
 
 class SeqioSource:
-    """What ``predict`` needs of a registered SeqIO task (through ``prompt_t5x.data.seqio_bridge``)."""
+    """What ``predict`` needs of a registered SeqIO task (through
+    ``prompt_t5x.data.seqio_bridge``)."""
 
     def __init__(self, cfg: EvalConfig, provider):
         from prompt_t5x.data import seqio_bridge
@@ -238,15 +240,6 @@ def predict(cfg: EvalConfig, loaded: prompted_model.Loaded, source) -> Predictio
     else:
         combined = ensemble.majority_vote(per_prompt, score_array)
     return Predictions(mode, [examples[j] for j in indices], per_prompt, score_array, combined)
-
-
-def make_decode_predict(method, frozen, vocabulary, spec: decoding.DecodeSpec):
-    """``predict(trainable, batch) -> [B] decoded strings``, e.g. for
-    ``validation.make_evaluator(predict=...)`` on free-text tasks."""
-    def predict_fn(trainable, batch):
-        out = decoding.decode_jit(method, frozen, trainable, batch["encoder_input_tokens"], spec)
-        return [vocabulary.decode(row.tolist()) for row in np.asarray(out.tokens)]
-    return predict_fn
 
 
 # ----------------------------------------------------------------------------- outputs

@@ -11,7 +11,6 @@ beyond the 32100 pieces) print as ``<id N>``.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import List, Optional, Sequence, Tuple
 

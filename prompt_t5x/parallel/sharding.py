@@ -156,6 +156,12 @@ def make_mesh(config: MeshConfig, devices: Optional[Sequence[Any]] = None) -> Me
                          devices=devices)
 
 
+def single_device_mesh(device=None) -> Mesh:
+    """The 1x1 mesh of one device (default: the first). One device is not a special case: a run
+    on it is partitioned like any other, over this mesh, so there is one execution path."""
+    return make_mesh(MeshConfig(1, 1), [jax.devices()[0] if device is None else device])
+
+
 def mesh_context(mesh: Mesh):
     """Context that makes ``mesh`` the one flax's logical constraints resolve against."""
     return jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else jax.sharding.use_mesh(mesh)

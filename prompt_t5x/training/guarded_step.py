@@ -3,9 +3,9 @@
 ``guarded_step_fn`` wraps ``train.train_step_fn`` with two small on-device accumulators, so the
 training loop never waits for the device between steps: the running sums of the logged metrics
 (``AVERAGED``) and a guard that records the first step whose loss, gradient norm or updated
-parameters (``GUARDED``) are NaN/Inf. ``make_guarded_step`` jits it on one device;
-``make_sharded_guarded_step`` partitions it over a mesh (``partitioning.partition_step``), and
-``prompt-t5x plan`` compiles that very function.
+parameters (``GUARDED``) are NaN/Inf. ``make_guarded_step`` partitions it over a mesh
+(``partitioning.partition_step``; one device is a 1x1 mesh), and ``prompt-t5x plan`` compiles
+that very function.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from prompt_t5x.methods.interface import Method
+from prompt_t5x.parallel import partitioning
 from prompt_t5x.training import train as train_lib
 
 PyTree = Any
@@ -26,26 +27,30 @@ AVERAGED = ("loss", "z_loss", "accuracy", "grad_norm")
 GUARDED = ("loss", "grad_norm", "param_norm")
 
 
-@functools.lru_cache(maxsize=8)
-def make_guarded_step(method: Method, optimizer: optax.GradientTransformation,
-                      num_microbatches: int = 1, z_loss: float = 1e-4):
-    """:func:`guarded_step_fn` jitted on one device, state and accumulators donated."""
-    return jax.jit(guarded_step_fn(method, optimizer, num_microbatches, z_loss),
-                   donate_argnums=(0, 3))
-
-
-def make_sharded_guarded_step(method: Method, optimizer: optax.GradientTransformation,
-                              mesh, rules, frozen_shardings: PyTree,
-                              num_microbatches: int = 1, z_loss: float = 1e-4):
+def make_guarded_step(method: Method, optimizer: optax.GradientTransformation, mesh, rules,
+                      frozen_shardings: PyTree, num_microbatches: int = 1,
+                      z_loss: float = 1e-4):
     """:func:`guarded_step_fn` partitioned over ``mesh`` (``partitioning.partition_step``:
     state, accumulators and outputs replicated, ``frozen`` in ``frozen_shardings``, the batch
-    split over 'data'); runs (and traces) under the mesh + ``rules``. ``prompt-t5x plan``
-    compiles this very function.
+    split over 'data'; state and accumulators donated); runs (and traces) under the mesh +
+    ``rules``. The only way a training step is built: one device is a 1x1 mesh
+    (``sharding.single_device_mesh``). ``prompt-t5x plan`` compiles this very function.
+
+    Cached per (method, optimizer, mesh, rules, shardings, settings), so a resumed or repeated
+    run in the same process (scaling sweeps, tests) reuses the compiled step.
     """
-    from prompt_t5x.parallel import partitioning
-    return partitioning.partition_step(guarded_step_fn(method, optimizer, num_microbatches,
-                                                       z_loss),
-                                       mesh, rules, frozen_shardings, num_carried=1)
+    leaves, treedef = jax.tree_util.tree_flatten(frozen_shardings)
+    return _cached_guarded_step(method, optimizer, mesh, tuple(rules), treedef, tuple(leaves),
+                                num_microbatches, z_loss)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_guarded_step(method, optimizer, mesh, rules, treedef, leaves, num_microbatches,
+                         z_loss):
+    frozen_shardings = jax.tree_util.tree_unflatten(treedef, leaves)
+    return partitioning.partition_step(
+        guarded_step_fn(method, optimizer, num_microbatches, z_loss), mesh, rules,
+        frozen_shardings, num_carried=1)
 
 
 def fresh_accumulators():
@@ -61,9 +66,7 @@ def guarded_step_fn(method: Method, optimizer: optax.GradientTransformation,
     guard), ``last`` = the step's other metrics (param/prompt norms, tokens).
 
     The guard is ``[first bad step, loss, grad_norm, param_norm]`` at the first non-finite step
-    (step -1 while all is well). Everything stays on device. The one-device jit is cached per
-    (method, optimizer) object, so a resumed or repeated run in the same process (scaling
-    sweeps, tests) reuses the compiled step.
+    (step -1 while all is well). Everything stays on device.
     """
     step_fn = train_lib.train_step_fn(method, optimizer, z_loss=z_loss,
                                       num_microbatches=num_microbatches)

@@ -63,7 +63,7 @@ def sharded_train_step(method, optimizer, mesh: Mesh, rules: sharding_lib.Rules,
     """``train_step(state, frozen, batch) -> (state, metrics)`` partitioned over ``mesh``
     (:func:`partition_step`'s layout). ``step_kwargs`` go to ``train.train_step_fn`` (z_loss,
     num_microbatches, enable_dropout). ``prompt-t5x train`` runs the same step inside its
-    non-finite guard (``guarded_step.make_sharded_guarded_step``), which is what
+    non-finite guard (``guarded_step.make_guarded_step``), which is what
     ``prompt-t5x plan`` compiles.
     """
     return partition_step(train.train_step_fn(method, optimizer, **step_kwargs), mesh, rules,

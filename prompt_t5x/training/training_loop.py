@@ -20,10 +20,11 @@ What one call of ``run_loop`` does, step by step:
    evaluations without improvement.
 5. Every ``checkpoint_every`` steps and at the end: a training checkpoint with the data position.
 
-Partitioned runs (``mesh`` given): the frozen weights stay in the shardings they arrive in (the
-caller creates them there, see ``run_train``), the train state is replicated, the guarded step is
-jitted with those in/out shardings (``guarded_step.make_sharded_guarded_step``; state and
-accumulators still donated) and runs under the mesh and the logical-axis rules.
+Every run is partitioned over a mesh (``mesh``; default: the 1x1 mesh of the first device, so
+one device is not a second code path): the frozen weights stay in the shardings they arrive in
+(the caller creates them there, see ``run_train``), the train state is replicated, the guarded
+step is jitted with those in/out shardings (``guarded_step.make_guarded_step``; state and
+accumulators donated) and runs under the mesh and the logical-axis rules.
 ``make_batches`` yields *this host's* rows: those of its data shard
 ``distributed.data_shard(mesh)`` (hosts that share 'data' rows get the same rows); the loop
 checks their count against the global batch size and assembles the global ``jax.Array`` split
@@ -58,14 +59,13 @@ import optax
 from prompt_t5x.base import storage
 from prompt_t5x.checkpoints import train_checkpoints
 from prompt_t5x.methods.interface import Method
-from prompt_t5x.parallel import distributed
+from prompt_t5x.parallel import distributed, partitioning
 from prompt_t5x.parallel import sharding as sharding_lib
-from prompt_t5x.training import train as train_lib
+from prompt_t5x.training import sharded_run
 from prompt_t5x.training.guarded_step import (
     AVERAGED,
     fresh_accumulators,
     make_guarded_step,
-    make_sharded_guarded_step,
 )
 from prompt_t5x.training.metrics_writer import MetricsWriter, drop_records_after
 
@@ -117,7 +117,7 @@ class LoopResult:
     stopped_early: bool
     evaluations: List[Dict[str, float]]
     resumed_from: Optional[int]
-    # The shardings of the frozen tree the step ran with (partitioned runs; None otherwise).
+    # The shardings of the frozen tree the step ran with.
     frozen_shardings: Optional[PyTree] = None
 
 
@@ -246,27 +246,22 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
     ``config.metric`` for best-checkpoint tracking and early stopping to work.
 
     ``mesh`` (a ``jax.sharding.Mesh`` with 'data'/'model' axes) and ``rules`` (logical-axis
-    rules) partition the run; ``frozen`` should then already be sharded on ``mesh`` (leaves that
-    are not are replicated onto it). Without a mesh everything runs on the default device, which
-    a multi-process run cannot do.
+    rules) partition the run; ``frozen`` should already be sharded on ``mesh`` (leaves that are
+    not are replicated onto it). Without a mesh the run is partitioned over the 1x1 mesh of the
+    first device, which a multi-process run cannot do.
     """
-    if mesh is None and jax.process_count() > 1:
-        raise ValueError(f"a run over {jax.process_count()} processes needs a mesh spanning "
-                         "their devices (run_loop(mesh=...)).")
+    if mesh is None:
+        if jax.process_count() > 1:
+            raise ValueError(f"a run over {jax.process_count()} processes needs a mesh spanning "
+                             "their devices (run_loop(mesh=...)).")
+        mesh = sharding_lib.single_device_mesh()
     rng = jax.random.PRNGKey(0) if rng is None else rng
     if distributed.is_primary():
         os.makedirs(model_dir, exist_ok=True)
-    frozen_shardings = None
-    if mesh is not None:
-        from prompt_t5x.parallel import partitioning
-        from prompt_t5x.training import sharded_run
-        rules = sharding_lib.rules_or_default(rules)
-        frozen, frozen_shardings = partitioning.place_on_mesh(frozen, mesh)
-        state = sharded_run.create_train_state(method, optimizer, frozen, rng, mesh, rules,
-                                                trainable=initial_trainable)
-    else:
-        state = train_lib.create_train_state(method, optimizer, frozen, rng,
-                                             trainable=initial_trainable)
+    rules = sharding_lib.rules_or_default(rules)
+    frozen, frozen_shardings = partitioning.place_on_mesh(frozen, mesh)
+    state = sharded_run.create_train_state(method, optimizer, frozen, rng, mesh, rules,
+                                           trainable=initial_trainable)
     checkpointer = train_checkpoints.TrainCheckpointer(
         model_dir, keep_last=config.keep_checkpoints,
         best_metric=f"validation/{config.metric}" if evaluate else None,
@@ -274,8 +269,7 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
     restored, manifest = checkpointer.restore_latest_good(state)
     resumed_from, position = None, 0
     if restored is not None:
-        if mesh is not None:
-            restored = jax.device_put(restored, sharding_lib.replicated(mesh))
+        restored = jax.device_put(restored, sharding_lib.replicated(mesh))
         state, resumed_from = restored, int(manifest["step"])
         position = int(manifest.get("data_state", {}).get("position", resumed_from))
     best = _Best(model_dir, config.metric, config.metric_mode)
@@ -296,19 +290,14 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
                                   run=run_info)
         distributed.barrier(f"checkpoint_{saved}")
 
-    if mesh is None:
-        step_fn = make_guarded_step(method, optimizer, config.num_microbatches, config.z_loss)
-        place_batch = lambda batch: batch  # noqa: E731 - jit moves numpy onto the device
-        new_acc = fresh_accumulators
-    else:
-        # Committed to the mesh like the step's outputs: the jit cache keys on commitment, and
-        # uncommitted accumulators would trace and compile the whole step a second time.
-        new_acc = lambda: jax.device_put(fresh_accumulators(),  # noqa: E731
-                                         sharding_lib.replicated(mesh))
-        step_fn = make_sharded_guarded_step(method, optimizer, mesh, rules, frozen_shardings,
-                                            config.num_microbatches, config.z_loss)
-        place_batch = functools.partial(_place_host_batch, mesh=mesh, batch_size=batch_size,
-                                        shard=distributed.data_shard(mesh))
+    # Committed to the mesh like the step's outputs: the jit cache keys on commitment, and
+    # uncommitted accumulators would trace and compile the whole step a second time.
+    new_acc = lambda: jax.device_put(fresh_accumulators(),  # noqa: E731
+                                     sharding_lib.replicated(mesh))
+    step_fn = make_guarded_step(method, optimizer, mesh, rules, frozen_shardings,
+                                config.num_microbatches, config.z_loss)
+    place_batch = functools.partial(_place_host_batch, mesh=mesh, batch_size=batch_size,
+                                    shard=distributed.data_shard(mesh))
     # A factory that declares its ``identity`` (run_data.train_stream) is checked before it
     # builds the stream (SeqIO replays to the position, which takes a while); of a plain
     # factory only the stream it builds can say what it reads.

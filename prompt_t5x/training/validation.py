@@ -6,16 +6,18 @@ eval batches (``data.eval_batches``: every example once, padding rows all-zero a
 - ``loss`` / ``token_accuracy``: teacher-forced, summed over target tokens of real rows
   (``train.make_eval_step``), so padding never counts;
 - for classification tasks (label words known): rank classification (score each label string,
-  predict the best; ``prompt_t5x.inference.rank_classification``), and the task's metric functions on the
+  predict the best; ``prompt_t5x.inference.rank_classification``), and the task's metric functions
+  on the
   predicted label words (``compute_metrics``, e.g. ``accuracy``, ``f1``, ``mcc``);
 - otherwise, if a ``predict`` function is given (greedy decoding), the task's metrics on the
   decoded strings.
 
-Partitioned runs (``mesh`` given): every host holds every validation batch; the teacher-forced
-sums and the rank classifier run as partitioned computations (frozen weights in their shardings,
-trainable replicated, each batch split over 'data' with ``sharding.shard_global_batch``) whose
-outputs are replicated, so every host computes the same metrics (process 0 writes them). A
-``predict`` function must then be partitioned itself (``make_decode_predict`` with the mesh).
+Everything runs partitioned over a mesh (default: the 1x1 mesh of the first device, the same
+path as any other mesh): every host holds every validation batch; the teacher-forced sums, the
+rank classifier and the decoder run as partitioned computations (frozen weights in their
+shardings, trainable replicated, each batch split over 'data' with
+``sharding.shard_global_batch``) whose outputs are replicated, so every host computes the same
+metrics (process 0 writes them).
 
 Pure jax/numpy; the data-facing pieces (batches, examples, ``compute_metrics``) are passed in.
 """
@@ -25,11 +27,13 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-import jax
 import numpy as np
 
+from prompt_t5x.inference import decoding
 from prompt_t5x.inference import rank_classification as rank_lib
 from prompt_t5x.methods.interface import Method
+from prompt_t5x.parallel import partitioning
+from prompt_t5x.parallel import sharding as sharding_lib
 from prompt_t5x.training import train as train_lib
 
 PyTree = Any
@@ -49,7 +53,8 @@ def make_evaluator(method: Method, frozen: PyTree, batches: Sequence[Batch], *,
                    ) -> Callable[[PyTree], Dict[str, float]]:
     """See the module docstring. ``examples`` are the split's preprocessed examples in
     ``example_index`` order (needed for ``compute_metrics``). ``mesh`` / ``rules`` partition
-    the evaluation (``frozen`` then lives on ``mesh``; leaves that do not are replicated)."""
+    the evaluation (``frozen`` lives on ``mesh``; leaves that do not are replicated; default:
+    the 1x1 mesh of the first device)."""
     batches = list(batches)
     if not batches:
         raise ValueError("no validation batches: the validation split is empty")
@@ -59,22 +64,15 @@ def make_evaluator(method: Method, frozen: PyTree, batches: Sequence[Batch], *,
         targets_length = batches[0]["decoder_target_tokens"].shape[1]
         classify_fn = rank_lib.rank_classifier_fn(
             method, rank_lib.encode_labels(list(label_words), encode, targets_length))
-    if mesh is None:
-        eval_step = jax.jit(eval_fn)
-        classify = None if classify_fn is None else jax.jit(classify_fn)
-        place, fetch = (lambda tree: tree), jax.device_get
-    else:
-        from prompt_t5x.parallel import partitioning
-        from prompt_t5x.parallel import sharding as sharding_lib
-        rules = sharding_lib.rules_or_default(rules)
-        frozen, frozen_shardings = partitioning.place_on_mesh(frozen, mesh)
-        rep, rows = sharding_lib.replicated(mesh), sharding_lib.batch_sharding(mesh)
-        eval_step = partitioning.partition(eval_fn, mesh, rules, (rep, frozen_shardings, rows),
-                                           rep)
-        classify = None if classify_fn is None else partitioning.partition(
-            classify_fn, mesh, rules, (frozen_shardings, rep, rows), rep)
-        place = functools.partial(sharding_lib.shard_global_batch, mesh=mesh)
-        fetch = sharding_lib.to_host
+    mesh = sharding_lib.single_device_mesh() if mesh is None else mesh
+    rules = sharding_lib.rules_or_default(rules)
+    frozen, frozen_shardings = partitioning.place_on_mesh(frozen, mesh)
+    rep, rows = sharding_lib.replicated(mesh), sharding_lib.batch_sharding(mesh)
+    eval_step = partitioning.partition(eval_fn, mesh, rules, (rep, frozen_shardings, rows), rep)
+    classify = None if classify_fn is None else partitioning.partition(
+        classify_fn, mesh, rules, (frozen_shardings, rep, rows), rep)
+    place = functools.partial(sharding_lib.shard_global_batch, mesh=mesh)
+    fetch = sharding_lib.to_host
 
     def evaluate(trainable: PyTree) -> Dict[str, float]:
         loss_sum = correct = tokens = 0.0
@@ -109,14 +107,10 @@ def make_evaluator(method: Method, frozen: PyTree, batches: Sequence[Batch], *,
 def make_decode_predict(method: Method, frozen: PyTree, vocabulary, spec, mesh=None, rules=None
                         ) -> Callable[[PyTree, Batch], List[str]]:
     """``predict(trainable, batch) -> [B] decoded strings`` (``decoding.DecodeSpec`` ``spec``)
-    for :func:`make_evaluator` on free-text tasks. With a mesh the decoder runs partitioned
-    (every host holds the whole batch; it is split over 'data') and the tokens are gathered to
-    every host."""
-    from prompt_t5x.inference import decoding, evaluation
-    if mesh is None:
-        return evaluation.make_decode_predict(method, frozen, vocabulary, spec)
-    from prompt_t5x.parallel import partitioning
-    from prompt_t5x.parallel import sharding as sharding_lib
+    for :func:`make_evaluator` on free-text tasks. The decoder runs partitioned over ``mesh``
+    (default: the 1x1 mesh of the first device; every host holds the whole batch, split over
+    'data') and the tokens are gathered to every host."""
+    mesh = sharding_lib.single_device_mesh() if mesh is None else mesh
     rules = sharding_lib.rules_or_default(rules)
     frozen, _ = partitioning.place_on_mesh(frozen, mesh)
 
