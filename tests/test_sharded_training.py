@@ -4,9 +4,11 @@ The same quickstart prompt-tuning run on meshes 1x1, 2x4 and 4x2 must produce th
 the only permitted difference is float32 reduction order (the batch and the 'model'-split
 contractions are summed across devices in another order), which after three Adafactor steps at
 learning rate 0.3 moves prompt entries of magnitude ~3.5 by ~1e-5 (measured); the tolerance is
-atol 5e-5 / rtol 1e-5. An unpartitioned run (no mesh) and a 1x1 mesh must agree bit for bit.
+atol 5e-5 / rtol 1e-5. The default run (one device = a 1x1 mesh) and the plain jitted train step
+on the same batches must agree bit for bit.
 """
 
+import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -41,10 +43,27 @@ def runs(tmp_path_factory):
     return out
 
 
-def test_one_by_one_mesh_equals_the_unpartitioned_run(runs):
+def test_default_run_is_the_one_by_one_mesh_and_equals_a_plain_jitted_step(runs):
+    """One device is a 1x1 mesh (no second, unpartitioned path), and that partitioned run computes
+    exactly what the plain jitted train step computes on the same batches: bit-identical."""
+    from prompt_t5x.checkpoints import frozen_sources
+    from prompt_t5x.data import run_data
+    from prompt_t5x.training import train
     np.testing.assert_array_equal(runs["1x1"][0], runs[None][0])
     assert runs["1x1"][1].evaluations == runs[None][1].evaluations
-    assert runs[None][1].frozen_shardings is None
+    used = runs[None][1].frozen_shardings["token_embedder"]["embedding"]
+    assert dict(used.mesh.shape) == {"data": 1, "model": 1}
+
+    run = runs[None][2]
+    source = run_data.open_data(run, run.method.prompt_length)
+    method = run.method.build(t5.T5(run.model), source.label_words, source.encode)
+    frozen = frozen_sources.load_frozen_params(run.checkpoint, run.model, run.seed)
+    state = train.create_train_state(method, run.optimizer, frozen, jax.random.PRNGKey(run.seed))
+    step = train.make_train_step(method, run.optimizer, z_loss=run.loop.z_loss)
+    batches = run_data.train_stream(source)(0)
+    for _ in range(run.loop.train_steps):
+        state, _ = step(state, frozen, next(batches))
+    np.testing.assert_array_equal(np.asarray(state.params["prompt"]), runs[None][0])
 
 
 @pytest.mark.parametrize("mesh", ["2x4", "4x2"])
