@@ -12,9 +12,10 @@ Imports no TensorFlow (the GPU machine has none) and no PyTorch (ours never need
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -59,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run HF PEFT for the same configuration and print the ratio")
     p.add_argument("--peer_compile", action="store_true", help="peer: torch.compile the model")
     p.add_argument("--peer_grad_ckpt", action="store_true", help="peer: gradient checkpointing")
+    p.add_argument("--cpu_threads", type=int, default=None,
+                   help="CPU cores each side may use: its process is pinned to the first N cores "
+                        "of this command's CPU affinity (default: all of them) and its thread "
+                        "pools sized N; ours and the peer are pinned alike")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--profile", default=None, metavar="DIR",
@@ -92,9 +97,34 @@ def validate(args: argparse.Namespace) -> None:
     if args.batch % args.microbatches:
         raise usage_error(f"--batch {args.batch} is not divisible by --microbatches "
                           f"{args.microbatches}")
+    if args.cpu_threads is not None and not 1 <= args.cpu_threads <= len(os.sched_getaffinity(0)):
+        raise usage_error(f"--cpu_threads {args.cpu_threads}: this process may use "
+                          f"{len(os.sched_getaffinity(0))} cores")
     unknown = set(phases(args)) - set(PHASES)
     if unknown:
         raise usage_error(f"--phases: unknown {sorted(unknown)}; choose from {PHASES}")
+
+
+def cpu_cores(threads: Optional[int]) -> List[int]:
+    """The CPU cores a side runs on: the first ``threads`` of this process's affinity (all when
+    None)."""
+    cores = sorted(os.sched_getaffinity(0))
+    return cores if threads is None else cores[:threads]
+
+
+def pin_cpus(threads: Optional[int]) -> List[int]:
+    """Pin this process to ``cpu_cores(threads)`` and size OpenMP pools to match; the cores.
+
+    The pin is what makes the sides comparable: an option such as
+    ``--xla_cpu_multi_thread_eigen=false`` still left XLA:CPU ~1.5 busy cores (its runtime has
+    threads of its own) while PyTorch ran on one. An affinity mask binds every thread either
+    framework starts, and XLA:CPU sizes its thread pools from it. Called before jax/torch
+    create their pools (the children are also pinned from the start by the ``--peer`` parent).
+    """
+    cores = cpu_cores(threads)
+    os.sched_setaffinity(0, cores)
+    os.environ["OMP_NUM_THREADS"] = str(len(cores))
+    return cores
 
 
 def phases(args) -> List[str]:
@@ -109,6 +139,26 @@ def model_config(args):
 
 
 # ----------------------------------------------------------------------------- inputs, timing
+
+def init_std(kind: str, fan_in: int, head_dim: int) -> float:
+    """Standard deviation of the random frozen weights both sides start from: T5X's scales.
+
+    ``kind``: ``query`` (T5X folds the 1/sqrt(head_dim) logit scaling into the query kernel's
+    init), ``kernel`` (every other projection, the untied ``lm_head`` included: N(0, 1/fan_in)),
+    ``table`` (token embedding, relative-position tables: N(0, 1)). Norm scales are 1.
+    HF's own random init gives ``lm_head`` std 1.0 instead: logits of std ~sqrt(d_model), a first
+    loss near 93 rather than ~ln(vocab), and softmax probabilities that underflow to subnormal
+    floats, which PyTorch computes slowly on a CPU. Both sides use this rule, so they run the
+    same function from the same distribution (compare the first-step losses the bench prints).
+    """
+    if kind == "query":
+        return float(fan_in * head_dim) ** -0.5
+    if kind == "kernel":
+        return float(fan_in) ** -0.5
+    if kind == "table":
+        return 1.0
+    raise ValueError(f"unknown weight kind {kind!r}")
+
 
 def random_train_batch(rng: np.random.Generator, vocab: int, batch: int, inputs_len: int,
                        decoder_len: int) -> Dict[str, np.ndarray]:
