@@ -324,22 +324,12 @@ def run_ours(args) -> Dict[str, Any]:
 
 # ----------------------------------------------------------------------------- entry point
 
-_PIN_AND_RUN = ("import os, runpy, sys; "
-                "os.sched_setaffinity(0, [int(c) for c in sys.argv[1].split(',')]); "
-                "sys.argv = sys.argv[2:]; runpy.run_module(sys.argv[0], run_name='__main__', "
-                "alter_sys=True)")
-
-
 def _child(module: str, argv: Sequence[str], json_path: str) -> Dict[str, Any]:
     """Run ``python -m module argv --json json_path``; its stdout/stderr pass through (its own
     block of figures among them). Pinned from its first instruction to the cores its
     ``--cpu_threads`` names, so no thread either framework starts runs elsewhere."""
     threads = int(argv[argv.index("--cpu_threads") + 1]) if "--cpu_threads" in argv else None
-    cores = protocol.cpu_cores(threads)
-    # Pinned by the child itself before anything else (a preexec_fn would run in a fork of this
-    # process, which may hold JAX's threads).
-    cmd = [sys.executable, "-c", _PIN_AND_RUN, ",".join(map(str, cores)), module, *argv,
-           "--json", json_path]
+    cmd = protocol.pinned_python(protocol.cpu_cores(threads), module, [*argv, "--json", json_path])
     proc = subprocess.run(cmd, env=os.environ.copy())
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited with status {proc.returncode}")

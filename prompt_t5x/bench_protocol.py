@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from typing import Any, Callable, Dict, List, Optional
 
@@ -125,6 +126,19 @@ def pin_cpus(threads: Optional[int]) -> List[int]:
     os.sched_setaffinity(0, cores)
     os.environ["OMP_NUM_THREADS"] = str(len(cores))
     return cores
+
+
+_PIN_AND_RUN = ("import os, runpy, sys; "
+                "os.sched_setaffinity(0, [int(c) for c in sys.argv[1].split(',')]); "
+                "sys.argv = sys.argv[2:]; runpy.run_module(sys.argv[0], run_name='__main__', "
+                "alter_sys=True)")
+
+
+def pinned_python(cores: List[int], module: str, argv: List[str]) -> List[str]:
+    """The command ``python -m module argv`` whose process pins itself to ``cores`` before
+    anything else runs (a ``preexec_fn`` would run in a fork of a process that may hold JAX's
+    threads)."""
+    return [sys.executable, "-c", _PIN_AND_RUN, ",".join(map(str, cores)), module, *argv]
 
 
 def phases(args) -> List[str]:
