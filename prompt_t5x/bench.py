@@ -296,6 +296,7 @@ def run_ours(args) -> Dict[str, Any]:
     cores = protocol.pin_cpus(args.cpu_threads)   # before JAX sizes its CPU thread pools
     import jax
     from prompt_t5x import optim, train
+    protocol.resolve_dtypes(args, jax.default_backend() == "cpu")
     result: Dict[str, Any] = {"impl": "prompt_t5x", "config": vars(args).copy(),
                               "versions": bench_report.versions(),
                               "device": bench_report.device_name()}

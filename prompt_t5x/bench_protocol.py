@@ -42,8 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder_len", type=int, default=16)
     p.add_argument("--remat", default="none", help="t5.REMAT_POLICIES name")
     p.add_argument("--attention", default="einsum", help="einsum | xla | cudnn")
-    p.add_argument("--dtype", default="bfloat16", help="activation dtype")
-    p.add_argument("--param_dtype", default="bfloat16", help="storage dtype of the frozen weights")
+    p.add_argument("--dtype", default=None,
+                   help="activation dtype (default: float32 on a CPU, bfloat16 elsewhere and "
+                        "with --aot)")
+    p.add_argument("--param_dtype", default=None,
+                   help="storage dtype of the frozen weights (default as --dtype)")
     p.add_argument("--dropout", type=float, default=0.0,
                    help="dropout rate (> 0 makes xla/cudnn attention fall back to einsum)")
     p.add_argument("--microbatches", type=int, default=1, help="gradient accumulation steps")
@@ -143,6 +146,16 @@ def pinned_python(cores: List[int], module: str, argv: List[str]) -> List[str]:
 
 def phases(args) -> List[str]:
     return [s for s in args.phases.split(",") if s]
+
+
+def resolve_dtypes(args, on_cpu: bool) -> None:
+    """Fill in ``--dtype``/``--param_dtype`` left unset: float32 when the run is on a CPU, where
+    XLA computes every bf16 matmul in float32 behind a convert of each operand and its result
+    (pure overhead) and PyTorch has no fast bf16 path on most CPUs either; bfloat16 on GPU/TPU,
+    and for ``--aot``, which sizes accelerator runs. Each side resolves by its own device."""
+    default = "float32" if on_cpu and not args.aot else "bfloat16"
+    args.dtype = args.dtype or default
+    args.param_dtype = args.param_dtype or default
 
 
 def model_config(args):

@@ -134,6 +134,10 @@ def format_comparison(ours: Dict[str, Any], peer: Dict[str, Any]) -> str:
     if "error" in peer:
         return f"peer failed: {peer['error']}"
     lines = []
+    dtypes = [(r["config"].get("dtype"), r["config"].get("param_dtype")) for r in (ours, peer)]
+    if dtypes[0] != dtypes[1]:   # each side resolves an unset --dtype by its own device
+        lines.append(f"warning: the sides ran different dtypes {dtypes}; pass --dtype and "
+                     "--param_dtype")
     a, b = ours.get("train", {}), peer.get("train", {})
     if "first_loss" in a and "first_loss" in b:
         lines.append(f"first-step training loss: prompt_t5x {a['first_loss']:.4f}, "

@@ -248,8 +248,9 @@ def run_peer(args) -> Dict[str, Any]:
     cores = protocol.pin_cpus(args.cpu_threads)   # before torch starts its thread pools
     import torch
     torch.set_num_threads(len(cores))
-    cfg = protocol.model_config(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    protocol.resolve_dtypes(args, device.type == "cpu")
+    cfg = protocol.model_config(args)
     config = {k: v for k, v in vars(args).items() if k != "json"}
     config["cpu_cores"] = cores
     # XLA:CPU flushes subnormal floats to zero; PyTorch computes them (slowly) unless told.

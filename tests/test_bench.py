@@ -61,7 +61,8 @@ def test_bench_smoke_tiny(tmp_path):
                      "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     cfg = t5.get_config("tiny")
-    assert r["config"]["param_dtype"] == "bfloat16"
+    # Unset dtypes are float32 on a CPU (bf16 matmuls would be float32 behind converts there).
+    assert r["config"]["param_dtype"] == r["config"]["dtype"] == "float32"
     train = r["train"]
     assert train["examples_per_s"] > 0 and math.isfinite(train["final_loss"])
     assert train["flops_per_step"] == flops.train_step_flops(cfg, 2, 24, 5).total
@@ -125,9 +126,10 @@ def test_peer_side_by_side(tmp_path, capfd):
     assert peer["train"]["flops_per_step"] == ours["train"]["flops_per_step"]
     assert peer["config"]["lm_head_tied"] is False   # transformers 4.x: T5 1.1's untied head
     assert np.isfinite(peer["train"]["final_loss"]) and peer["rank"]["examples_per_s"] > 0
-    # Same function from the same init distribution: first losses near ln(vocab), and close.
+    # Both start from T5X-scaled weights: first losses near ln(vocab) (HF's own init: ~30 at
+    # tiny). Ten target tokens only, so the closeness of the two is tested below, on more.
     first = ours["train"]["first_loss"], peer["train"]["first_loss"]
-    assert abs(first[0] - first[1]) < 0.5 and all(abs(x - math.log(32128)) < 1.5 for x in first)
+    assert all(abs(x - math.log(32128)) < 1.5 for x in first), first
     assert peer["config"]["flush_denormal"] is True
     cores = ours["config"]["cpu_cores"]
     assert peer["config"]["cpu_cores"] == cores and len(cores) == 1
@@ -164,7 +166,7 @@ def test_peer_init_has_our_scales_and_runs_our_function():
             assert b[name].std() == pytest.approx(a[name].std(), rel=0.1), name
     assert a["['decoder']['logits_dense']['kernel']"].std() == pytest.approx(64 ** -0.5, rel=0.05)
 
-    batch = bench_protocol.random_train_batch(np.random.default_rng(0), cfg.vocab_size, 4, 20, 6)
+    batch = bench_protocol.random_train_batch(np.random.default_rng(0), cfg.vocab_size, 16, 20, 8)
     model = t5.T5(cfg)
 
     def loss(params):
@@ -178,6 +180,7 @@ def test_peer_init_has_our_scales_and_runs_our_function():
                            labels=torch.from_numpy(batch["decoder_target_tokens"].astype(np.int64))
                            ).loss)
     assert loss(theirs) == pytest.approx(hf_loss, abs=1e-4)   # the same function
+    # Two draws of one distribution on 128 target tokens: close, and near ln(vocab).
     assert abs(loss(ours) - hf_loss) < 0.5 and abs(hf_loss - math.log(cfg.vocab_size)) < 1.5
 
 
