@@ -11,6 +11,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # TensorFlow (only used by tasks/ and the data bridge) must not grab GPU memory or spam logs.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Commands run in-process (cli.main) would turn on the CLI's persistent compilation cache in the
+# user's cache directory; tests/test_compilation_cache.py turns it back on where it is tested.
+os.environ.setdefault("PROMPT_T5X_COMPILATION_CACHE", "0")
 
 import pytest  # noqa: E402
 

@@ -63,7 +63,8 @@ def test_bench_smoke_tiny(tmp_path):
                      "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     cfg = t5.get_config("tiny")
-    assert r["config"]["param_dtype"] == "bfloat16"
+    # Unset dtypes are float32 on a CPU (bf16 matmuls would be float32 behind converts there).
+    assert r["config"]["param_dtype"] == r["config"]["dtype"] == "float32"
     train = r["train"]
     assert train["examples_per_s"] > 0 and math.isfinite(train["final_loss"])
     assert train["flops_per_step"] == flops.train_step_flops(cfg, 2, 24, 5).total
@@ -113,11 +114,13 @@ def test_hlo_dot_parser():
 
 
 @pytest.mark.skipif(not HAVE_PEER, reason="torch/transformers/peft not installed")
-def test_peer_side_by_side(tmp_path, capsys):
-    """--peer peft: ours, then HF PEFT, each in its own process; the ratio is printed."""
+def test_peer_side_by_side(tmp_path, capfd):
+    """--peer peft: ours, then HF PEFT, each in its own process pinned to the same cores; each
+    block is printed once, then the first-step losses and the ratio."""
     out = tmp_path / "pair.json"
     assert cli.main(["bench", "--size", "tiny", *SMALL, "--steps", "1", "--warmup", "0",
-                     "--phases", "train,rank", "--peer", "peft", "--json", str(out)]) == 0
+                     "--phases", "train,rank", "--peer", "peft", "--cpu_threads", "1",
+                     "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     ours, peer = r["ours"], r["peer"]
     assert peer["impl"] == "peft" and ours["impl"] == "prompt_t5x"
@@ -125,7 +128,65 @@ def test_peer_side_by_side(tmp_path, capsys):
     assert peer["train"]["flops_per_step"] == ours["train"]["flops_per_step"]
     assert peer["config"]["lm_head_tied"] is False   # transformers 4.x: T5 1.1's untied head
     assert np.isfinite(peer["train"]["final_loss"]) and peer["rank"]["examples_per_s"] > 0
-    assert "ratio prompt_t5x / peer" in capsys.readouterr().out
+    # Both start from T5X-scaled weights: first losses near ln(vocab) (HF's own init: ~30 at
+    # tiny). Ten target tokens only, so the closeness of the two is tested below, on more.
+    first = ours["train"]["first_loss"], peer["train"]["first_loss"]
+    assert all(abs(x - math.log(32128)) < 1.5 for x in first), first
+    assert peer["config"]["flush_denormal"] is True
+    cores = ours["config"]["cpu_cores"]
+    assert peer["config"]["cpu_cores"] == cores and len(cores) == 1
+    printed = capfd.readouterr().out
+    assert printed.count("prompt_t5x on ") == 1 and printed.count("peft on ") == 1
+    assert "ratio prompt_t5x / peer" in printed and "first-step training loss" in printed
+
+
+@pytest.mark.skipif(not HAVE_PEER, reason="torch/transformers/peft not installed")
+def test_peer_init_has_our_scales_and_runs_our_function():
+    """The peer's weights are drawn like ours (T5X's scales, not HF's lm_head std 1.0), and the
+    HF model computes our T5's loss on them."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+    import transformers
+
+    from prompt_t5x.bench import peft_peer
+    from prompt_t5x.checkpoints import hf_interop
+    from prompt_t5x.training import train
+
+    cfg = t5.get_config("tiny", dtype="float32", param_dtype="float32")
+    hf_cfg = transformers.T5Config(**{k: v for k, v in hf_interop.hf_config_from(cfg).items()
+                                      if k != "architectures"})
+    torch.manual_seed(0)
+    hf = transformers.T5ForConditionalGeneration(hf_cfg).eval()
+    assert float(hf.lm_head.weight.detach().std()) > 0.5   # HF's own init: what the peer replaces
+    peft_peer.t5x_init_(hf, cfg)
+    theirs = hf_interop.params_from_hf_state_dict(hf.state_dict(), cfg)
+    ours = bench.random_frozen(cfg, 0)
+    flat = lambda tree: {jax.tree_util.keystr(k): np.asarray(v)   # noqa: E731
+                         for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    a, b = flat(ours), flat(theirs)
+    assert a.keys() == b.keys()
+    for name in a:
+        if a[name].size >= 1000:   # enough draws for a std to within a few %
+            assert b[name].std() == pytest.approx(a[name].std(), rel=0.1), name
+    assert a["['decoder']['logits_dense']['kernel']"].std() == pytest.approx(64 ** -0.5, rel=0.05)
+
+    batch = bench_protocol.random_train_batch(np.random.default_rng(0), cfg.vocab_size, 16, 20, 8)
+    model = t5.T5(cfg)
+
+    def loss(params):
+        logits = model.apply({"params": params}, jax.tree.map(jnp.asarray, batch))
+        ce, _, _, weight = train.cross_entropy_sums(logits, batch["decoder_target_tokens"],
+                                                    batch["decoder_loss_weights"], 0.0)
+        return float(ce / weight)
+
+    with torch.no_grad():
+        hf_loss = float(hf(input_ids=torch.from_numpy(batch["encoder_input_tokens"].astype(np.int64)),
+                           labels=torch.from_numpy(batch["decoder_target_tokens"].astype(np.int64))
+                           ).loss)
+    assert loss(theirs) == pytest.approx(hf_loss, abs=1e-4)   # the same function
+    # Two draws of one distribution on 128 target tokens: close, and near ln(vocab).
+    assert abs(loss(ours) - hf_loss) < 0.5 and abs(hf_loss - math.log(cfg.vocab_size)) < 1.5
 
 
 def test_peer_failure_keeps_ours(tmp_path, monkeypatch, capsys):
@@ -150,8 +211,11 @@ def test_peer_failure_keeps_ours(tmp_path, monkeypatch, capsys):
                        "--json", str(out)]) == 1
     assert saved[0]["ours"]["impl"] == "prompt_t5x"
     # Ours keeps --profile; the peer gets neither it nor the --peer flags.
-    assert argvs["prompt_t5x.bench.bench"] == ["--size", "test", "--profile", str(tmp_path / "p")]
-    assert argvs["prompt_t5x.bench.peft_peer"] == ["--size", "test"]
+    # Both get the same explicit core count.
+    threads = ["--cpu_threads", str(len(bench_protocol.cpu_cores(None)))]
+    assert argvs["prompt_t5x.bench.bench"] == ["--size", "test", "--profile",
+                                               str(tmp_path / "p"), *threads]
+    assert argvs["prompt_t5x.bench.peft_peer"] == ["--size", "test", *threads]
     result = json.loads(out.read_text())
     assert result["ours"]["impl"] == "prompt_t5x"
     assert result["peer"] == {"error": "peer exited with status 1"}

@@ -52,11 +52,13 @@ from prompt_t5x.bench import flops as flops_lib
 # ----------------------------------------------------------------------------- inputs
 
 def random_frozen(cfg, seed: int):
-    """Frozen weights with T5-like scales, generated on the device leaf by leaf.
+    """Frozen weights with T5X's scales (``bench_protocol.init_std``, the peer's too), generated
+    on the device leaf by leaf.
 
     One small jitted generator per distinct shape instead of ``t5.init_params``' single program
     over every layer: far quicker to compile for xl/xxl, same shapes, dtypes and magnitudes
-    (kernels N(0, 1/fan_in), embeddings N(0, 1), norm scales 1).
+    (query kernels N(0, 1/(fan_in * head_dim)), other kernels N(0, 1/fan_in), embeddings and
+    position tables N(0, 1), norm scales 1).
     """
     import functools
 
@@ -77,11 +79,11 @@ def random_frozen(cfg, seed: int):
         name = jax.tree_util.keystr(path)
         if "scale" in name:
             out.append(jnp.ones(s.shape, s.dtype))
-        elif "kernel" in name:
-            std = float(s.shape[0]) ** -0.5
+        else:  # kernels are [fan_in, out]; the rest are the token embedding, position tables
+            kind = ("table" if "kernel" not in name else
+                    "query" if "['query']" in name else "kernel")
+            std = protocol.init_std(kind, s.shape[0], cfg.head_dim)
             out.append(normal(jax.random.fold_in(key, i), s.shape, s.dtype, std))
-        else:  # token embedding, relative position tables
-            out.append(normal(jax.random.fold_in(key, i), s.shape, s.dtype, 1.0))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -245,16 +247,18 @@ def bench_train(args, cfg, frozen, rng) -> Dict[str, Any]:
                                                           inputs_len, args.decoder_len))
                for _ in range(2)]
     compiled, compile_s = _compile(_make_step(args, method, optimizer), state, frozen, batches[0])
-    holder = {"state": state, "i": 0, "metrics": None}
+    holder = {"state": state, "i": 0, "metrics": None, "first": None}
 
     def call():
         holder["state"], holder["metrics"] = compiled(holder["state"], frozen,
                                                       batches[holder["i"] % 2])
+        holder["first"] = holder["first"] or holder["metrics"]   # read after timing: no sync
         holder["i"] += 1
         return holder["state"]
 
     return _measure("train", args, cfg, compiled, compile_s, call, lambda: {
         "flops_cost_analysis": flops_lib.cost_analysis_flops(compiled),
+        "first_loss": float(holder["first"]["loss"]),
         "final_loss": float(holder["metrics"]["loss"])})   # before any profiled call
 
 
@@ -300,13 +304,16 @@ def bench_decode(args, cfg, frozen, trainable, rng) -> Dict[str, Any]:
 
 
 def run_ours(args) -> Dict[str, Any]:
+    cores = protocol.pin_cpus(args.cpu_threads)   # before JAX sizes its CPU thread pools
     import jax
 
     from prompt_t5x.training import optim, train
+    protocol.resolve_dtypes(args, jax.default_backend() == "cpu")
     result: Dict[str, Any] = {"impl": "prompt_t5x", "config": vars(args).copy(),
                               "versions": bench_report.versions(),
                               "device": bench_report.device_name()}
     result["config"].pop("json", None)
+    result["config"]["cpu_cores"] = cores
     if args.aot:
         result["aot_train"] = aot_train(args)
         return result
@@ -331,8 +338,11 @@ def run_ours(args) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------- entry point
 
 def _child(module: str, argv: Sequence[str], json_path: str) -> Dict[str, Any]:
-    """Run ``python -m module argv --json json_path``; its stdout/stderr pass through."""
-    cmd = [sys.executable, "-m", module, *argv, "--json", json_path]
+    """Run ``python -m module argv --json json_path``; its stdout/stderr pass through (its own
+    block of figures among them). Pinned from its first instruction to the cores its
+    ``--cpu_threads`` names, so no thread either framework starts runs elsewhere."""
+    threads = int(argv[argv.index("--cpu_threads") + 1]) if "--cpu_threads" in argv else None
+    cmd = protocol.pinned_python(protocol.cpu_cores(threads), module, [*argv, "--json", json_path])
     proc = subprocess.run(cmd, env=os.environ.copy())
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited with status {proc.returncode}")
@@ -362,7 +372,10 @@ def side_by_side(args, argv: Sequence[str]) -> Dict[str, Any]:
         raise protocol.usage_error("--aot compiles only; it cannot be combined with --peer")
     from prompt_t5x.bench import peft_peer
     peft_peer.check_available()
-    ours_argv = _strip_flags(argv, ("--peer", "--json"))
+    # Both sides get the same explicit core count (default: every core this command may use).
+    threads = len(protocol.cpu_cores(args.cpu_threads))
+    ours_argv = _strip_flags(argv, ("--peer", "--json", "--cpu_threads")) + [
+        "--cpu_threads", str(threads)]
     peer_argv = _strip_flags(ours_argv, ("--profile",)) + (
         ["--compile"] if args.peer_compile else []) + (
         ["--grad_ckpt"] if args.peer_grad_ckpt else [])
@@ -382,8 +395,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = protocol.build_parser().parse_args(argv)
     protocol.validate(args)
-    result = side_by_side(args, argv) if args.peer else run_ours(args)
-    bench_report.publish(result, args.json)
+    if args.peer:
+        # Each child has printed its own block; print only what compares them.
+        result = side_by_side(args, argv)
+        print(bench_report.format_comparison(result["ours"], result["peer"]))
+        bench_report.publish(result, args.json, quiet=True)
+    else:
+        result = run_ours(args)
+        bench_report.publish(result, args.json)
     return 1 if "error" in result.get("peer", {}) else 0
 
 

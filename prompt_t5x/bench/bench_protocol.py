@@ -13,9 +13,11 @@ Imports no TensorFlow (the GPU machine has none) and no PyTorch (ours never need
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -41,8 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder_len", type=int, default=16)
     p.add_argument("--remat", default="none", help="t5.REMAT_POLICIES name")
     p.add_argument("--attention", default="einsum", help="einsum | xla | cudnn")
-    p.add_argument("--dtype", default="bfloat16", help="activation dtype")
-    p.add_argument("--param_dtype", default="bfloat16", help="storage dtype of the frozen weights")
+    p.add_argument("--dtype", default=None,
+                   help="activation dtype (default: float32 on a CPU, bfloat16 elsewhere and "
+                        "with --aot)")
+    p.add_argument("--param_dtype", default=None,
+                   help="storage dtype of the frozen weights (default as --dtype)")
     p.add_argument("--dropout", type=float, default=0.0,
                    help="dropout rate (> 0 makes xla/cudnn attention fall back to einsum)")
     p.add_argument("--microbatches", type=int, default=1, help="gradient accumulation steps")
@@ -60,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run HF PEFT for the same configuration and print the ratio")
     p.add_argument("--peer_compile", action="store_true", help="peer: torch.compile the model")
     p.add_argument("--peer_grad_ckpt", action="store_true", help="peer: gradient checkpointing")
+    p.add_argument("--cpu_threads", type=int, default=None,
+                   help="CPU cores each side may use: its process is pinned to the first N cores "
+                        "of this command's CPU affinity (default: all of them) and its thread "
+                        "pools sized N; ours and the peer are pinned alike")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--profile", default=None, metavar="DIR",
@@ -93,13 +102,61 @@ def validate(args: argparse.Namespace) -> None:
     if args.batch % args.microbatches:
         raise usage_error(f"--batch {args.batch} is not divisible by --microbatches "
                           f"{args.microbatches}")
+    if args.cpu_threads is not None and not 1 <= args.cpu_threads <= len(os.sched_getaffinity(0)):
+        raise usage_error(f"--cpu_threads {args.cpu_threads}: this process may use "
+                          f"{len(os.sched_getaffinity(0))} cores")
     unknown = set(phases(args)) - set(PHASES)
     if unknown:
         raise usage_error(f"--phases: unknown {sorted(unknown)}; choose from {PHASES}")
 
 
+def cpu_cores(threads: Optional[int]) -> List[int]:
+    """The CPU cores a side runs on: the first ``threads`` of this process's affinity (all when
+    None)."""
+    cores = sorted(os.sched_getaffinity(0))
+    return cores if threads is None else cores[:threads]
+
+
+def pin_cpus(threads: Optional[int]) -> List[int]:
+    """Pin this process to ``cpu_cores(threads)`` and size OpenMP pools to match; the cores.
+
+    The pin is what makes the sides comparable: an option such as
+    ``--xla_cpu_multi_thread_eigen=false`` still left XLA:CPU ~1.5 busy cores (its runtime has
+    threads of its own) while PyTorch ran on one. An affinity mask binds every thread either
+    framework starts, and XLA:CPU sizes its thread pools from it. Called before jax/torch
+    create their pools (the children are also pinned from the start by the ``--peer`` parent).
+    """
+    cores = cpu_cores(threads)
+    os.sched_setaffinity(0, cores)
+    os.environ["OMP_NUM_THREADS"] = str(len(cores))
+    return cores
+
+
+_PIN_AND_RUN = ("import os, runpy, sys; "
+                "os.sched_setaffinity(0, [int(c) for c in sys.argv[1].split(',')]); "
+                "sys.argv = sys.argv[2:]; runpy.run_module(sys.argv[0], run_name='__main__', "
+                "alter_sys=True)")
+
+
+def pinned_python(cores: List[int], module: str, argv: List[str]) -> List[str]:
+    """The command ``python -m module argv`` whose process pins itself to ``cores`` before
+    anything else runs (a ``preexec_fn`` would run in a fork of a process that may hold JAX's
+    threads)."""
+    return [sys.executable, "-c", _PIN_AND_RUN, ",".join(map(str, cores)), module, *argv]
+
+
 def phases(args) -> List[str]:
     return [s for s in args.phases.split(",") if s]
+
+
+def resolve_dtypes(args, on_cpu: bool) -> None:
+    """Fill in ``--dtype``/``--param_dtype`` left unset: float32 when the run is on a CPU, where
+    XLA computes every bf16 matmul in float32 behind a convert of each operand and its result
+    (pure overhead) and PyTorch has no fast bf16 path on most CPUs either; bfloat16 on GPU/TPU,
+    and for ``--aot``, which sizes accelerator runs. Each side resolves by its own device."""
+    default = "float32" if on_cpu and not args.aot else "bfloat16"
+    args.dtype = args.dtype or default
+    args.param_dtype = args.param_dtype or default
 
 
 def model_config(args):
@@ -110,6 +167,26 @@ def model_config(args):
 
 
 # ----------------------------------------------------------------------------- inputs, timing
+
+def init_std(kind: str, fan_in: int, head_dim: int) -> float:
+    """Standard deviation of the random frozen weights both sides start from: T5X's scales.
+
+    ``kind``: ``query`` (T5X folds the 1/sqrt(head_dim) logit scaling into the query kernel's
+    init), ``kernel`` (every other projection, the untied ``lm_head`` included: N(0, 1/fan_in)),
+    ``table`` (token embedding, relative-position tables: N(0, 1)). Norm scales are 1.
+    HF's own random init gives ``lm_head`` std 1.0 instead: logits of std ~sqrt(d_model), a first
+    loss near 93 rather than ~ln(vocab), and softmax probabilities that underflow to subnormal
+    floats, which PyTorch computes slowly on a CPU. Both sides use this rule, so they run the
+    same function from the same distribution (compare the first-step losses the bench prints).
+    """
+    if kind == "query":
+        return float(fan_in * head_dim) ** -0.5
+    if kind == "kernel":
+        return float(fan_in) ** -0.5
+    if kind == "table":
+        return 1.0
+    raise ValueError(f"unknown weight kind {kind!r}")
+
 
 def random_train_batch(rng: np.random.Generator, vocab: int, batch: int, inputs_len: int,
                        decoder_len: int) -> Dict[str, np.ndarray]:

@@ -82,6 +82,8 @@ def format_phase(name: str, r: Dict[str, Any]) -> str:
     if "mfu_issue_convention" in r:
         line += f" (2xfwd {100 * r['mfu_issue_convention']:.3g}%)"
     line += f"  {mem_text}  compile {r.get('compile_s', 0):.1f}s"
+    if "first_loss" in r:
+        line += f"\n  {'':7s} loss: first step {r['first_loss']:.4f}, last {r['final_loss']:.4f}"
     if "profile" in r:
         from prompt_t5x.bench import profile_report
         line += "\n" + profile_report.format_report(name, r["profile"])
@@ -96,6 +98,10 @@ def format_result(r: Dict[str, Any]) -> str:
             f"encoder={c['encoder_len']} (prompt {c['prompt_len']}) decoder={c['decoder_len']} "
             f"remat={c.get('remat')} attention={c.get('attention')} dtype={c['dtype']} "
             f"param_dtype={c['param_dtype']}")
+    if c.get("cpu_cores") is not None:
+        head += f" cpu_cores={','.join(map(str, c['cpu_cores']))}"
+    if c.get("flush_denormal") is not None:
+        head += f" flush_denormal={c['flush_denormal']}"
     if c.get("lm_head_tied"):
         head += " lm_head=tied (transformers 5.x; same FLOPs)"
     lines = [head]
@@ -123,6 +129,23 @@ def format_ratio(ours: Dict[str, Any], peer: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_comparison(ours: Dict[str, Any], peer: Dict[str, Any]) -> str:
+    """What ``--peer`` prints after both sides have printed their own blocks: the first-step
+    losses (equal up to the random draw when both run the same function) and the ratios."""
+    if "error" in peer:
+        return f"peer failed: {peer['error']}"
+    lines = []
+    dtypes = [(r["config"].get("dtype"), r["config"].get("param_dtype")) for r in (ours, peer)]
+    if dtypes[0] != dtypes[1]:   # each side resolves an unset --dtype by its own device
+        lines.append(f"warning: the sides ran different dtypes {dtypes}; pass --dtype and "
+                     "--param_dtype")
+    a, b = ours.get("train", {}), peer.get("train", {})
+    if "first_loss" in a and "first_loss" in b:
+        lines.append(f"first-step training loss: prompt_t5x {a['first_loss']:.4f}, "
+                     f"peer {b['first_loss']:.4f}")
+    return "\n".join(lines + [format_ratio(ours, peer)])
+
+
 def format_published(result: Dict[str, Any]) -> str:
     """A run, or ``{'ours', 'peer'}`` side by side with their ratio (a peer that failed is
     ``{'error': ...}``)."""
@@ -131,7 +154,7 @@ def format_published(result: Dict[str, Any]) -> str:
     ours, peer = result["ours"], result["peer"]
     if "error" in peer:
         return "\n".join([format_result(ours), f"peer failed: {peer['error']}"])
-    return "\n".join([format_result(ours), format_result(peer), format_ratio(ours, peer)])
+    return "\n".join([format_result(ours), format_result(peer), format_comparison(ours, peer)])
 
 
 def publish(result: Dict[str, Any], json_path: Optional[str], quiet: bool = False) -> None:

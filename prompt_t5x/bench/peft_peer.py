@@ -1,9 +1,12 @@
 """The peer: HF PEFT prompt tuning on PyTorch, timed for the configuration ``bench`` times.
 
-Same model (T5 1.1, random init, untied ``lm_head``, gated-GELU), same batch, lengths and prompt
-length, bf16 weights and activations, the prompt prepended to the *encoder only*
-(``num_transformer_submodules=1``: PEFT's default for seq2seq also prepends a second prompt to the
-decoder, which is a different and slower model), Adafactor on the prompt
+Same model (T5 1.1, untied ``lm_head``, gated-GELU) drawn with ours' random-init scales
+(``t5x_init_``; HF's own init is not what a pretrained T5 looks like), same batch, lengths and
+prompt length, weights and activations in ``--param_dtype``, subnormal floats flushed to zero as
+XLA:CPU does, pinned to the same CPU cores with as many threads as ours (``--cpu_threads``), the
+prompt prepended to the *encoder only* (``num_transformer_submodules=1``: PEFT's default for
+seq2seq also prepends a second prompt to the decoder, which is a different and slower model),
+Adafactor on the prompt
 (``transformers.optimization.Adafactor``, ``scale_parameter=False, relative_step=False``, lr 0.3).
 Options: ``--compile`` (``torch.compile`` of the PEFT model for the train step), ``--grad_ckpt``
 (HF gradient checkpointing, non-reentrant). Eval phases run eager under ``torch.inference_mode``:
@@ -92,8 +95,31 @@ def _peak_memory(device) -> Dict[str, Optional[int]]:
     return {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
+def t5x_init_(model, cfg) -> None:
+    """Re-draw HF T5's random weights with the scales ours starts from
+    (``bench_protocol.init_std``: T5X's), in place.
+
+    HF's own init draws ``lm_head`` with std 1.0: logits of std ~23 at small, a first loss near
+    93 instead of ~11, and subnormal softmax probabilities that are slow on a CPU; a pretrained
+    T5 looks like T5X's init, not like that. HF ``Linear`` weights are ``[out, in]``.
+    """
+    import torch
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layer_norm.weight"):
+                p.fill_(1.0)
+                continue
+            if name == "shared.weight" or "relative_attention_bias" in name:
+                kind, fan_in = "table", 0
+            else:
+                kind = "query" if name.endswith(".q.weight") else "kernel"
+                fan_in = p.shape[1]
+            p.normal_(0.0, protocol.init_std(kind, fan_in, cfg.head_dim))
+
+
 def build_model(args, cfg, device):
-    """Random-init HF T5 1.1 in bf16 wrapped by PEFT prompt tuning (encoder prompt only)."""
+    """Random HF T5 1.1 (ours' init scales) in ``--param_dtype`` wrapped by PEFT prompt tuning
+    (encoder prompt only)."""
     import torch
     import transformers
     from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
@@ -105,6 +131,7 @@ def build_model(args, cfg, device):
                                       if k != "architectures"})
     hf_cfg.use_cache = False
     model = transformers.T5ForConditionalGeneration(hf_cfg)
+    t5x_init_(model, cfg)
     model.to(device=device, dtype=getattr(torch, args.param_dtype))
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -136,7 +163,7 @@ def bench_train(args, cfg, peft_model, device, rng) -> Dict[str, Any]:
                         "labels": torch.from_numpy(
                             b["decoder_target_tokens"].astype(np.int64)).to(device)})
     peft_model.train()
-    state = {"i": 0, "loss": None}
+    state = {"i": 0, "loss": None, "first": None}
 
     def step():
         out = model(**batches[state["i"] % 2])
@@ -145,6 +172,7 @@ def bench_train(args, cfg, peft_model, device, rng) -> Dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         state["i"] += 1
         state["loss"] = out.loss
+        state["first"] = state["first"] if state["first"] is not None else out.loss.detach()
         return out.loss
 
     start = time.perf_counter()
@@ -154,7 +182,8 @@ def bench_train(args, cfg, peft_model, device, rng) -> Dict[str, Any]:
     timing = time_calls(step, args.steps, args.warmup, device)
     return {"compile_s": first_s, **timing,
             **bench_report.phase_figures("train", args, cfg, timing),
-            **_peak_memory(device), "final_loss": float(state["loss"].detach().float().cpu())}
+            **_peak_memory(device), "first_loss": float(state["first"].float().cpu()),
+            "final_loss": float(state["loss"].detach().float().cpu())}
 
 
 def bench_rank(args, cfg, peft_model, device, rng) -> Dict[str, Any]:
@@ -219,10 +248,16 @@ def bench_decode(args, cfg, peft_model, device, rng) -> Dict[str, Any]:
 
 def run_peer(args) -> Dict[str, Any]:
     check_available()
+    cores = protocol.pin_cpus(args.cpu_threads)   # before torch starts its thread pools
     import torch
-    cfg = protocol.model_config(args)
+    torch.set_num_threads(len(cores))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    protocol.resolve_dtypes(args, device.type == "cpu")
+    cfg = protocol.model_config(args)
     config = {k: v for k, v in vars(args).items() if k != "json"}
+    config["cpu_cores"] = cores
+    # XLA:CPU flushes subnormal floats to zero; PyTorch computes them (slowly) unless told.
+    config["flush_denormal"] = bool(torch.set_flush_denormal(True))
     config["remat"] = "grad_ckpt" if args.grad_ckpt else "none"
     config["attention"] = "hf-eager" + ("+torch.compile" if args.compile else "")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

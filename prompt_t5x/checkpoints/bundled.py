@@ -12,7 +12,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 from flax import serialization
 
 from prompt_t5x.model import t5
@@ -33,4 +32,5 @@ def load_asset(params_path: str = ASSET_PARAMS, info_path: str = ASSET_INFO):
     config = t5.T5Config.from_dict(info["config"])
     with open(params_path, "rb") as f:
         params = serialization.msgpack_restore(f.read())
-    return config, jax.tree.map(jnp.asarray, params)
+    # One transfer of the whole tree: jnp.asarray leaf by leaf compiled a program per shape.
+    return config, jax.device_put(params)

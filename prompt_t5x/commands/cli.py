@@ -12,7 +12,7 @@ import importlib
 import sys
 from typing import Dict, List, Optional, Tuple
 
-from prompt_t5x.base.errors import run_command
+from prompt_t5x.base.errors import UsageError, run_command
 
 # name -> (module, function, one-line help)
 COMMANDS: Dict[str, Tuple[str, str, str]] = {
@@ -50,6 +50,8 @@ def _usage() -> str:
         lines.append(f"  {name.ljust(width)}  {text}")
     lines.append("")
     lines.append("Run 'prompt-t5x COMMAND --help' for the flags of one command.")
+    lines.append("Every command but bench keeps compiled programs in a persistent cache "
+                 "(--compilation_cache_dir DIR; --no_compilation_cache turns it off).")
     return "\n".join(lines)
 
 
@@ -63,4 +65,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"prompt-t5x: unknown command {name!r}.\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, func_name, _ = COMMANDS[name]
+    from prompt_t5x.commands import compilation_cache
+    try:
+        rest = compilation_cache.configure(name, rest)
+    except UsageError as e:
+        print(f"prompt-t5x {name}: error: {e}", file=sys.stderr)
+        return 2
     return run_command(name, getattr(importlib.import_module(module_name), func_name), rest)
