@@ -32,6 +32,7 @@ import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import gin
+from prompt_t5x.base import extras
 from prompt_t5x.base.errors import UsageError
 from prompt_t5x.commands import configurables, gin_cli
 from prompt_t5x.model import t5 as t5_lib
@@ -243,7 +244,15 @@ def main(argv: List[str]) -> int:
                                             "runs/scaling.gin), --gin.NAME=VALUE")
     parser.add_argument("--plot_only", action="store_true",
                         help="re-draw scaling.png from an existing scaling.csv")
+    parser.add_argument("--no_plot", action="store_true",
+                        help="write scaling.csv only (no matplotlib needed)")
     args = parser.parse_args(gin_args.rest)
+    if args.plot_only and args.no_plot:
+        raise UsageError("--plot_only and --no_plot contradict each other; pass one")
+    if not args.no_plot:
+        # Before the sweep, not after it: the figure is the last step of many minutes of work.
+        extras.require("plot", "prompt-t5x scaling (its figure, scaling.png)",
+                       "or pass --no_plot to write scaling.csv only")
     gin_cli.parse(gin_args, default_files=["runs/scaling.gin"])
     cfg = gin_cli.call(scaling_config)
     csv_path = os.path.join(cfg.output_dir, "scaling.csv")
@@ -254,12 +263,12 @@ def main(argv: List[str]) -> int:
         rows = read_csv(csv_path)
     else:
         rows = run_sweep(cfg, gin_cli.operative_config())
-    png = plot(rows, os.path.join(cfg.output_dir, "scaling.png"), title=cfg.title,
-               task=", ".join(tasks))
+    png = None if args.no_plot else plot(rows, os.path.join(cfg.output_dir, "scaling.png"),
+                                         title=cfg.title, task=", ".join(tasks))
     width = max(len(r["method"]) for r in rows)
     for r in rows:
         print(f"{r['method']:<{width}}  {r['model']:<10} params={r['model_parameters']:>12,}  "
               f"trainable={r['trainable_parameters']:>10,}  best {r['metric']}="
               f"{float(r['best_value']):.4f}", file=sys.stdout)
-    print(f"wrote {csv_path} and {png}")
+    print(f"wrote {csv_path}" + (f" and {png}" if png else ""))
     return 0

@@ -1,0 +1,65 @@
+"""What a new user meets in the first hour: extras checked before work, the generated tasks
+listed and named in errors, ``quickstart`` accepted as a checkpoint everywhere, help texts that
+say what to do, and commands that print only our own output."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from prompt_t5x.base import errors, extras
+from prompt_t5x.commands import cli
+
+
+def _hide_modules(monkeypatch, *names):
+    """Make ``find_spec`` report ``names`` as not installed (as in a plain install)."""
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        if name.split(".")[0] in names:
+            return None
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(extras.importlib.util, "find_spec", find_spec)
+
+
+# ----------------------------------------------------------------------------------- 1 ----
+def test_scaling_refuses_before_any_run_when_matplotlib_is_missing(monkeypatch, tmp_path,
+                                                                   capsys):
+    from prompt_t5x.commands import scaling
+
+    _hide_modules(monkeypatch, "matplotlib")
+    ran = []
+    monkeypatch.setattr(scaling, "run_sweep", lambda *a, **k: ran.append(1) or [])
+    rc = cli.main(["scaling", f"--gin.OUTPUT_DIR={tmp_path}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and not ran
+    assert "'plot' extra (matplotlib not installed)" in err
+    assert "pip install 'prompt_t5x[plot]'" in err and "--no_plot" in err
+    assert not list(tmp_path.iterdir())   # nothing written either
+
+
+def test_scaling_no_plot_writes_the_csv_without_matplotlib(monkeypatch, tmp_path, capsys):
+    from prompt_t5x.commands import scaling
+
+    _hide_modules(monkeypatch, "matplotlib")
+    row = {"method": "Prompt tuning", "model": "d32", "size": "tiny", "model_parameters": 10,
+           "trainable_parameters": 2, "trainable_percent": 20.0, "metric": "accuracy",
+           "best_value": 75.0}
+
+    def fake_sweep(cfg, gin_text="", log=print):
+        scaling.write_csv([row], str(tmp_path / "scaling.csv"))
+        return [row]
+
+    monkeypatch.setattr(scaling, "run_sweep", fake_sweep)
+    assert cli.main(["scaling", f"--gin.OUTPUT_DIR={tmp_path}", "--no_plot"]) == 0
+    assert "wrote " + str(tmp_path / "scaling.csv") + "\n" in capsys.readouterr().out
+    assert not (tmp_path / "scaling.png").exists()
+
+
+def test_extras_name_their_missing_modules(monkeypatch):
+    _hide_modules(monkeypatch, "peft")
+    assert extras.missing("reference") == ["peft"] and extras.available("plot")
+    with pytest.raises(errors.UsageError, match=r"X needs the 'reference' extra \(peft not"):
+        extras.require("reference", "X")
