@@ -63,3 +63,59 @@ def test_extras_name_their_missing_modules(monkeypatch):
     assert extras.missing("reference") == ["peft"] and extras.available("plot")
     with pytest.raises(errors.UsageError, match=r"X needs the 'reference' extra \(peft not"):
         extras.require("reference", "X")
+
+
+# ----------------------------------------------------------------------------------- 4 ----
+def _plain_install(monkeypatch):
+    """As without the data extra: ``import tasks`` (SeqIO, TensorFlow) fails."""
+    import sys
+    monkeypatch.setitem(sys.modules, "tasks", None)
+
+
+def test_tasks_lists_the_generated_tasks_in_a_plain_install(monkeypatch, capsys):
+    _plain_install(monkeypatch)
+    assert cli.main(["tasks"]) == 0
+    out = capsys.readouterr().out
+    for name in ("synthetic_first", "synthetic_contains", "synthetic_marked"):
+        assert f"  {name} " in out
+    assert "splits: train, validation" in out
+    assert "SeqIO tasks: not available" in out and "pip install 'prompt_t5x[data]'" in out
+
+
+def test_tasks_filter_keeps_generated_tasks_beside_seqio_ones(capsys):
+    assert cli.main(["tasks", "--filter", "contains"]) == 0
+    out = capsys.readouterr().out
+    assert "generated tasks (1;" in out and "synthetic_contains" in out
+
+
+@pytest.mark.parametrize("plain", [True, False])
+def test_misspelt_generated_task_is_unknown_with_a_suggestion(monkeypatch, capsys, tmp_path,
+                                                              plain):
+    if plain:
+        _plain_install(monkeypatch)
+    rc = cli.main(["show-task", "synthetic_contain"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "unknown task 'synthetic_contain'. Did you mean synthetic_contains?" in err
+    assert "data extra" not in err
+    rc = cli.main(["train", "--gin_file=models/quickstart.gin",
+                   "--gin_file=runs/prompt_tuning.gin", f"--gin.MODEL_DIR={tmp_path / 'm'}",
+                   "--gin.TASK=synthetic_contain"])
+    assert rc == 2 and "Did you mean synthetic_contains?" in capsys.readouterr().err
+
+
+def test_show_task_prints_a_generated_task(monkeypatch, capsys):
+    _plain_install(monkeypatch)   # needs no extra
+    assert cli.main(["show-task", "synthetic_contains", "-n", "2", "--split", "train"]) == 0
+    out = capsys.readouterr().out
+    blocks = out.split("=== synthetic_contains [train] example ")[1:]
+    assert len(blocks) == 2
+    from prompt_t5x.data import synthetic
+    for block in blocks:
+        lines = dict(line.split(": ", 1) for line in block.strip().splitlines()[1:])
+        ids = [int(t) for t in lines[next(k for k in lines if k.startswith("inputs_ids"))]
+               .strip("[]").split(", ")]
+        assert ids == synthetic.encode(lines["inputs"]) + [synthetic.EOS]
+        assert lines["targets"] in synthetic.LABELS
+    assert cli.main(["show-task", "synthetic_contains", "--split", "test"]) == 2
+    assert "no split 'test'; available: train, validation" in capsys.readouterr().err
