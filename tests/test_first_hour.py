@@ -119,3 +119,23 @@ def test_show_task_prints_a_generated_task(monkeypatch, capsys):
         assert lines["targets"] in synthetic.LABELS
     assert cli.main(["show-task", "synthetic_contains", "--split", "test"]) == 2
     assert "no split 'test'; available: train, validation" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- 5 ----
+def test_neighbors_takes_the_quickstart_checkpoint_and_prints_its_words(tmp_path, capsys):
+    import numpy as np
+
+    from prompt_t5x.checkpoints import bundled
+    from prompt_t5x.data import synthetic
+
+    _, params = bundled.load_asset()
+    table = np.asarray(params["token_embedder"]["embedding"])
+    words = ["contains:", "yes", "k"]
+    # Rows of the embedding itself (scaled: cosine ignores length): each is its own neighbour.
+    prompt = 3.0 * table[[synthetic.WORD_TO_ID[w] for w in words]]
+    np.save(tmp_path / "p.npy", prompt)
+    assert cli.main(["neighbors", "--prompt", str(tmp_path / "p.npy"),
+                     "--checkpoint", "quickstart", "-k", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(": ", 1)[1].split(" (")[0] for line in lines] == words
+    assert all("(1.000)" in line for line in lines)
