@@ -139,3 +139,64 @@ def test_neighbors_takes_the_quickstart_checkpoint_and_prints_its_words(tmp_path
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split(": ", 1)[1].split(" (")[0] for line in lines] == words
     assert all("(1.000)" in line for line in lines)
+
+
+# ----------------------------------------------------------------------------------- 3 ----
+def _user_env():
+    """The environment of a user's shell: none of the test session's log or device settings."""
+    import os
+    import pathlib
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TF_CPP_MIN_LOG_LEVEL", "XLA_FLAGS", "JAX_PLATFORMS", "GRPC_VERBOSITY")}
+    env["PYTHONPATH"] = str(pathlib.Path(__file__).resolve().parents[1])
+    return env
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    """A 4-step prompt-tuning run of the bundled quickstart T5 (the README's train command)."""
+    model_dir = tmp_path_factory.mktemp("qs") / "run"
+    argv = ["train", "--gin_file=models/quickstart.gin", "--gin_file=runs/prompt_tuning.gin",
+            f"--gin.MODEL_DIR={model_dir}", "--gin.TASK=synthetic_contains",
+            "--gin.INPUTS_LENGTH=13", "--gin.TARGETS_LENGTH=2", "--gin.PROMPT_LENGTH=8",
+            "--gin.TRAIN_STEPS=4", "--gin.EVAL_EVERY=4", "--gin.train.progress_bar=False"]
+    assert cli.main(argv) == 0
+    return model_dir
+
+
+def test_eval_prints_only_our_own_lines(quickstart_run, tmp_path):
+    """No TensorFlow/absl/Orbax log lines on stderr: only 'wrote ...' (stdout: the metrics)."""
+    import subprocess
+    import sys
+    argv = [sys.executable, "-m", "prompt_t5x", "eval", "--gin_file=runs/eval.gin",
+            f"--gin.PROMPT={quickstart_run}", "--gin.TASK=synthetic_contains",
+            "--gin.INPUTS_LENGTH=13", "--gin.TARGETS_LENGTH=2", f"--gin.OUTPUT_DIR={tmp_path}"]
+    proc = subprocess.run(argv, env=_user_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == f"wrote {tmp_path / 'synthetic_contains_validation_metrics.json'}\n"
+    assert proc.stdout.startswith("synthetic_contains validation (512 examples, rank): ")
+
+
+def test_data_commands_print_no_tensorflow_start_up_lines():
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "prompt_t5x", "tasks", "--filter", "rte"],
+                          env=_user_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "super_glue_rte_v102" in proc.stdout
+    assert proc.stderr == ""   # no oneDNN / cudart / cuInit / absl lines
+
+
+def test_reading_a_run_writes_and_warns_nothing(quickstart_run, caplog):
+    import logging
+
+    from prompt_t5x.checkpoints import train_checkpoints
+    before = sorted(p for p in quickstart_run.rglob("*"))
+    with caplog.at_level(logging.INFO):
+        params, step = train_checkpoints.read_trainable(str(quickstart_run))
+    assert step == 4 and params["prompt"].shape == (8, 64)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sorted(p for p in quickstart_run.rglob("*")) == before
+    reader = train_checkpoints.TrainCheckpointer(str(quickstart_run), read_only=True)
+    with pytest.raises(ValueError, match="opened read-only"):
+        reader.save(None)

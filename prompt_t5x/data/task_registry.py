@@ -48,6 +48,8 @@ def register_tasks(vocabulary: Optional[str] = None, data_dir: Optional[str] = N
     SeqIO/TensorFlow missing.
     """
     try:
+        from prompt_t5x.data import seqio_bridge
+        seqio_bridge.import_tensorflow()   # first, quietly (see there)
         import tasks
     except ImportError as e:
         # SeqIO/TensorFlow are the optional 'data' extra (the GPU image, for one, has neither).
