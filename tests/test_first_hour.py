@@ -200,3 +200,43 @@ def test_reading_a_run_writes_and_warns_nothing(quickstart_run, caplog):
     reader = train_checkpoints.TrainCheckpointer(str(quickstart_run), read_only=True)
     with pytest.raises(ValueError, match="opened read-only"):
         reader.save(None)
+
+
+# ---------------------------------------------------------------------------------- 11 ----
+def test_config_from_checkpoint_is_the_inferred_one(fixtures_dir):
+    from prompt_t5x.checkpoints import bundled, t5x_reader
+    from prompt_t5x.commands import configurables
+
+    path = str(fixtures_dir / "t5x" / "t5_1_1_tiny_checkpoint_3")
+    config = configurables.get_config("from_checkpoint", checkpoint=path, dropout_rate=0.0)
+    assert config == t5x_reader.open_checkpoint(path).infer_config(dropout_rate=0.0)
+    assert (config.emb_dim, config.num_heads, config.head_dim, config.vocab_size) == (
+        4, 2, 2, 32128)
+    with pytest.raises(errors.UsageError, match="emb_dim=8 but checkpoint has 4"):
+        configurables.get_config("from_checkpoint", checkpoint=path, emb_dim=8)
+    assert configurables.get_config("from_checkpoint", checkpoint="quickstart") == \
+        bundled.load_asset()[0]
+    with pytest.raises(errors.UsageError, match="set --gin.CHECKPOINT"):
+        configurables.get_config("from_checkpoint", checkpoint=None)
+
+
+def test_train_from_a_checkpoint_of_no_named_size(fixtures_dir, tmp_path, capsys):
+    """The tiny T5X fixture: no --gin.t5.get_config.* overrides, loaded strictly, trains."""
+    path = fixtures_dir / "t5x" / "t5_1_1_tiny_checkpoint_3"
+    argv = ["train", "--gin_file=models/from_checkpoint.gin",
+            "--gin_file=runs/prompt_tuning.gin", f"--gin.CHECKPOINT={path}",
+            f"--gin.MODEL_DIR={tmp_path / 'run'}", "--gin.TASK=synthetic_contains",
+            "--gin.INPUTS_LENGTH=13", "--gin.TARGETS_LENGTH=2", "--gin.PROMPT_LENGTH=4",
+            "--gin.TRAIN_STEPS=2", "--gin.EVAL_EVERY=2", "--gin.BATCH_SIZE=8",
+            "--gin.train.progress_bar=False"]
+    assert cli.main(argv) == 0
+    assert "trained prompt_tuning on synthetic_contains to step 2" in capsys.readouterr().out
+    from prompt_t5x.checkpoints import train_checkpoints
+    saved = train_checkpoints.TrainCheckpointer(str(tmp_path / "run"),
+                                                read_only=True).read_manifest()["model_config"]
+    assert (saved["emb_dim"], saved["vocab_size"]) == (4, 32128)
+    # A shape override that contradicts the weights stops before anything is written.
+    assert cli.main(argv[:-1] + [f"--gin.MODEL_DIR={tmp_path / 'bad'}",
+                                 "--gin.t5.get_config.num_heads=4"]) == 2
+    assert "num_heads=4 but checkpoint has 2" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -198,7 +198,7 @@ def translate_gin_error(e: BaseException) -> UsageError:
 # Modules whose import registers gin configurables used by the files in gin/ (TF-free).
 CONFIGURABLE_MODULES = ["prompt_t5x.commands.configurables", "prompt_t5x.commands.run_train",
                         "prompt_t5x.commands.scaling", "prompt_t5x.inference.evaluation",
-                        "prompt_t5x.commands.evaluate_cmd"]   # 'evaluate' / 'infer
+                        "prompt_t5x.commands.evaluate_cmd"]   # evaluate_cmd: 'evaluate', 'infer'
 
 
 def register_configurables() -> None:
