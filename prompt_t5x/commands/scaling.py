@@ -89,7 +89,9 @@ def model_config(entry: Mapping[str, Any], dropout_rate: float) -> t5_lib.T5Conf
     overrides = {k: v for k, v in entry.items() if k not in ("name", "size", "checkpoint")}
     overrides.setdefault("dropout_rate", dropout_rate)
     try:
-        return configurables.get_config(entry["size"], **overrides)
+        # 'checkpoint' also serves size 'from_checkpoint' (the config of those weights).
+        return configurables.get_config(entry["size"], checkpoint=entry.get("checkpoint"),
+                                        **overrides)
     except (ValueError, TypeError) as e:
         raise UsageError(f"scaling.models entry {model_name(entry)!r}: {e}") from None
 
