@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Sequence
 
 import gin
 from prompt_t5x.commands import configurables, gin_cli
+from prompt_t5x.data import metrics as metrics_lib
 from prompt_t5x.inference import evaluation
 
 
@@ -69,7 +70,7 @@ def _parse(argv: Sequence[str], name: str, configurable) -> evaluation.EvalConfi
 def eval_main(argv: List[str]) -> int:
     cfg = _parse(argv, "eval", eval_config)
     record = evaluation.run_eval(cfg)
-    shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(record["metrics"].items()))
+    shown = metrics_lib.format_metrics(record["metrics"])
     print(f"{cfg.task} {cfg.split} ({record['num_examples']} examples, {record['mode']}): "
           f"{shown}")
     print(f"wrote {record['path']}", file=sys.stderr)

@@ -42,6 +42,7 @@ import gin
 from prompt_t5x.base.errors import UsageError
 from prompt_t5x.checkpoints import frozen_sources
 from prompt_t5x.commands import configurables, gin_cli
+from prompt_t5x.data import metrics as metrics_lib
 from prompt_t5x.data import run_data, task_registry
 from prompt_t5x.model import t5 as t5_lib
 from prompt_t5x.parallel import distributed
@@ -292,7 +293,8 @@ def parse_run(argv: Sequence[str], prog: str = "prompt-t5x train") -> "tuple[Run
 
 def _summary(run: RunConfig, result: LoopResult) -> str:
     best = ("no evaluation" if result.best_value is None else
-            f"best validation {run.loop.metric}={result.best_value:.4f} at step {result.best_step}")
+            f"best validation {metrics_lib.format_metrics({run.loop.metric: result.best_value})}"
+            f" at step {result.best_step}")
     return (f"trained {run.method.kind} on {run.task} to step {result.last_step}"
             + (f" (resumed from {result.resumed_from})" if result.resumed_from else "")
             + (", stopped early" if result.stopped_early else "")

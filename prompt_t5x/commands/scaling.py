@@ -35,6 +35,7 @@ import gin
 from prompt_t5x.base import extras
 from prompt_t5x.base.errors import UsageError
 from prompt_t5x.commands import configurables, gin_cli
+from prompt_t5x.data import metrics as metrics_lib
 from prompt_t5x.model import t5 as t5_lib
 
 CSV_FIELDS = ("method", "model", "size", "model_parameters", "trainable_parameters",
@@ -176,7 +177,7 @@ def read_csv(path: str) -> List[Dict[str, Any]]:
 
 # ------------------------------------------------------------------------------ the plot ----
 _METRIC_LABELS = {"accuracy": "accuracy (%)", "f1": "F1 (%)", "mcc": "Matthews corr. (%)",
-                  "loss": "loss", "token_accuracy": "token accuracy"}
+                  "loss": "loss", "token_accuracy": "token accuracy (%)"}
 
 
 def _human(n: float) -> str:
@@ -270,7 +271,8 @@ def main(argv: List[str]) -> int:
     width = max(len(r["method"]) for r in rows)
     for r in rows:
         print(f"{r['method']:<{width}}  {r['model']:<10} params={r['model_parameters']:>12,}  "
-              f"trainable={r['trainable_parameters']:>10,}  best {r['metric']}="
-              f"{float(r['best_value']):.4f}", file=sys.stdout)
+              f"trainable={r['trainable_parameters']:>10,}  best "
+              + metrics_lib.format_metrics({r["metric"]: float(r["best_value"])}),
+              file=sys.stdout)
     print(f"wrote {csv_path}" + (f" and {png}" if png else ""))
     return 0
