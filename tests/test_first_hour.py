@@ -240,3 +240,53 @@ def test_train_from_a_checkpoint_of_no_named_size(fixtures_dir, tmp_path, capsys
                                  "--gin.t5.get_config.num_heads=4"]) == 2
     assert "num_heads=4 but checkpoint has 2" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+# ----------------------------------------------------------------------------------- 7 ----
+def test_one_unit_for_metrics_percent_everywhere(quickstart_run, tmp_path, capsys):
+    import json
+
+    from prompt_t5x.data import metrics
+    assert metrics.format_metrics({"accuracy": 87.5, "loss": 0.42131, "token_accuracy": 93.75}) \
+        == "accuracy=87.50%, loss=0.4213, token_accuracy=93.75%"
+    records = [json.loads(line) for line in (quickstart_run / "metrics.jsonl").open()]
+    assert {r["split"] for r in records} == {"train", "validation"}
+    for record in records:
+        # Two target tokens (label, EOS): a fraction would be <= 1; percent is far above.
+        assert 1.0 < record["token_accuracy"] <= 100.0
+        # "accuracy" is the task's metric (validation), never the train step's token one.
+        assert ("accuracy" in record) == (record["split"] == "validation")
+        assert 0.0 <= record.get("accuracy", 0.0) <= 100.0
+    assert cli.main(["eval", "--gin_file=runs/eval.gin", f"--gin.PROMPT={quickstart_run}",
+                     "--gin.TASK=synthetic_contains", "--gin.INPUTS_LENGTH=13",
+                     "--gin.TARGETS_LENGTH=2", f"--gin.OUTPUT_DIR={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy=" in out and out.strip().endswith("%")
+
+
+# ----------------------------------------------------------------------------------- 6 ----
+def test_quickstart_curve_helpers():
+    from prompt_t5x.commands import quickstart
+    assert quickstart.eval_steps(30) == list(range(1, 11)) + [12, 14, 16, 18, 20, 25, 30]
+    assert quickstart.eval_steps(400)[-4:] == [100, 200, 300, 400]
+    assert quickstart.sparkline([0.0, 50.0, 100.0, 120.0]) == " ▄██"
+
+
+@pytest.mark.parametrize("with_matplotlib", [True, False])
+def test_quickstart_ends_with_a_plot_or_a_sparkline(monkeypatch, tmp_path, capsys,
+                                                    with_matplotlib):
+    from prompt_t5x.commands import quickstart
+    if not with_matplotlib:
+        _hide_modules(monkeypatch, "matplotlib")
+    png = tmp_path / "curve.png"
+    assert quickstart.main(["--steps", "12", "--plot", str(png)]) in (0, 1)
+    out = capsys.readouterr().out
+    assert "compiled and ran the first training step in" in out
+    assert "examples/s after compilation" in out
+    assert "validation accuracy: before " in out and "%" in out
+    spark = out.split("accuracy over steps 0..12: |")[1].split("|")[0]
+    assert len(spark) == 1 + len(quickstart.eval_steps(12))   # step 0 and every evaluation
+    if with_matplotlib:
+        assert png.read_bytes()[:4] == b"\x89PNG" and f"wrote {png}" in out
+    else:
+        assert not png.exists() and "no plot: matplotlib is not installed" in out
