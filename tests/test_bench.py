@@ -145,13 +145,17 @@ def test_peer_failure_keeps_ours(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(peft_peer, "check_available", lambda: None)
     monkeypatch.setattr(bench, "_child", child)
+    # On a CPU the MFU peak is measured once, here, and handed to both sides.
+    monkeypatch.setattr(bench.protocol, "measure_matmul_peak", lambda dtype: 5e10)
     out = tmp_path / "r.json"
     assert bench.main(["--size", "test", "--peer", "peft", "--profile", str(tmp_path / "p"),
                        "--json", str(out)]) == 1
     assert saved[0]["ours"]["impl"] == "prompt_t5x"
     # Ours keeps --profile; the peer gets neither it nor the --peer flags.
-    assert argvs["prompt_t5x.bench.bench"] == ["--size", "test", "--profile", str(tmp_path / "p")]
-    assert argvs["prompt_t5x.bench.peft_peer"] == ["--size", "test"]
+    peak = ["--peak_flops", "50000000000.0"]
+    assert argvs["prompt_t5x.bench.bench"] == ["--size", "test", "--profile",
+                                               str(tmp_path / "p")] + peak
+    assert argvs["prompt_t5x.bench.peft_peer"] == ["--size", "test"] + peak
     result = json.loads(out.read_text())
     assert result["ours"]["impl"] == "prompt_t5x"
     assert result["peer"] == {"error": "peer exited with status 1"}

@@ -302,7 +302,9 @@ def run_ours(args) -> Dict[str, Any]:
     import jax
 
     from prompt_t5x.training import optim, train
+    source = None if args.aot else protocol.resolve_peak_flops(args)
     result: Dict[str, Any] = {"impl": "prompt_t5x", "config": vars(args).copy(),
+                              "peak_flops_source": source,
                               "versions": bench_report.versions(),
                               "device": bench_report.device_name()}
     result["config"].pop("json", None)
@@ -361,7 +363,12 @@ def side_by_side(args, argv: Sequence[str]) -> Dict[str, Any]:
         raise protocol.usage_error("--aot compiles only; it cannot be combined with --peer")
     from prompt_t5x.bench import peft_peer
     peft_peer.check_available()
-    ours_argv = _strip_flags(argv, ("--peer", "--json"))
+    # One peak for both sides, resolved here (the peer cannot measure a JAX matmul).
+    source = protocol.resolve_peak_flops(args)
+    ours_argv = _strip_flags(argv, ("--peer", "--json", "--peak_flops"))
+    if args.peak_flops is not None:
+        ours_argv += ["--peak_flops", repr(args.peak_flops)]
+    print(f"MFU peak: {source}", file=sys.stderr)
     peer_argv = _strip_flags(ours_argv, ("--profile",)) + (
         ["--compile"] if args.peer_compile else []) + (
         ["--grad_ckpt"] if args.peer_grad_ckpt else [])
