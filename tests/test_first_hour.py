@@ -290,3 +290,67 @@ def test_quickstart_ends_with_a_plot_or_a_sparkline(monkeypatch, tmp_path, capsy
         assert png.read_bytes()[:4] == b"\x89PNG" and f"wrote {png}" in out
     else:
         assert not png.exists() and "no plot: matplotlib is not installed" in out
+
+
+# ----------------------------------------------------------------------------------- 8 ----
+def test_bench_on_cpu_measures_its_own_peak(tmp_path, capsys):
+    import json
+
+    from prompt_t5x.bench import bench_protocol
+    argv = ["bench", "--size", "tiny", "--batch", "2", "--encoder_len", "12", "--prompt_len",
+            "4", "--decoder_len", "3", "--steps", "2", "--warmup", "1", "--phases", "train",
+            "--json", str(tmp_path / "r.json")]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "r.json").read_text())
+    peak = result["config"]["peak_flops"]
+    assert result["peak_flops_source"].startswith("measured on this CPU")
+    # A CPU's matmul peak: far below the H100's, so MFU is a share of what this machine can do.
+    assert 1e8 < peak < bench_protocol.H100_BF16_PEAK / 100
+    assert 0 < result["train"]["mfu"] <= 1.5   # measured peak: MFU near, not above, 100%
+    assert "MFU peak:" in out and "measured on this CPU" in out
+    # Given explicitly, the peak is the user's.
+    assert cli.main(argv[:-2] + ["--peak_flops", "1e12"]) == 0
+    assert "MFU peak: 1e+12 FLOP/s (--peak_flops)" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------- 9 ----
+@pytest.mark.parametrize("command", ["train", "eval", "infer", "scaling"])
+def test_gin_commands_help_reads_like_t5x(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "gin files to start from" in text and "common knobs" in text and "example:" in text
+    assert f"prompt-t5x {command} " in text.split("example:")[1]
+    assert "--gin_file FILE" in text and "--gin.NAME VALUE" in text
+    # Written for users: no internal module/function names, no docstring markup.
+    for internal in ("``", "frozen_sources", "run_data", "make_evaluator", "exit_at_once",
+                     "training_loop", "RunConfig"):
+        assert internal not in text, internal
+    if command == "train":
+        # The gin flags come before the multi-host ones.
+        assert text.index("--gin_file FILE") < text.index("--coordinator_address")
+        assert "models/from_checkpoint.gin" in text and "runs/prompt_tuning.gin" in text
+
+
+def test_bench_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())   # argparse wraps lines
+    assert "examples per step (default: 32)" in text and "(default: train,rank,decode)" in text
+    assert "example (CPU smoke test" in text and "t5.SIZES" not in text
+
+
+def test_plan_reports_progress_while_it_compiles():
+    import io
+    import time as time_
+
+    from prompt_t5x.commands import plan
+    out = io.StringIO()
+    with plan.still_working("mesh 2x4: compiling", every=0.05, out=out):
+        time_.sleep(0.3)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "mesh 2x4: compiling ..."
+    assert len([line for line in lines if line.startswith("  ... mesh 2x4: compiling: ")]) >= 2
+    assert lines[-1].startswith("  mesh 2x4: compiling: done in ")

@@ -41,7 +41,7 @@ import jax
 import gin
 from prompt_t5x.base.errors import UsageError
 from prompt_t5x.checkpoints import frozen_sources
-from prompt_t5x.commands import configurables, gin_cli
+from prompt_t5x.commands import configurables, gin_cli, gin_help
 from prompt_t5x.data import metrics as metrics_lib
 from prompt_t5x.data import run_data, task_registry
 from prompt_t5x.model import t5 as t5_lib
@@ -274,11 +274,7 @@ def _train(run: RunConfig, kind: str, source, gin_config: str, mesh=None,
 def parse_run(argv: Sequence[str], prog: str = "prompt-t5x train") -> "tuple[RunConfig, str]":
     """Command line -> (RunConfig, operative gin text). UsageError on any bad input."""
     gin_args = gin_cli.split_argv(argv)
-    parser = argparse.ArgumentParser(
-        prog=prog, description=__doc__.replace("``", ""),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="gin flags: --gin_file=PATH (repeatable; searched in --gin_search_paths, the "
-               "current dir and the gin/ dir), --gin.NAME=VALUE (repeatable).")
+    parser = gin_help.gin_parser("train")
     distributed.add_flags(parser)
     args = parser.parse_args(gin_args.rest)
     try:

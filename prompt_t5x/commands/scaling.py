@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import gin
 from prompt_t5x.base import extras
 from prompt_t5x.base.errors import UsageError
-from prompt_t5x.commands import configurables, gin_cli
+from prompt_t5x.commands import configurables, gin_cli, gin_help
 from prompt_t5x.data import metrics as metrics_lib
 from prompt_t5x.model import t5 as t5_lib
 
@@ -240,11 +240,7 @@ def plot(rows: Sequence[Mapping[str, Any]], path: str, *, title: Optional[str] =
 # ---------------------------------------------------------------------------------- CLI ----
 def main(argv: List[str]) -> int:
     gin_args = gin_cli.split_argv(argv)
-    parser = argparse.ArgumentParser(prog="prompt-t5x scaling",
-                                     description=__doc__.replace("``", ""),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="gin flags: --gin_file=PATH (default "
-                                            "runs/scaling.gin), --gin.NAME=VALUE")
+    parser = gin_help.gin_parser("scaling", "runs/scaling.gin")
     parser.add_argument("--plot_only", action="store_true",
                         help="re-draw scaling.png from an existing scaling.csv")
     parser.add_argument("--no_plot", action="store_true",
