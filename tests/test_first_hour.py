@@ -354,3 +354,53 @@ def test_plan_reports_progress_while_it_compiles():
     assert lines[0] == "mesh 2x4: compiling ..."
     assert len([line for line in lines if line.startswith("  ... mesh 2x4: compiling: ")]) >= 2
     assert lines[-1].startswith("  mesh 2x4: compiling: done in ")
+
+
+# ---------------------------------------------------------------------------------- 10 ----
+def test_scaling_runs_every_seed_and_plots_mean_spread_and_chance(monkeypatch, tmp_path,
+                                                                    capsys):
+    """SEEDS=[0, 1]: each (method, model) trained per seed in its own dir; the figure shows the
+    mean with min-max bars and the chance line (50% for the generated yes/no task)."""
+    import types
+
+    from prompt_t5x.commands import run_train, scaling
+    calls = []
+
+    def fake_execute(run, gin_config=""):
+        # The training itself is tested elsewhere; here: which runs the sweep asks for.
+        calls.append((run.model_dir, run.seed, run.method.kind))
+        value = 60.0 + 10 * run.seed + (5 if run.method.kind == "model_tuning" else 0)
+        return types.SimpleNamespace(best_value=value, best_step=2, last_step=2)
+
+    monkeypatch.setattr(run_train, "execute", fake_execute)
+    models = ("[{'name': 'd16', 'size': 'tiny', 'vocab_size': 32, 'emb_dim': 16, "
+              "'num_heads': 2, 'head_dim': 8, 'mlp_dim': 24}]")
+    out = tmp_path / "s"
+    assert cli.main(["scaling", f"--gin.OUTPUT_DIR={out}", f"--gin.MODELS={models}",
+                     "--gin.SEEDS=[0, 1]"]) == 0
+    runs = [c for c in calls if "pretrain" not in c[0]]
+    assert sorted((c[0].split("/s/")[1], c[1]) for c in runs) == [
+        ("model_tuning/d16/seed_0", 0), ("model_tuning/d16/seed_1", 1),
+        ("prompt_tuning/d16/seed_0", 0), ("prompt_tuning/d16/seed_1", 1)]
+    assert len(calls) == 5   # pretrained once per model, not per seed
+    rows = scaling.read_csv(str(out / "scaling.csv"))
+    assert sorted((r["method"], r["seed"], r["best_value"]) for r in rows) == [
+        ("Model tuning", 0, 65.0), ("Model tuning", 1, 75.0),
+        ("Prompt tuning", 0, 60.0), ("Prompt tuning", 1, 70.0)]
+    points = {p["method"]: p for p in scaling.aggregate(rows)}
+    assert (points["Prompt tuning"]["mean"], points["Prompt tuning"]["min"],
+            points["Prompt tuning"]["max"], points["Prompt tuning"]["seeds"]) == (65.0, 60.0,
+                                                                                 70.0, 2)
+    assert (out / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_scaling_chance_defaults_only_for_generated_yes_no_tasks():
+    import types
+
+    from prompt_t5x.commands import scaling
+
+    def run(task, metric="accuracy"):
+        return types.SimpleNamespace(task=task, loop=types.SimpleNamespace(metric=metric))
+    assert scaling.default_chance([run("synthetic_first"), run("synthetic_marked")]) == 50.0
+    assert scaling.default_chance([run("super_glue_rte_v102")]) is None
+    assert scaling.default_chance([run("synthetic_first", "loss")]) is None
