@@ -138,8 +138,8 @@ def run_sweep(cfg: ScalingConfig, gin_text: str = "", log=print) -> List[Dict[st
             log(f"[scaling] pretrain / {model_name(entry)} ({pre.model.num_params:,} "
                 f"parameters) on {pre.task} -> {pre.model_dir}")
             result = run_train.execute(pre, gin_config=gin_text)
-            log(f"[scaling] pretrained {model_name(entry)}: {pre.loop.metric}="
-                f"{result.best_value}")
+            log(f"[scaling] pretrained {model_name(entry)}: best "
+                + metrics_lib.format_metrics({pre.loop.metric: result.best_value}))
             checkpoint = pre.model_dir
         for label, base, seed in [(label, base, seed) for label, base in cfg.runs.items()
                                   for seed in cfg.seeds]:
