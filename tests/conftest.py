@@ -28,3 +28,21 @@ def fixtures_dir() -> pathlib.Path:
     if not FIXTURES.is_dir():
         pytest.skip(f"shared fixtures not found at {FIXTURES} (set PROMPT_T5X_FIXTURES)")
     return FIXTURES
+
+
+@pytest.fixture
+def hide_modules(monkeypatch):
+    """``hide_modules('matplotlib', ...)``: ``base.extras`` finds those modules not installed,
+    as in a plain install (``pip install -e .``) that lacks an extra."""
+    import importlib.util
+
+    from prompt_t5x.base import extras
+    real = importlib.util.find_spec
+
+    def hide(*names):
+        def find_spec(name, *args, **kwargs):
+            if name.split(".")[0] in names:
+                return None
+            return real(name, *args, **kwargs)
+        monkeypatch.setattr(extras.importlib.util, "find_spec", find_spec)
+    return hide

@@ -59,7 +59,7 @@ def test_only_the_prompt_moves_and_frozen_is_bit_identical(setup):
     leaves = jax.tree.leaves(state.opt_state)
     assert sum(x.size for x in leaves) < 3 * prompt0.size
     assert loss_after < loss_before - 0.3, (loss_before, loss_after)  # falls on a fixed batch
-    assert {"loss", "z_loss", "accuracy", "grad_norm", "prompt_norm"} <= set(metrics)
+    assert {"loss", "z_loss", "token_accuracy", "grad_norm", "prompt_norm"} <= set(metrics)
 
 
 def _dot_output_shapes(jaxpr):

@@ -35,18 +35,15 @@ This module imports no TensorFlow (the GPU machine has none).
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
 from prompt_t5x.bench import bench_protocol as protocol
-from prompt_t5x.bench import bench_report
+from prompt_t5x.bench import bench_report, side_by_side
 from prompt_t5x.bench import flops as flops_lib
 
 # ----------------------------------------------------------------------------- inputs
@@ -309,7 +306,9 @@ def run_ours(args) -> Dict[str, Any]:
 
     from prompt_t5x.training import optim, train
     protocol.resolve_dtypes(args, jax.default_backend() == "cpu")
+    source = None if args.aot else protocol.resolve_peak_flops(args)   # in the resolved dtype
     result: Dict[str, Any] = {"impl": "prompt_t5x", "config": vars(args).copy(),
+                              "peak_flops_source": source,
                               "versions": bench_report.versions(),
                               "device": bench_report.device_name()}
     result["config"].pop("json", None)
@@ -337,67 +336,13 @@ def run_ours(args) -> Dict[str, Any]:
 
 # ----------------------------------------------------------------------------- entry point
 
-def _child(module: str, argv: Sequence[str], json_path: str) -> Dict[str, Any]:
-    """Run ``python -m module argv --json json_path``; its stdout/stderr pass through (its own
-    block of figures among them). Pinned from its first instruction to the cores its
-    ``--cpu_threads`` names, so no thread either framework starts runs elsewhere."""
-    threads = int(argv[argv.index("--cpu_threads") + 1]) if "--cpu_threads" in argv else None
-    cmd = protocol.pinned_python(protocol.cpu_cores(threads), module, [*argv, "--json", json_path])
-    proc = subprocess.run(cmd, env=os.environ.copy())
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited with status {proc.returncode}")
-    with open(json_path) as f:
-        return json.load(f)
-
-
-def _strip_flags(argv: Sequence[str], names: Sequence[str]) -> List[str]:
-    """``argv`` without the flags ``names`` (each taking a value, or a ``--peer_*`` switch)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in names:
-            skip = True
-            continue
-        if a.startswith(tuple(f"{n}=" for n in names)) or a.startswith("--peer_"):
-            continue
-        out.append(a)
-    return out
-
-
-def side_by_side(args, argv: Sequence[str]) -> Dict[str, Any]:
-    """``--peer peft``: ours, then the peer, each in a child process; both results."""
-    if args.aot:
-        raise protocol.usage_error("--aot compiles only; it cannot be combined with --peer")
-    from prompt_t5x.bench import peft_peer
-    peft_peer.check_available()
-    # Both sides get the same explicit core count (default: every core this command may use).
-    threads = len(protocol.cpu_cores(args.cpu_threads))
-    ours_argv = _strip_flags(argv, ("--peer", "--json", "--cpu_threads")) + [
-        "--cpu_threads", str(threads)]
-    peer_argv = _strip_flags(ours_argv, ("--profile",)) + (
-        ["--compile"] if args.peer_compile else []) + (
-        ["--grad_ckpt"] if args.peer_grad_ckpt else [])
-    with tempfile.TemporaryDirectory() as tmp:
-        ours = _child("prompt_t5x.bench.bench", ours_argv, os.path.join(tmp, "ours.json"))
-        if args.json:   # ours is kept even if the peer then fails or the run is killed
-            bench_report.publish({"ours": ours, "peer": {"error": "not run yet"}}, args.json,
-                                 quiet=True)
-        try:
-            peer = _child("prompt_t5x.bench.peft_peer", peer_argv, os.path.join(tmp, "peer.json"))
-        except RuntimeError as e:
-            peer = {"error": str(e)}
-    return {"ours": ours, "peer": peer}
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = protocol.build_parser().parse_args(argv)
     protocol.validate(args)
     if args.peer:
         # Each child has printed its own block; print only what compares them.
-        result = side_by_side(args, argv)
+        result = side_by_side.run(args, argv)
         print(bench_report.format_comparison(result["ours"], result["peer"]))
         bench_report.publish(result, args.json, quiet=True)
     else:

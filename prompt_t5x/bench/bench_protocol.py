@@ -33,15 +33,20 @@ PHASES = bench_report.PHASES
 def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: --peer runs re-build the children's command lines by flag name.
     p = argparse.ArgumentParser(prog="prompt-t5x bench", description=DESCRIPTION,
-                                allow_abbrev=False)
+                                allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="example (CPU smoke test, about a minute): prompt-t5x "
+                                       "bench --size tiny --batch 2 --encoder_len 24 "
+                                       "--prompt_len 4 --decoder_len 5")
     p.add_argument("--size", default="tiny",
-                   help="t5.SIZES name: tiny, small, base, large, xl, xxl")
-    p.add_argument("--batch", type=int, default=32)
+                   help="model size: tiny, small, base, large, xl, xxl")
+    p.add_argument("--batch", type=int, default=32, help="examples per step")
     p.add_argument("--encoder_len", type=int, default=512,
                    help="encoder positions incl. the prompt (inputs = encoder_len - prompt_len)")
-    p.add_argument("--prompt_len", type=int, default=100)
-    p.add_argument("--decoder_len", type=int, default=16)
-    p.add_argument("--remat", default="none", help="t5.REMAT_POLICIES name")
+    p.add_argument("--prompt_len", type=int, default=100, help="prompt vectors")
+    p.add_argument("--decoder_len", type=int, default=16, help="target positions")
+    p.add_argument("--remat", default="none", help="rematerialisation: none, full, dots, "
+                                                    "dots_no_batch, save_attention_and_mlp_out")
     p.add_argument("--attention", default="einsum", help="einsum | xla | cudnn")
     p.add_argument("--dtype", default=None,
                    help="activation dtype (default: float32 on a CPU, bfloat16 elsewhere and "
@@ -58,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_candidates", type=int, default=2, help="rank classification labels")
     p.add_argument("--decode_len", type=int, default=None,
                    help="greedy tokens (default decoder_len)")
-    p.add_argument("--peak_flops", type=float, default=H100_BF16_PEAK)
+    p.add_argument("--peak_flops", type=float, default=None,
+                   help="the device's peak FLOP/s for MFU. Default: GPU 790e12 (dense bf16 "
+                        "measured on an H100); CPU measured here with a large matmul in --dtype;"
+                        " other backends: no MFU")
     p.add_argument("--aot", action="store_true",
                    help="only compile the train step for abstract inputs; report FLOPs/memory")
     p.add_argument("--peer", choices=["peft"], default=None,
@@ -69,12 +77,58 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU cores each side may use: its process is pinned to the first N cores "
                         "of this command's CPU affinity (default: all of them) and its thread "
                         "pools sized N; ours and the peer are pinned alike")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="of the random weights and batches")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="ours only: trace --steps more calls of each phase into DIR/PHASE and "
                         "split their device time into matmul / attention / collective / other")
     return p
+
+
+# CPU peak: a square matmul big enough to leave the caches and the dispatch overhead behind,
+# small enough to time in about a second on two cores.
+PEAK_MATMUL_N = 1024
+PEAK_MATMUL_REPEATS = 8
+
+
+def measure_matmul_peak(dtype: str, n: int = PEAK_MATMUL_N,
+                        repeats: int = PEAK_MATMUL_REPEATS) -> float:
+    """FLOP/s of the fastest of ``repeats`` jitted [n, n] @ [n, n] matmuls in ``dtype`` on the
+    default device: the attainable peak that MFU on a CPU is measured against."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
+    matmul = jax.jit(jnp.matmul)
+    jax.block_until_ready(matmul(a, b))   # compile
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(matmul(a, b))
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n ** 3 / best
+
+
+def resolve_peak_flops(args) -> str:
+    """Set ``args.peak_flops`` for the backend when the user gave none; say where it came from.
+
+    MFU against an H100's peak is meaningless on a CPU (it printed 0.0005%), so a CPU gets its
+    own measured matmul peak and a backend with no known peak (TPU) gets no MFU at all.
+    """
+    import jax
+    if args.peak_flops is not None:
+        return "--peak_flops"
+    backend = jax.default_backend()
+    if backend == "gpu":
+        args.peak_flops = H100_BF16_PEAK
+        return "H100 dense bf16 (measured; pass --peak_flops for another GPU)"
+    if backend == "cpu":
+        args.peak_flops = measure_matmul_peak(args.dtype)
+        return (f"measured on this CPU: {PEAK_MATMUL_N}x{PEAK_MATMUL_N} {args.dtype} matmul, "
+                f"{args.peak_flops / 1e9:.1f} GFLOP/s")
+    return f"none known for {backend}; pass --peak_flops for MFU"
 
 
 def usage_error(msg: str):

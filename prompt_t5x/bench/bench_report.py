@@ -20,7 +20,8 @@ def figures(timing: Dict[str, float], examples: int, tokens: int, step_flops: in
     t = timing["median_s"]
     return {"examples_per_s": examples / t, "tokens_per_s": tokens / t,
             "pipelined_examples_per_s": examples / timing["pipelined_s"],
-            "flops_per_step": step_flops, "mfu": step_flops / t / peak_flops}
+            "flops_per_step": step_flops,
+            "mfu": None if peak_flops is None else step_flops / t / peak_flops}
 
 
 def phase_figures(phase: str, args, cfg, timing: Dict[str, float]) -> Dict[str, Any]:
@@ -35,7 +36,8 @@ def phase_figures(phase: str, args, cfg, timing: Dict[str, float]) -> Dict[str, 
     if phase == "train":
         f = flops_lib.train_step_flops(cfg, b, enc, dec)
         return {**figures(timing, b, b * (enc + dec), f.total, peak),
-                "mfu_issue_convention": f.issue_convention / timing["median_s"] / peak}
+                "mfu_issue_convention": (None if peak is None else
+                                         f.issue_convention / timing["median_s"] / peak)}
     if phase == "rank":
         c = args.num_candidates
         step_flops = flops_lib.rank_classification_flops(cfg, b, enc, dec, c)
@@ -78,8 +80,9 @@ def format_phase(name: str, r: Dict[str, Any]) -> str:
     if r.get("host_peak_rss_bytes") is not None:
         mem_text = f"host RSS peak {_gib(r['host_peak_rss_bytes'])}"
     line = (f"  {name:7s} {r['examples_per_s']:10.2f} ex/s {r['tokens_per_s']:12.0f} tok/s  "
-            f"median {r['median_s'] * 1e3:9.2f} ms  MFU {100 * r['mfu']:6.3g}%")
-    if "mfu_issue_convention" in r:
+            f"median {r['median_s'] * 1e3:9.2f} ms  "
+            + ("MFU    n/a" if r.get("mfu") is None else f"MFU {100 * r['mfu']:6.3g}%"))
+    if r.get("mfu_issue_convention") is not None:
         line += f" (2xfwd {100 * r['mfu_issue_convention']:.3g}%)"
     line += f"  {mem_text}  compile {r.get('compile_s', 0):.1f}s"
     if "first_loss" in r:
@@ -105,6 +108,10 @@ def format_result(r: Dict[str, Any]) -> str:
     if c.get("lm_head_tied"):
         head += " lm_head=tied (transformers 5.x; same FLOPs)"
     lines = [head]
+    if r.get("peak_flops_source"):
+        peak = c.get("peak_flops")
+        lines.append(f"  MFU peak: {'-' if peak is None else f'{peak:.3g} FLOP/s'} "
+                     f"({r['peak_flops_source']})")
     if "aot_train" in r:
         a = r["aot_train"]
         lines.append(f"  AOT train step: analytic {a['flops_analytic']:.4e} FLOPs, HLO dots "

@@ -50,6 +50,46 @@ def checkpoint_kind(path: Optional[str]) -> str:
                      "(config.json + model.safetensors).")
 
 
+FROM_CHECKPOINT = "from_checkpoint"   # t5.get_config.size of models/from_checkpoint.gin
+
+
+def checkpoint_config(checkpoint: Optional[str], **overrides) -> t5_lib.T5Config:
+    """The ``T5Config`` of the weights at ``checkpoint`` (any source of :func:`checkpoint_kind`
+    but random), with run settings (dropout, dtypes, remat...) from ``overrides``.
+
+    Shapes come from the weights themselves, as ``prompt-t5x inspect`` shows them, so a model
+    that is none of the size gin files (a UL2 / Flan-T5 variant, a user's own pretraining, the
+    tiny test checkpoint) needs no list of overrides. Loading then checks every parameter
+    strictly against this config, as for a named size. UsageError when it cannot be inferred or
+    an override contradicts the weights.
+    """
+    kind = checkpoint_kind(checkpoint)
+    try:
+        if kind == "random":
+            raise UsageError(f"t5.get_config.size={FROM_CHECKPOINT!r} takes the model's shape "
+                             "from its checkpoint; set --gin.CHECKPOINT to a T5X checkpoint, an "
+                             "HF T5 dir, a model-tuning run or 'quickstart'.")
+        if kind == "quickstart":
+            from prompt_t5x.checkpoints import bundled
+            return bundled.load_asset()[0].replace(**overrides)
+        if kind == "hf":
+            from prompt_t5x.checkpoints import hf_checkpoint, hf_interop
+            return hf_interop.config_from_hf(hf_checkpoint.read_hf_config(checkpoint),
+                                             **overrides)
+        if kind == "trained":
+            manifest = train_checkpoints.TrainCheckpointer(
+                train_checkpoints.find_model_dir(checkpoint), read_only=True).read_manifest()
+            saved = manifest.get("model_config")
+            if not saved:
+                raise UsageError(f"training run {checkpoint!r} records no model config")
+            return t5_lib.T5Config.from_dict(saved).replace(**overrides)
+        return t5x_reader.open_checkpoint(checkpoint).infer_config(**overrides)
+    except (t5x_reader.CheckpointError, train_checkpoints.TrainCheckpointError,
+            FileNotFoundError, ValueError, TypeError) as e:
+        raise UsageError(f"cannot infer the T5 config of checkpoint {checkpoint!r}: {e}"
+                         ) from None
+
+
 def load_frozen_params(checkpoint: Optional[str], config: t5_lib.T5Config, seed: int = 0,
                        kind: Optional[str] = None):
     """The pretrained T5 params (nested dict) for ``config`` from ``checkpoint``: a T5X

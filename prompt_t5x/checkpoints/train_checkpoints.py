@@ -91,10 +91,15 @@ class TrainCheckpointer:
             policies.append(ocm.BestN(get_metric_fn=lambda m: float(m[best_metric]),
                                       reverse=best_mode == "min", n=1,
                                       keep_checkpoints_without_metrics=False))
+        # Reading is not Orbax's read_only mode: that mode logs "Given directory is read only"
+        # (and rewrites options with more warnings) on every open, which an eval or export
+        # user reads as an error about their run. A manager that creates nothing and cleans
+        # nothing writes nothing until save(), and save() refuses when read_only.
+        self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocm.AnyPreservationPolicy(policies),
             cleanup_tmp_directories=not read_only, enable_async_checkpointing=False,
-            create=not read_only, read_only=read_only)
+            create=not read_only)
         self._manager = ocp.CheckpointManager(self.directory, item_names=(STATE_ITEM,
                                                                           MANIFEST_ITEM),
                                               options=options)
@@ -123,6 +128,8 @@ class TrainCheckpointer:
         evaluating the run needs besides its weights: the seed of random frozen weights and the
         method (kind, prompt length, prompt mode).
         """
+        if self.read_only:
+            raise ValueError(f"{self.directory} was opened read-only; it cannot be saved to")
         step = int(jax.device_get(state.step))
         config_dict = model_config.to_dict() if hasattr(model_config, "to_dict") else model_config
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
@@ -217,7 +224,7 @@ class TrainCheckpointer:
                     f"process {distributed.process_index()} cannot restore training checkpoint "
                     f"step {step}, which process 0 restored; are the model dirs of all hosts "
                     f"one shared directory? {error}") from error
-            if quarantine:
+            if quarantine and not self.read_only:
                 for bad_step, _ in errors:
                     self._quarantine(bad_step)
             return result

@@ -2,7 +2,8 @@
 
 Names as they appear in gin files:
 
-  t5.get_config          size ('small' ... 'xxl', 'tiny') plus any ``T5Config`` field override
+  t5.get_config          size ('small' ... 'xxl', 'tiny', or 'from_checkpoint' with its
+                         ``checkpoint``) plus any ``T5Config`` field override
   optim.adafactor        ``prompt_t5x.training.optim.adafactor`` (T5X Adafactor; lr 0.3 by default)
   methods.prompt_tuning  prompt_length, prompt_mode, prompt_init  -> a ``MethodSpec``
   methods.model_tuning   every weight trainable (the paper's baseline) -> a ``MethodSpec``
@@ -22,6 +23,7 @@ from typing import Callable, Optional, Sequence
 
 import gin
 
+from prompt_t5x.checkpoints import frozen_sources
 from prompt_t5x.methods import interface, prompt_init
 from prompt_t5x.methods.model_tuning import ModelTuning
 from prompt_t5x.methods.prompt_tuning import PromptTuning
@@ -34,15 +36,23 @@ Encode = Callable[[str], Sequence[int]]
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(t5_lib.T5Config))
 
 
-def get_config(size: str = gin.REQUIRED, **overrides) -> t5_lib.T5Config:
+def get_config(size: str = gin.REQUIRED, checkpoint: Optional[str] = None,
+               **overrides) -> t5_lib.T5Config:
     """``prompt_t5x.model.t5.get_config`` with every override name checked (gin accepts any name for
-    ``**overrides``, so a typo like ``emb_dimm`` would otherwise surface as a TypeError)."""
+    ``**overrides``, so a typo like ``emb_dimm`` would otherwise surface as a TypeError).
+
+    ``size='from_checkpoint'`` (``models/from_checkpoint.gin``) is the config of the weights at
+    ``checkpoint``, inferred from their shapes (``frozen_sources.checkpoint_config``); the
+    overrides then set only what weights do not say (dropout, dtypes) or must agree with them.
+    """
     for name in overrides:
         if name not in _CONFIG_FIELDS:
             close = difflib.get_close_matches(name, _CONFIG_FIELDS, n=3)
             hint = f" Did you mean {' or '.join(close)}?" if close else ""
             raise ValueError(f"t5.get_config: {name!r} is not a T5Config field.{hint} "
                              f"Fields: {', '.join(_CONFIG_FIELDS)}.")
+    if size == frozen_sources.FROM_CHECKPOINT:
+        return frozen_sources.checkpoint_config(checkpoint, **overrides)
     return t5_lib.get_config(size, **overrides)
 
 

@@ -13,7 +13,6 @@ computed and written.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import inspect
 import sys
@@ -21,7 +20,8 @@ from typing import Any, Dict, List, Sequence
 
 import gin
 
-from prompt_t5x.commands import configurables, gin_cli
+from prompt_t5x.commands import configurables, gin_cli, gin_help
+from prompt_t5x.data import metrics as metrics_lib
 from prompt_t5x.inference import evaluation
 
 
@@ -48,15 +48,13 @@ configurables.register("infer", infer_config)
 
 def _parse(argv: Sequence[str], name: str, configurable) -> evaluation.EvalConfig:
     gin_args = gin_cli.split_argv(argv)
-    parser = argparse.ArgumentParser(
-        prog=f"prompt-t5x {name}", description=__doc__.split("\n\n")[0],
-        epilog="gin flags: --gin_file=PATH (repeatable), --gin.NAME=VALUE, "
-               "--gin_search_paths=DIR,...")
+    default_file = f"runs/{'eval' if name == 'eval' else 'infer'}.gin"
+    parser = gin_help.gin_parser(name, default_file)
     parser.add_argument("--prompt", help="prompt source (overrides the gin binding)")
     parser.add_argument("--ensemble", help="comma-separated prompt sources to ensemble")
     parser.add_argument("--checkpoint", help="frozen T5 checkpoint (overrides the gin binding)")
     args = parser.parse_args(gin_args.rest)
-    gin_cli.parse(gin_args, default_files=(f"runs/{'eval' if name == 'eval' else 'infer'}.gin",))
+    gin_cli.parse(gin_args, default_files=(default_file,))
     overrides: Dict[str, Any] = {}
     if args.ensemble:
         overrides["ensemble"] = [p for p in args.ensemble.split(",") if p]
@@ -70,7 +68,7 @@ def _parse(argv: Sequence[str], name: str, configurable) -> evaluation.EvalConfi
 def eval_main(argv: List[str]) -> int:
     cfg = _parse(argv, "eval", eval_config)
     record = evaluation.run_eval(cfg)
-    shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(record["metrics"].items()))
+    shown = metrics_lib.format_metrics(record["metrics"])
     print(f"{cfg.task} {cfg.split} ({record['num_examples']} examples, {record['mode']}): "
           f"{shown}")
     print(f"wrote {record['path']}", file=sys.stderr)

@@ -33,7 +33,9 @@ import gin
 from prompt_t5x.base.errors import UsageError
 from prompt_t5x.commands import configurables
 
-_PACKAGE_DIR = pathlib.Path(__file__).resolve().parents[1]   # prompt_t5x/
+# This module lives in prompt_t5x/commands/: the repository's gin/ (a checkout or an editable
+# install) is two levels up, the installed copy (setup.py's package_dir) is prompt_t5x/gin.
+_PACKAGE_DIR = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_SEARCH_PATHS = (str(_PACKAGE_DIR.parent / "gin"), str(_PACKAGE_DIR / "gin"))
 _INCLUDE = re.compile(r"^\s*include\s+['\"]([^'\"]+)['\"]", re.M)
 _MACRO_REF = re.compile(r"%([A-Za-z_][A-Za-z0-9_.]*)")

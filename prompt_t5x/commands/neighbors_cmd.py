@@ -12,6 +12,7 @@ import sys
 from typing import List
 
 from prompt_t5x.base.errors import UsageError
+from prompt_t5x.data import synthetic
 from prompt_t5x.inference import neighbors
 
 
@@ -21,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Nearest vocabulary tokens (cosine similarity) of every soft-prompt vector.")
     p.add_argument("--prompt", required=True,
                    help="prompt .npy [length, embed], PEFT adapter or training model dir")
-    p.add_argument("--checkpoint", help="T5X checkpoint or HF T5 dir (its token embedding)")
+    p.add_argument("--checkpoint", help="T5X checkpoint, HF T5 dir or 'quickstart' (the "
+                                        "bundled tiny T5): its token embedding is searched")
     p.add_argument("--embedding", help="instead of --checkpoint: a [vocab, embed] .npy")
     p.add_argument("--vocab", help="SentencePiece model for token strings (default: print ids)")
     p.add_argument("-k", type=int, default=5, help="neighbours per prompt vector (default 5)")
@@ -39,7 +41,9 @@ def main(argv: List[str]) -> int:
         ids, sims = neighbors.nearest_tokens(prompt, embedding, args.k)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    pieces = neighbors.token_strings(ids, args.vocab)
+    # The quickstart model's vocabulary is the generated tasks' words, not a SentencePiece file.
+    words = synthetic.WORDS if args.checkpoint == neighbors.QUICKSTART else None
+    pieces = neighbors.token_strings(ids, args.vocab, words)
     print(neighbors.format_table(ids, sims, pieces))
     if args.json_path:
         rows = [{"position": pos, "neighbors": [

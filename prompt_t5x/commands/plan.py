@@ -23,10 +23,12 @@ headroom.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from typing import Dict, List, Optional
 
@@ -142,10 +144,39 @@ def _ensure_fake_devices(count: int, argv: List[str], memory_scheduler: bool = T
     return None
 
 
+# While XL/XXL compile (minutes each on a CPU), say every this many seconds that it still does.
+HEARTBEAT_S = 15.0
+
+
+@contextlib.contextmanager
+def still_working(what: str, every: float = HEARTBEAT_S, out=None):
+    """Print ``what`` now, then ``... N s`` every ``every`` seconds until the block ends, and
+    how long it took: progress on stderr, so the table on stdout stays a clean table."""
+    out = out or sys.stderr
+    print(f"{what} ...", file=out, flush=True)
+    done = threading.Event()
+    start = time.perf_counter()
+
+    def beat():
+        while not done.wait(every):
+            print(f"  ... {what}: {time.perf_counter() - start:.0f} s", file=out, flush=True)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        print(f"  {what}: done in {time.perf_counter() - start:.1f} s", file=out, flush=True)
+
+
 def plan_one(config, mesh_text: str, *, batch_size: int, inputs_length: int, targets_length: int,
              prompt_length: int, activation_partitioning_dims: int = 1,
-             parameter_partitioning_dims: int = 1, num_microbatches: int = 1) -> Dict[str, object]:
-    """Lower + compile one train step for abstract inputs; return the row of the table."""
+             parameter_partitioning_dims: int = 1, num_microbatches: int = 1,
+             progress: bool = False) -> Dict[str, object]:
+    """Lower + compile one train step for abstract inputs; return the row of the table.
+    ``progress``: report the lowering and the compile as they go (on stderr)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -190,8 +221,12 @@ def plan_one(config, mesh_text: str, *, batch_size: int, inputs_length: int, tar
                                                       sharding=sharding.replicated(mesh)),
                        jax.eval_shape(guarded_step.fresh_accumulators))
     start = time.perf_counter()
-    lowered = step.lower(state, frozen, batch, acc)
-    compiled = lowered.compile()
+    with still_working(f"mesh {mesh_text}: tracing the train step") if progress else \
+            contextlib.nullcontext():
+        lowered = step.lower(state, frozen, batch, acc)
+    with still_working(f"mesh {mesh_text}: compiling for {data * model} devices") if progress \
+            else contextlib.nullcontext():
+        compiled = lowered.compile()
     seconds = time.perf_counter() - start
 
     def shard_bytes(tree):
@@ -288,7 +323,8 @@ def main(argv: List[str]) -> int:
             row = plan_one(config, mesh_text,
                            activation_partitioning_dims=args.activation_partitioning_dims,
                            parameter_partitioning_dims=args.parameter_partitioning_dims,
-                           num_microbatches=pick("num_microbatches", 1), **sizes)
+                           num_microbatches=pick("num_microbatches", 1), progress=True,
+                           **sizes)
         except ValueError as e:  # uneven shard sizes etc.: name the mesh and carry on
             print(f"| {mesh_text} | - | cannot plan: {e} |", flush=True)
             continue

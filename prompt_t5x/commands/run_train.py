@@ -29,7 +29,6 @@ next collective instead of waiting for it; the job exits non-zero.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import shutil
@@ -41,7 +40,8 @@ import jax
 
 from prompt_t5x.base.errors import UsageError
 from prompt_t5x.checkpoints import frozen_sources
-from prompt_t5x.commands import configurables, gin_cli
+from prompt_t5x.commands import configurables, gin_cli, gin_help
+from prompt_t5x.data import metrics as metrics_lib
 from prompt_t5x.data import run_data, task_registry
 from prompt_t5x.model import t5 as t5_lib
 from prompt_t5x.parallel import distributed
@@ -270,11 +270,7 @@ def _train(run: RunConfig, kind: str, source, gin_config: str, mesh=None,
 def parse_run(argv: Sequence[str], prog: str = "prompt-t5x train") -> "tuple[RunConfig, str]":
     """Command line -> (RunConfig, operative gin text). UsageError on any bad input."""
     gin_args = gin_cli.split_argv(argv)
-    parser = argparse.ArgumentParser(
-        prog=prog, description=__doc__.replace("``", ""),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="gin flags: --gin_file=PATH (repeatable; searched in --gin_search_paths, the "
-               "current dir and the gin/ dir), --gin.NAME=VALUE (repeatable).")
+    parser = gin_help.gin_parser("train")
     distributed.add_flags(parser)
     args = parser.parse_args(gin_args.rest)
     try:
@@ -289,7 +285,8 @@ def parse_run(argv: Sequence[str], prog: str = "prompt-t5x train") -> "tuple[Run
 
 def _summary(run: RunConfig, result: LoopResult) -> str:
     best = ("no evaluation" if result.best_value is None else
-            f"best validation {run.loop.metric}={result.best_value:.4f} at step {result.best_step}")
+            f"best validation {metrics_lib.format_metrics({run.loop.metric: result.best_value})}"
+            f" at step {result.best_step}")
     return (f"trained {run.method.kind} on {run.task} to step {result.last_step}"
             + (f" (resumed from {result.resumed_from})" if result.resumed_from else "")
             + (", stopped early" if result.stopped_early else "")

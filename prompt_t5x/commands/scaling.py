@@ -22,7 +22,6 @@ interrupted sweep picks up where it stopped; ``scaling.csv`` is rewritten after 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import math
@@ -34,11 +33,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import gin
 
+from prompt_t5x.base import extras
 from prompt_t5x.base.errors import UsageError
-from prompt_t5x.commands import configurables, gin_cli
+from prompt_t5x.commands import configurables, gin_cli, gin_help
+from prompt_t5x.data import metrics as metrics_lib
 from prompt_t5x.model import t5 as t5_lib
 
-CSV_FIELDS = ("method", "model", "size", "model_parameters", "trainable_parameters",
+CSV_FIELDS = ("method", "model", "seed", "size", "model_parameters", "trainable_parameters",
               "trainable_percent", "metric", "best_value", "best_step", "last_step",
               "train_steps", "seconds", "status", "model_dir")
 
@@ -50,13 +51,16 @@ class ScalingConfig:
     runs: Mapping[str, Any]        # label -> run_train.RunConfig
     title: Optional[str] = None
     pretrain: Any = None           # optional run_train.RunConfig (model tuning) run per model
+    seeds: Sequence[int] = (0,)    # each (method, model) is trained once per seed
+    chance: Optional[float] = None  # the metric's chance level (a line in the figure)
 
 
 @gin.configurable("scaling")
 def scaling_config(output_dir: str = gin.REQUIRED,
                    models: Sequence[Mapping[str, Any]] = gin.REQUIRED,
                    runs: Mapping[str, Any] = gin.REQUIRED, title: Optional[str] = None,
-                   pretrain: Any = None) -> ScalingConfig:
+                   pretrain: Any = None, seeds: Sequence[int] = (0,),
+                   chance: Optional[float] = None) -> ScalingConfig:
     if not models:
         raise UsageError("scaling.models is empty: list at least one model")
     if not runs:
@@ -75,8 +79,24 @@ def scaling_config(output_dir: str = gin.REQUIRED,
     if pretrain is not None and pretrain.method.kind != "model_tuning":
         raise UsageError("scaling.pretrain must be a model-tuning run (methods.model_tuning): "
                          "its weights become the frozen/initial model of every method")
+    seeds = tuple(int(x) for x in seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UsageError(f"scaling.seeds={list(seeds)} must list distinct seeds, e.g. [0, 1, 2]")
+    if chance is None:
+        chance = default_chance(runs.values())
     return ScalingConfig(os.path.expanduser(str(output_dir)), tuple(models), dict(runs), title,
-                         pretrain)
+                         pretrain, seeds, None if chance is None else float(chance))
+
+
+def default_chance(runs) -> Optional[float]:
+    """Chance accuracy (%) when every run is scored by accuracy on a generated yes/no task (one
+    of two label words); None otherwise: a chance level of another task is the user's to give
+    (scaling.chance), since it depends on its label balance."""
+    from prompt_t5x.data import synthetic
+    runs = list(runs)
+    if runs and all(r.task in synthetic.TASKS and r.loop.metric == "accuracy" for r in runs):
+        return 100.0 / len(synthetic.LABELS)
+    return None
 
 
 configurables.register("scaling", scaling_config)
@@ -90,7 +110,9 @@ def model_config(entry: Mapping[str, Any], dropout_rate: float) -> t5_lib.T5Conf
     overrides = {k: v for k, v in entry.items() if k not in ("name", "size", "checkpoint")}
     overrides.setdefault("dropout_rate", dropout_rate)
     try:
-        return configurables.get_config(entry["size"], **overrides)
+        # 'checkpoint' also serves size 'from_checkpoint' (the config of those weights).
+        return configurables.get_config(entry["size"], checkpoint=entry.get("checkpoint"),
+                                        **overrides)
     except (ValueError, TypeError) as e:
         raise UsageError(f"scaling.models entry {model_name(entry)!r}: {e}") from None
 
@@ -117,17 +139,19 @@ def run_sweep(cfg: ScalingConfig, gin_text: str = "", log=print) -> List[Dict[st
             log(f"[scaling] pretrain / {model_name(entry)} ({pre.model.num_params:,} "
                 f"parameters) on {pre.task} -> {pre.model_dir}")
             result = run_train.execute(pre, gin_config=gin_text)
-            log(f"[scaling] pretrained {model_name(entry)}: {pre.loop.metric}="
-                f"{result.best_value}")
+            log(f"[scaling] pretrained {model_name(entry)}: best "
+                + metrics_lib.format_metrics({pre.loop.metric: result.best_value}))
             checkpoint = pre.model_dir
-        for label, base in cfg.runs.items():
+        for label, base, seed in [(label, base, seed) for label, base in cfg.runs.items()
+                                  for seed in cfg.seeds]:
             config = model_config(entry, base.model.dropout_rate)
-            run = base.replace(model=config,
-                               checkpoint=checkpoint if checkpoint is not None else base.checkpoint,
-                               model_dir=os.path.join(cfg.output_dir, _slug(label),
-                                                      _slug(model_name(entry))))
+            model_dir = os.path.join(cfg.output_dir, _slug(label), _slug(model_name(entry)))
+            if len(cfg.seeds) > 1:   # one seed keeps the directory layout of earlier sweeps
+                model_dir = os.path.join(model_dir, f"seed_{seed}")
+            run = base.replace(model=config, seed=seed, model_dir=model_dir,
+                               checkpoint=checkpoint if checkpoint is not None else base.checkpoint)
             log(f"[scaling] {label} / {model_name(entry)} ({config.num_params:,} parameters) "
-                f"-> {run.model_dir}")
+                f"seed {seed} -> {run.model_dir}")
             start = time.perf_counter()
             status = "ok"
             try:
@@ -139,7 +163,8 @@ def run_sweep(cfg: ScalingConfig, gin_text: str = "", log=print) -> List[Dict[st
                 status, best_value, best_step, last_step = "non-finite", math.nan, None, None
             trainable = run.method.trainable_parameters(config)
             rows.append({
-                "method": label, "model": model_name(entry), "size": entry["size"],
+                "method": label, "model": model_name(entry), "seed": seed,
+                "size": entry["size"],
                 "model_parameters": config.num_params, "trainable_parameters": trainable,
                 "trainable_percent": 100.0 * trainable / config.num_params,
                 "metric": run.loop.metric,
@@ -168,6 +193,7 @@ def read_csv(path: str) -> List[Dict[str, Any]]:
     for row in rows:
         for key in ("model_parameters", "trainable_parameters"):
             row[key] = int(row[key])
+        row["seed"] = int(row.get("seed") or 0)   # CSVs of one-seed sweeps before seeds
         for key in ("trainable_percent", "best_value"):
             row[key] = float(row[key]) if row[key] not in ("", None) else math.nan
     return rows
@@ -175,7 +201,7 @@ def read_csv(path: str) -> List[Dict[str, Any]]:
 
 # ------------------------------------------------------------------------------ the plot ----
 _METRIC_LABELS = {"accuracy": "accuracy (%)", "f1": "F1 (%)", "mcc": "Matthews corr. (%)",
-                  "loss": "loss", "token_accuracy": "token accuracy"}
+                  "loss": "loss", "token_accuracy": "token accuracy (%)"}
 
 
 def _human(n: float) -> str:
@@ -185,9 +211,29 @@ def _human(n: float) -> str:
     return f"{n:.3g}"
 
 
+def aggregate(rows: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+    """One point per (method, model) over its seeds: mean, min and max of the best value (runs
+    that failed, NaN, are left out of all three), the seeds counted; in the rows' order."""
+    groups: Dict[tuple, List[Mapping[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["model"]), []).append(r)
+    points = []
+    for (method, model), group in groups.items():
+        values = [float(r["best_value"]) for r in group if not math.isnan(float(r["best_value"]))]
+        points.append({"method": method, "model": model,
+                       "model_parameters": group[0]["model_parameters"],
+                       "trainable_percent": group[0]["trainable_percent"],
+                       "mean": sum(values) / len(values) if values else math.nan,
+                       "min": min(values) if values else math.nan,
+                       "max": max(values) if values else math.nan,
+                       "seeds": len(group)})
+    return points
+
+
 def plot(rows: Sequence[Mapping[str, Any]], path: str, *, title: Optional[str] = None,
-         task: Optional[str] = None, dpi: int = 200) -> str:
-    """Metric vs model parameters (log x), one line per method; right panel: % trainable."""
+         task: Optional[str] = None, dpi: int = 200, chance: Optional[float] = None) -> str:
+    """Metric vs model parameters (log x), one line per method (the mean over seeds, with
+    min-max bars when there are several) and the chance level; right panel: % trainable."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -197,17 +243,28 @@ def plot(rows: Sequence[Mapping[str, Any]], path: str, *, title: Optional[str] =
         raise ValueError("nothing to plot: no scaling rows")
     methods = list(dict.fromkeys(r["method"] for r in rows))
     metric = rows[0]["metric"]
+    points = aggregate(rows)
+    several_seeds = any(p["seeds"] > 1 for p in points)
     fig, (ax, ax_params) = plt.subplots(1, 2, figsize=(11, 4.2),
                                         gridspec_kw={"width_ratios": [1.6, 1]})
     markers = "osD^v<>"
     for i, method in enumerate(methods):
-        mine = sorted((r for r in rows if r["method"] == method),
-                      key=lambda r: r["model_parameters"])
-        xs = [r["model_parameters"] for r in mine]
-        style = dict(marker=markers[i % len(markers)], linewidth=2, markersize=6, label=method,
-                     color=f"C{i}")
-        ax.plot(xs, [r["best_value"] for r in mine], **style)
-        ax_params.plot(xs, [r["trainable_percent"] for r in mine], **style)
+        mine = sorted((p for p in points if p["method"] == method),
+                      key=lambda p: p["model_parameters"])
+        xs = [p["model_parameters"] for p in mine]
+        style = dict(marker=markers[i % len(markers)], linewidth=2, markersize=6, color=f"C{i}")
+        means = [p["mean"] for p in mine]
+        if several_seeds:
+            seeds = max(p["seeds"] for p in mine)
+            ax.errorbar(xs, means, yerr=[[p["mean"] - p["min"] for p in mine],
+                                         [p["max"] - p["mean"] for p in mine]],
+                        capsize=4, label=f"{method} (mean, min-max of {seeds} seeds)", **style)
+        else:
+            ax.plot(xs, means, label=method, **style)
+        ax_params.plot(xs, [p["trainable_percent"] for p in mine], label=method, **style)
+    if chance is not None:
+        ax.axhline(chance, color="gray", linestyle="--", linewidth=1.2,
+                   label=f"chance ({chance:g}{'%' if metrics_lib.is_percent(metric) else ''})")
     # Ticks at the models actually run, labelled with their size and name.
     sizes = sorted({(r["model_parameters"], r["model"]) for r in rows})
     xs_all = [n for n, _ in sizes]
@@ -238,14 +295,18 @@ def plot(rows: Sequence[Mapping[str, Any]], path: str, *, title: Optional[str] =
 # ---------------------------------------------------------------------------------- CLI ----
 def main(argv: List[str]) -> int:
     gin_args = gin_cli.split_argv(argv)
-    parser = argparse.ArgumentParser(prog="prompt-t5x scaling",
-                                     description=__doc__.replace("``", ""),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="gin flags: --gin_file=PATH (default "
-                                            "runs/scaling.gin), --gin.NAME=VALUE")
+    parser = gin_help.gin_parser("scaling", "runs/scaling.gin")
     parser.add_argument("--plot_only", action="store_true",
                         help="re-draw scaling.png from an existing scaling.csv")
+    parser.add_argument("--no_plot", action="store_true",
+                        help="write scaling.csv only (no matplotlib needed)")
     args = parser.parse_args(gin_args.rest)
+    if args.plot_only and args.no_plot:
+        raise UsageError("--plot_only and --no_plot contradict each other; pass one")
+    if not args.no_plot:
+        # Before the sweep, not after it: the figure is the last step of many minutes of work.
+        extras.require("plot", "prompt-t5x scaling (its figure, scaling.png)",
+                       "or pass --no_plot to write scaling.csv only")
     gin_cli.parse(gin_args, default_files=["runs/scaling.gin"])
     cfg = gin_cli.call(scaling_config)
     csv_path = os.path.join(cfg.output_dir, "scaling.csv")
@@ -256,12 +317,15 @@ def main(argv: List[str]) -> int:
         rows = read_csv(csv_path)
     else:
         rows = run_sweep(cfg, gin_cli.operative_config())
-    png = plot(rows, os.path.join(cfg.output_dir, "scaling.png"), title=cfg.title,
-               task=", ".join(tasks))
+    png = None if args.no_plot else plot(rows, os.path.join(cfg.output_dir, "scaling.png"),
+                                         title=cfg.title, task=", ".join(tasks),
+                                         chance=cfg.chance)
     width = max(len(r["method"]) for r in rows)
     for r in rows:
-        print(f"{r['method']:<{width}}  {r['model']:<10} params={r['model_parameters']:>12,}  "
-              f"trainable={r['trainable_parameters']:>10,}  best {r['metric']}="
-              f"{float(r['best_value']):.4f}", file=sys.stdout)
-    print(f"wrote {csv_path} and {png}")
+        print(f"{r['method']:<{width}}  {r['model']:<10} seed {r.get('seed', 0)}  "
+              f"params={r['model_parameters']:>12,}  "
+              f"trainable={r['trainable_parameters']:>10,}  best "
+              + metrics_lib.format_metrics({r["metric"]: float(r["best_value"])}),
+              file=sys.stdout)
+    print(f"wrote {csv_path}" + (f" and {png}" if png else ""))
     return 0

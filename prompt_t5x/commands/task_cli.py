@@ -9,6 +9,9 @@
 user module that registers its own SeqIO tasks; ``--vocab`` overrides the SentencePiece model
 (default ``$PROMPT_T5X_VOCAB`` or T5's GCS vocabulary). Tasks are opened as every other command
 opens them (``prompt_t5x.data.task_registry``).
+
+The generated tasks (``prompt_t5x.data.synthetic``: ``synthetic_*``) are listed and shown too,
+in any install: they need no SeqIO, no download and no vocabulary file.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import sys
 from typing import List, TextIO
 
 from prompt_t5x.base.errors import UsageError
-from prompt_t5x.data import task_registry
+from prompt_t5x.data import run_data, synthetic, task_registry
 
 
 def _common_flags(parser: argparse.ArgumentParser) -> None:
@@ -29,19 +32,30 @@ def _common_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def tasks_main(argv: List[str], out: TextIO = None) -> int:
-    parser = argparse.ArgumentParser(prog="prompt-t5x tasks",
-                                     description="List registered SeqIO tasks and mixtures.")
+    parser = argparse.ArgumentParser(
+        prog="prompt-t5x tasks",
+        description="List the tasks every command takes: the generated synthetic_* tasks (any "
+                    "install) and the registered SeqIO tasks and mixtures (the data extra).")
     parser.add_argument("--filter", default="", help="only names containing this substring")
     _common_flags(parser)
     args = parser.parse_args(argv)
-    task_registry.register_tasks(args.vocab, args.data_dir, args.task_module)
+    out = out or sys.stdout
+    generated = [n for n in synthetic.TASKS if args.filter in n]
+    try:
+        task_registry.register_tasks(args.vocab, args.data_dir, args.task_module)
+    except task_registry.MissingDataExtra as e:
+        if args.vocab or args.data_dir or args.task_module:
+            raise   # the user asked for SeqIO tasks explicitly
+        _print_generated(generated, max([len(n) for n in generated] + [10]), out)
+        print(f"SeqIO tasks: not available in this install. {e}", file=out)
+        return 0
     import seqio
 
     from tasks import families
-    out = out or sys.stdout
     task_names = sorted(n for n in seqio.TaskRegistry.names() if args.filter in n)
     mixture_names = sorted(n for n in seqio.MixtureRegistry.names() if args.filter in n)
-    width = max([len(n) for n in task_names + mixture_names] + [10])
+    width = max([len(n) for n in task_names + mixture_names + generated] + [10])
+    _print_generated(generated, width, out)
     print(f"tasks ({len(task_names)}):", file=out)
     for name in task_names:
         task = seqio.get_mixture_or_task(name)
@@ -53,6 +67,32 @@ def tasks_main(argv: List[str], out: TextIO = None) -> int:
         mixture = seqio.get_mixture_or_task(name)
         text = families.MIXTURE_NAMES.get(name) or f"{len(mixture.tasks)} tasks"
         print(f"  {name.ljust(width)}  {text}", file=out)
+    return 0
+
+
+def _print_generated(names: List[str], width: int, out: TextIO) -> None:
+    print(f"generated tasks ({len(names)}; no download, no extra):", file=out)
+    for name in names:
+        print(f"  {name.ljust(width)}  {'generated':<20} splits: "
+              f"{', '.join(run_data.SyntheticData.splits)}", file=out)
+
+
+def _show_generated(args, out: TextIO) -> int:
+    """show-task for a generated task: its records and their ids in the word vocabulary."""
+    if args.split not in run_data.SyntheticData.splits:
+        raise UsageError(f"generated task {args.name!r} has no split {args.split!r}; available: "
+                         f"{', '.join(run_data.SyntheticData.splits)}")
+    source = run_data.SyntheticData(args.name, args.inputs_length, args.targets_length,
+                                    batch_size=args.num_examples, seed=args.seed)
+    records = (source.eval_examples() if args.split == "validation"
+               else source.train_examples(0))[:args.num_examples]
+    lengths = {"inputs": args.inputs_length, "targets": args.targets_length}
+    for i, record in enumerate(records):
+        print(f"=== {args.name} [{args.split}] example {i}", file=out)
+        for key in ("inputs", "targets"):
+            ids = (synthetic.encode(record[key]) + [synthetic.EOS])[:lengths[key]]
+            print(f"{key}: {record[key]}", file=out)
+            print(f"{key}_ids ({len(ids)}): {ids}", file=out)
     return 0
 
 
@@ -73,9 +113,11 @@ def show_task_main(argv: List[str], out: TextIO = None) -> int:
     args = parser.parse_args(argv)
     if args.num_examples < 1:
         raise UsageError(f"-n must be >= 1, got {args.num_examples}")
+    out = out or sys.stdout
+    if args.name in synthetic.TASKS:
+        return _show_generated(args, out)
     provider = task_registry.open_task(args.name, (args.split,), vocabulary=args.vocab,
                          data_dir=args.data_dir, task_modules=args.task_module)
-    out = out or sys.stdout
     import tensorflow as tf
 
     from prompt_t5x.data import seqio_bridge

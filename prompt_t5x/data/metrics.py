@@ -3,7 +3,9 @@
 Every metric has the SeqIO metric signature ``fn(targets, predictions) -> {name: value}`` and
 works on *postprocessed* values (see ``tasks/postprocessors.py``): class ids for classification
 (``-1`` marks a prediction that matched no label word), floats for STS-B, and small dicts for the
-grouped tasks (MultiRC, ReCoRD). Values are percentages (0-100), as T5 reports them.
+grouped tasks (MultiRC, ReCoRD). Values are percentages (0-100), as T5 reports them; so is the
+teacher-forced ``token_accuracy`` of validation, and :func:`format_metrics` prints them with a
+``%``.
 
 This module imports no TensorFlow (scikit-learn / scipy only), so the core and benchmark code may
 use it.
@@ -19,6 +21,19 @@ from typing import Any, Dict, Hashable, List, Sequence
 import numpy as np
 
 Metrics = Dict[str, float]
+
+
+def is_percent(name: str) -> bool:
+    """Whether metric ``name`` is a percentage: every task metric and ``token_accuracy`` are (as
+    T5 reports them); losses are not (mean nats per target token)."""
+    return "loss" not in name
+
+
+def format_metrics(values: Dict[str, float]) -> str:
+    """``accuracy=87.50%, loss=0.4213, token_accuracy=93.75%``: the one way commands print
+    metrics, so every percentage reads as one and no fraction is mistaken for one."""
+    return ", ".join(f"{k}={v:.2f}%" if is_percent(k) else f"{k}={v:.4f}"
+                     for k, v in sorted(values.items()))
 
 
 def _check_lengths(targets: Sequence[Any], predictions: Sequence[Any]) -> None:

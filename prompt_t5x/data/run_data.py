@@ -101,6 +101,7 @@ class SyntheticData:
     """A generated task of ``prompt_t5x.data.synthetic`` (see the module docstring)."""
 
     resumes_with_any_shard_count = _PositionedStream.resumes_with_any_shard_count
+    splits = ("train", "validation")
 
     def __init__(self, name: str, inputs_length: int, targets_length: int, batch_size: int,
                  seed: int = 0, eval_examples: int = SYNTHETIC_EVAL_EXAMPLES):
@@ -133,6 +134,10 @@ class SyntheticData:
                                           * 16 + k, self.marked)
         order = np.random.RandomState([self.seed, position]).permutation(len(records))
         return [records[i] for i in order[:self.batch_size]]
+
+    def train_examples(self, position: int = 0) -> List[Dict[str, str]]:
+        """The records of global training batch ``position`` ({'inputs', 'targets'} text)."""
+        return self._records(position)
 
     def train_batches(self, position: int = 0, shard: distributed.DataShard = WHOLE
                       ) -> _PositionedStream:

@@ -48,6 +48,43 @@ class DataError(ValueError):
     """Bad task/split/configuration; the message says what and how to fix it."""
 
 
+def import_tensorflow():
+    """Import TensorFlow for the data pipelines only, once, before SeqIO or ``tasks/`` do.
+
+    TensorFlow prints its C++ start-up lines (oneDNN, missing CUDA drivers, then ``failed call
+    to cuInit`` at the first device query) before its logging is initialised, so
+    ``TF_CPP_MIN_LOG_LEVEL`` (which ``prompt-t5x`` sets unless ``--verbose``) does not reach
+    them. Where that variable asks for less than INFO, those lines are captured here and shown
+    only if the import fails. TensorFlow is also kept off the GPUs: it only reads and tokenises
+    data (on the CPU); the accelerators belong to JAX.
+    """
+    import os
+    import sys
+    import tempfile
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") in ("", "0"):
+        import tensorflow as tf
+        tf.config.set_visible_devices([], "GPU")
+        return tf
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow as tf
+            tf.config.set_visible_devices([], "GPU")
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            os.write(2, captured.read())   # the lines may say why it failed
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    return tf
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchSpec:
     inputs_length: int        # L: encoder tokens from the task

@@ -9,11 +9,34 @@ TensorFlow) is imported only when a SeqIO task is opened.
 
 from __future__ import annotations
 
+import difflib
 import os
 from typing import Optional, Sequence
 
+from prompt_t5x.base import extras
 from prompt_t5x.base.errors import UsageError
 from prompt_t5x.data import synthetic
+
+
+class MissingDataExtra(UsageError):
+    """SeqIO/TensorFlow are not installed: SeqIO tasks cannot be registered (generated can)."""
+
+
+def generated_task_hint(name: str) -> Optional[str]:
+    """For a name that is not a generated task but looks like one (``synthetic_contain``): the
+    "unknown task, did you mean" message; None for any other name.
+
+    Asked before "SeqIO needs the data extra" is said: a misspelt generated task is a typo, and
+    installing TensorFlow would not fix it.
+    """
+    if name in synthetic.TASKS:
+        return None
+    close = difflib.get_close_matches(name, synthetic.TASKS, n=2, cutoff=0.75)
+    if not (close or name.startswith("synthetic")):
+        return None
+    mean = f" Did you mean {' or '.join(close)}?" if close else ""
+    return (f"unknown task {name!r}.{mean} Generated tasks (no download, no extra; train, eval, "
+            f"infer and show-task take them): {', '.join(synthetic.TASKS)}.")
 
 
 def register_tasks(vocabulary: Optional[str] = None, data_dir: Optional[str] = None,
@@ -25,12 +48,14 @@ def register_tasks(vocabulary: Optional[str] = None, data_dir: Optional[str] = N
     SeqIO/TensorFlow missing.
     """
     try:
+        from prompt_t5x.data import seqio_bridge
+        seqio_bridge.import_tensorflow()   # first, quietly (see there)
         import tasks
     except ImportError as e:
         # SeqIO/TensorFlow are the optional 'data' extra (the GPU image, for one, has neither).
-        raise UsageError(f"SeqIO tasks need the data extra: pip install 'prompt_t5x[data]' "
-                         f"(import failed: {e}); the generated synthetic_* tasks need none."
-                         ) from None
+        raise MissingDataExtra(f"SeqIO tasks need the data extra: {extras.install_hint('data')}"
+                               f" (import failed: {e}); the generated synthetic_* tasks need "
+                               "none.") from None
     try:
         if vocabulary or data_dir:
             tasks.register_all(vocab_path=vocabulary, data_dir=data_dir)
@@ -44,18 +69,27 @@ def open_task(name: str, splits: Sequence[str] = (), *, vocabulary: Optional[str
               data_dir: Optional[str] = None, task_modules: Sequence[str] = ()):
     """The registered SeqIO task or mixture ``name`` (after :func:`register_tasks` with the
     other arguments), checked to have every split of ``splits``; UsageError if not."""
-    register_tasks(vocabulary, data_dir, task_modules)
+    hint = generated_task_hint(name)
+    if hint and not task_modules:
+        # tasks/ registers no synthetic* names (only a user module could): no need to import
+        # TensorFlow to say so.
+        raise UsageError(hint)
+    try:
+        register_tasks(vocabulary, data_dir, task_modules)
+    except MissingDataExtra:
+        if hint:
+            raise UsageError(hint) from None
+        raise
     from prompt_t5x.data import seqio_bridge
     try:
         provider = seqio_bridge.get_task_or_mixture(name)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(generated_task_hint(name) or str(e)) from None
+    try:
         for split in splits:
             seqio_bridge.check_split(provider, split)
     except (ValueError, FileNotFoundError) as e:
-        hint = ""
-        if name.startswith("synthetic"):
-            hint = (" Generated tasks (not SeqIO; train, eval and infer take them): "
-                    f"{', '.join(synthetic.TASKS)}.")
-        raise UsageError(f"{e}{hint}") from None
+        raise UsageError(str(e)) from None
     return provider
 
 

@@ -4,7 +4,8 @@ soft-prompt vector by cosine similarity.
 ``prompt-t5x neighbors --prompt X.npy --checkpoint DIR [--vocab spm.model] [-k 5] [--json F]``
 prints one line per prompt position. The prompt may also be a PEFT adapter or a training model
 dir. The embedding table comes from a T5X checkpoint (only ``token_embedder/embedding`` is read),
-a Hugging Face T5 dir (``shared.weight``) or, with ``--embedding E.npy``, a ``[vocab, embed]``
+a Hugging Face T5 dir (``shared.weight``), ``quickstart`` (the bundled tiny T5, whose tokens are
+the words of ``prompt_t5x.data.synthetic``) or, with ``--embedding E.npy``, a ``[vocab, embed]``
 array. Token strings come from a SentencePiece model; ids it does not know (T5's 28 padding rows
 beyond the 32100 pieces) print as ``<id N>``.
 """
@@ -21,6 +22,7 @@ import numpy as np
 from prompt_t5x.base.errors import UsageError
 
 EMBEDDING_PARAM = "token_embedder/embedding"
+QUICKSTART = "quickstart"
 # Vocabulary rows per chunk: bounds the [P, chunk] similarity block for large vocabularies.
 _VOCAB_CHUNK = 8192
 
@@ -70,10 +72,14 @@ def nearest_tokens(prompt: np.ndarray, embedding: np.ndarray, k: int = 5
     return best_ids, best_sims.astype(np.float32)
 
 
-def token_strings(ids: np.ndarray, vocab_path: Optional[str]) -> List[List[str]]:
-    """Token ids [P, k] -> SentencePiece pieces (``<id N>`` without a vocabulary or out of it)."""
+def token_strings(ids: np.ndarray, vocab_path: Optional[str],
+                  words: Optional[Sequence[str]] = None) -> List[List[str]]:
+    """Token ids [P, k] -> SentencePiece pieces, or ``words[id]`` for a word vocabulary (the
+    quickstart's); ``<id N>`` without either or for ids out of it."""
     if vocab_path is None:
-        return [[f"<id {int(i)}>" for i in row] for row in ids]
+        words = words or ()
+        return [[words[int(i)] if int(i) < len(words) else f"<id {int(i)}>" for i in row]
+                for row in ids]
     import sentencepiece as spm  # only this command needs it
 
     processor = spm.SentencePieceProcessor(model_file=vocab_path)
@@ -95,8 +101,15 @@ def load_embedding(checkpoint: Optional[str], embedding_npy: Optional[str]) -> n
             raise UsageError(f"--embedding {embedding_npy}: expected [vocab, embed], got "
                              f"shape {table.shape}")
         return table
-    from prompt_t5x.checkpoints import hf_checkpoint, t5x_reader
+    from prompt_t5x.checkpoints import bundled, hf_checkpoint, t5x_reader
 
+    if checkpoint == QUICKSTART:
+        # The committed tiny T5, a checkpoint name every other command takes too.
+        try:
+            _, params = bundled.load_asset()
+        except FileNotFoundError as e:
+            raise UsageError(f"--checkpoint quickstart: {e}") from None
+        return np.asarray(params["token_embedder"]["embedding"], np.float32)
     if os.path.isdir(checkpoint) and hf_checkpoint.is_hf_t5_dir(checkpoint):
         try:
             state = hf_checkpoint.read_hf_state_dict(checkpoint)

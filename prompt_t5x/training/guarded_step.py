@@ -23,7 +23,7 @@ from prompt_t5x.training import train as train_lib
 
 PyTree = Any
 # Scalars averaged over the logging window (the rest are reported at the window's last step).
-AVERAGED = ("loss", "z_loss", "accuracy", "grad_norm")
+AVERAGED = ("loss", "z_loss", "token_accuracy", "grad_norm")
 GUARDED = ("loss", "grad_norm", "param_norm")
 
 

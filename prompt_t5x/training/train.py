@@ -123,7 +123,9 @@ def train_step_fn(method: Method, optimizer: optax.GradientTransformation, *,
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": (ce + zl) / denom, "z_loss": zl / denom,
-                   "accuracy": correct / denom, "tokens": weight,
+                   # teacher-forced, in percent like validation's (data.metrics): not the
+                   # task's "accuracy", which validation reports under that name
+                   "token_accuracy": 100.0 * correct / denom, "tokens": weight,
                    "grad_norm": optax.tree.norm(grads),
                    "param_norm": optax.tree.norm(params)}
         if isinstance(params, Mapping) and "prompt" in params:

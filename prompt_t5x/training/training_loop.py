@@ -58,6 +58,7 @@ import optax
 
 from prompt_t5x.base import storage
 from prompt_t5x.checkpoints import train_checkpoints
+from prompt_t5x.data import metrics as metrics_lib
 from prompt_t5x.methods.interface import Method
 from prompt_t5x.parallel import distributed, partitioning
 from prompt_t5x.parallel import sharding as sharding_lib
@@ -367,8 +368,7 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
                 result.evaluations.append({"step": step, **values})
                 metrics = {f"validation/{k}": v for k, v in values.items()}
                 if bar is not None:
-                    bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in
-                                                           sorted(values.items()))
+                    bar.write(f"step {step}: " + metrics_lib.format_metrics(values)
                               + (" (best)" if improved else ""))
                 if (config.early_stopping_patience is not None
                         and best.evals_since >= config.early_stopping_patience):

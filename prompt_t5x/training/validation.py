@@ -3,7 +3,7 @@
 ``make_evaluator`` returns ``evaluate(trainable) -> {name: value}`` over a fixed, cached list of
 eval batches (``data.eval_batches``: every example once, padding rows all-zero and masked):
 
-- ``loss`` / ``token_accuracy``: teacher-forced, summed over target tokens of real rows
+- ``loss`` / ``token_accuracy`` (percent): teacher-forced, summed over target tokens of real rows
   (``train.make_eval_step``), so padding never counts;
 - for classification tasks (label words known): rank classification (score each label string,
   predict the best; ``prompt_t5x.inference.rank_classification``), and the task's metric functions
@@ -95,7 +95,8 @@ def make_evaluator(method: Method, frozen: PyTree, batches: Sequence[Batch], *,
             correct += float(sums["correct"])
             tokens += float(sums["tokens"])
         results = {"loss": loss_sum / max(tokens, 1.0),
-                   "token_accuracy": correct / max(tokens, 1.0)}
+                   # percent, like the task metrics beside it (data.metrics)
+                   "token_accuracy": 100.0 * correct / max(tokens, 1.0)}
         if predictions and compute_metrics is not None and examples is not None:
             ordered = [examples[i] for i in indices]
             results.update({k: float(v) for k, v in compute_metrics(ordered, predictions).items()})
