@@ -21,7 +21,7 @@ import sys
 import warnings
 from typing import Dict, List, Optional, Tuple
 
-from prompt_t5x.base.errors import UsageError, run_command
+from prompt_t5x.base.errors import run_command
 
 # name -> (module, function, one-line help)
 COMMANDS: Dict[str, Tuple[str, str, str]] = {
@@ -103,10 +103,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"prompt-t5x: unknown command {name!r}.\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, func_name, _ = COMMANDS[name]
-    from prompt_t5x.commands import compilation_cache
-    try:
-        rest = compilation_cache.configure(name, rest)
-    except UsageError as e:
-        print(f"prompt-t5x {name}: error: {e}", file=sys.stderr)
-        return 2
-    return run_command(name, getattr(importlib.import_module(module_name), func_name), rest)
+
+    def command(args: List[str]) -> int:
+        from prompt_t5x.commands import compilation_cache
+        args = compilation_cache.configure(name, args)   # a bad cache flag is a UsageError too
+        return getattr(importlib.import_module(module_name), func_name)(args)
+
+    return run_command(name, command, rest)
