@@ -15,6 +15,12 @@ class UsageError(Exception):
     """Bad user input: printed as one message and exit status 2 (no traceback)."""
 
 
+class InputError(UsageError, ValueError):
+    """Bad input found by a library function deep in the work (a malformed data file, a prompt
+    .npy of the wrong shape, labels longer than the targets): a UsageError for the command line,
+    and still a ValueError for library callers that catch that."""
+
+
 def run_command(name: str, func: Callable[[List[str]], int], argv: List[str]) -> int:
     """``func(argv)`` as command ``name``: a UsageError is one message on stderr and status 2."""
     try:

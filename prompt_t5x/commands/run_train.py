@@ -307,7 +307,9 @@ def main(argv: List[str]) -> int:
         try:
             result = execute(run, gin_config=gin_text)
         except NonFiniteError as e:
+            # Divergence follows from the configuration (learning rate, data): the user's to
+            # fix, so one line and status 2 like every other such stop.
             print(f"prompt-t5x train: error: {e}", file=sys.stderr)
-            return 1
+            return 2
         print(_summary(run, result))
         return 0

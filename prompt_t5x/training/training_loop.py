@@ -348,13 +348,16 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
                 last = jax.device_get(last)
                 if guard[0] >= 0:
                     good = checkpointer.latest_step()
-                    where = (f"the last good checkpoint is step {good} in {checkpointer.directory}"
-                             if good is not None else "no checkpoint was written before it")
+                    # Only offer a resume when there is a checkpoint to resume from.
+                    where = (f"the last good checkpoint is step {good} in "
+                             f"{checkpointer.directory}. Lower the learning rate, check the "
+                             "data, or resume from that checkpoint" if good is not None else
+                             "no checkpoint was written before it. Lower the learning rate or "
+                             "check the data, and start the run again")
                     raise NonFiniteError(
                         f"non-finite values at training step {int(guard[0])}: loss={guard[1]:g}, "
                         f"grad_norm={guard[2]:g}, param_norm={guard[3]:g}. Training stopped; "
-                        f"{where}. Lower the learning rate, check the data, or resume from "
-                        "that checkpoint.")
+                        f"{where}.")
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 n = max(float(sums["steps"]), 1.0)
                 scalars = {k: float(sums[k]) / n for k in AVERAGED}
