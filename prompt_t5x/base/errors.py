@@ -28,3 +28,9 @@ def run_command(name: str, func: Callable[[List[str]], int], argv: List[str]) ->
     except UsageError as e:
         print(f"prompt-t5x {name}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Commands that can stop cleanly (train: preemption.py) take the first Ctrl-C
+        # themselves; reaching here means "stop now": one line, 128 + SIGINT, no traceback.
+        print(f"prompt-t5x {name}: interrupted; stopped without saving (the last checkpoint, "
+              "if any, is kept).", file=sys.stderr)
+        return 130

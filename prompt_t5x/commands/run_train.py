@@ -40,12 +40,13 @@ import jax
 
 import gin
 from prompt_t5x.base.errors import UsageError
-from prompt_t5x.checkpoints import frozen_sources
+from prompt_t5x.checkpoints import frozen_sources, run_lock
 from prompt_t5x.commands import configurables, gin_cli
 from prompt_t5x.data import run_data, task_registry
 from prompt_t5x.model import t5 as t5_lib
 from prompt_t5x.parallel import distributed
 from prompt_t5x.parallel import sharding as sharding_lib
+from prompt_t5x.training import preemption
 from prompt_t5x.training.training_loop import (
     LoopConfig,
     LoopResult,
@@ -219,6 +220,8 @@ def execute(run: RunConfig, *, gin_config: str = "") -> LoopResult:
                          "file / t5.get_config.vocab_size that matches the task's vocabulary.")
     mesh, rules = build_mesh(run)
     created = not os.path.exists(run.model_dir)
+    # One writer per model dir (run_lock.py): refused here, before anything is loaded.
+    lock = run_lock.RunLock(run.model_dir).acquire() if distributed.is_primary() else None
     try:
         return _train(run, kind, source, gin_config, mesh, rules)
     except ResumeError as e:
@@ -229,6 +232,9 @@ def execute(run: RunConfig, *, gin_config: str = "") -> LoopResult:
                 n.isdigit() for n in os.listdir(ckpt_dir))):
             shutil.rmtree(run.model_dir, ignore_errors=True)
         raise
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _train(run: RunConfig, kind: str, source, gin_config: str, mesh=None,
@@ -311,5 +317,8 @@ def main(argv: List[str]) -> int:
             # fix, so one line and status 2 like every other such stop.
             print(f"prompt-t5x train: error: {e}", file=sys.stderr)
             return 2
+        if result.stopped is not None:
+            print(f"prompt-t5x train: {result.stopped.message(run.model_dir)}", file=sys.stderr)
+            return preemption.EXIT_STOPPED
         print(_summary(run, result))
         return 0

@@ -60,6 +60,7 @@ from prompt_t5x.checkpoints import train_checkpoints
 from prompt_t5x.methods.interface import Method
 from prompt_t5x.parallel import distributed
 from prompt_t5x.parallel import sharding as sharding_lib
+from prompt_t5x.training import preemption
 from prompt_t5x.training import train as train_lib
 from prompt_t5x.training.guarded_step import (
     AVERAGED,
@@ -119,6 +120,8 @@ class LoopResult:
     resumed_from: Optional[int]
     # The shardings of the frozen tree the step ran with (partitioned runs; None otherwise).
     frozen_shardings: Optional[PyTree] = None
+    # Set when a signal stopped the run after checkpointing ``last_step`` (preemption.py).
+    stopped: Optional[preemption.Stopped] = None
 
 
 def _is_better(value: float, best: Optional[float], mode: str) -> bool:
@@ -329,6 +332,7 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
     acc = new_acc()
     window_start, window_steps = time.perf_counter(), 0
     step = start
+    watch = preemption.StopWatch().install()   # SIGTERM / Ctrl-C: save, then stop
     try:
         while step < config.train_steps:
             batch = next(batches)
@@ -340,7 +344,8 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
             is_last = step == config.train_steps
             do_eval = evaluate is not None and (is_last or (config.eval_every
                                                             and step % config.eval_every == 0))
-            do_ckpt = is_last or do_eval or step % config.checkpoint_every == 0
+            stop_here = not is_last and watch.should_stop(step)
+            do_ckpt = is_last or do_eval or stop_here or step % config.checkpoint_every == 0
             if step % config.log_every == 0 or do_ckpt:
                 # The one host sync of a logging window; also the NaN guard's check, which
                 # must run before any checkpoint of this state is written.
@@ -389,9 +394,12 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
                     result.stopped_early = True
             if do_ckpt or result.stopped_early:
                 save(state, metrics)
-            if result.stopped_early:
+            if stop_here and not result.stopped_early:
+                result.stopped = watch.stopped(step)
+            if result.stopped_early or result.stopped:
                 break
     finally:
+        watch.uninstall()
         if bar is not None:
             bar.close()
         train_writer.close()
