@@ -1,6 +1,8 @@
 """Bad input to ``prompt-t5x train`` / ``scaling``: one clear message, exit status 2, and no
 model directory left behind."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -197,3 +199,75 @@ def test_export_refuses_to_overwrite(tmp_path, capsys, fixtures_dir):
     assert out.read_bytes() == b"an earlier export"
     assert cli.main(["export", str(source), "--out", str(out), "--overwrite"]) == 0
     np.testing.assert_array_equal(np.load(out), np.load(source).astype(np.float32))
+
+
+# --------------------------------------------------------------------- a full disk ----
+def test_disk_full_during_a_save_reports_the_first_error_and_the_last_good_step(
+        tmp_path, capsys, monkeypatch):
+    import errno
+    import subprocess
+    import sys
+
+    import orbax.checkpoint as ocp
+
+    from prompt_t5x.training import metrics_writer
+    real_save = ocp.CheckpointManager.save
+
+    def save(self, step, *args, **kwargs):
+        if step == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, step, *args, **kwargs)
+
+    def close(self):
+        raise RuntimeError("a later error while closing")   # must not mask the first
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    monkeypatch.setattr(metrics_writer.MetricsWriter, "close", close)
+    argv, model_dir = _train(tmp_path, "--gin.TRAIN_STEPS=3", "--gin.CHECKPOINT_EVERY=1",
+                             "--gin.EVAL_EVERY=0")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("prompt-t5x")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "no space left on the device" in lines[0] and "later error" not in err
+    assert "the last good checkpoint is step 1 (kept)" in lines[0]
+    assert sorted(os.listdir(model_dir / "checkpoints")) == ["1"]
+    assert not (model_dir / ".prompt_t5x.lock").exists()
+    monkeypatch.undo()
+
+    # Leftovers of a killed writer, then a resume on a disk that is still full: one line,
+    # and the leftovers are gone.
+    (model_dir / "checkpoints" / "2.orbax-checkpoint-tmp-123").mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = model_dir / "prompts" / f"step_2.npy.tmp-{dead.pid}"
+    leftover.write_bytes(b"half")
+    from prompt_t5x.checkpoints import write_errors
+    monkeypatch.setattr(write_errors, "_free_bytes", lambda path: 1000)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the disk is still full (1000 bytes free" in err, err
+    assert "last good checkpoint is step 1" in err
+    assert sorted(os.listdir(model_dir / "checkpoints")) == ["1"] and not leftover.exists()
+    monkeypatch.undo()
+    assert cli.main(argv) == 0          # space again: resumes and finishes
+    assert "resumed from 1" in capsys.readouterr().out
+
+
+def test_write_error_recognition():
+    import errno
+
+    from prompt_t5x.checkpoints import write_errors
+    assert write_errors.write_error_reason(OSError(errno.EDQUOT, "q")) == "disk quota exceeded"
+    wrapped = ValueError("RESOURCE_EXHAUSTED: Error writing \"x/.zarray\": [OS error: No space")
+    assert write_errors.write_error_reason(wrapped) == "no space left on the device"
+    try:
+        try:
+            raise OSError(errno.EROFS, "ro")
+        except OSError as e:
+            raise RuntimeError("wrapped") from e
+    except RuntimeError as e:
+        assert write_errors.write_error_reason(e) == "the file system is read-only"
+    # A device out of memory is not a full disk; a bug is not a write error.
+    assert write_errors.write_error_reason(RuntimeError("RESOURCE_EXHAUSTED: Out of memory")) \
+        is None
+    assert write_errors.write_error_reason(KeyError("x")) is None

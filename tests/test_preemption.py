@@ -5,6 +5,7 @@ The signals are real (``os.kill`` of this process from inside the batch stream, 
 at a known step); the loop is the in-memory one of test_training_loop (tiny 'test' T5).
 """
 
+import json
 import os
 import signal
 
@@ -140,3 +141,63 @@ def test_one_process_never_reaches_a_preemption_sync_point():
     finally:
         watch.uninstall()
     assert preemption.EXIT_STOPPED == 75
+
+
+# ------------------------------------------ early stopping across a kill after best.json ----
+# The metric of each step, looked up by the exact bytes of the prompt reached at that step
+# (learned from the uninterrupted run): a resumed run that is bit-identical sees the same
+# values, and the schedule is chosen so that early stopping fires at a known step.
+SCHEDULE = {1: 1.0, 2: 2.0, 3: 1.5, 4: 1.2, 5: 1.1, 6: 3.0, 7: 0.0}
+PATIENCE = 3    # best at step 2, then 3, 4, 5 without improvement: stop after step 5
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL between writing best.json and writing the checkpoint."""
+
+
+def _scored_run(model_dir, frozen, table, learn):
+    def evaluate(trainable):
+        key = np.asarray(trainable["prompt"]).tobytes()
+        if learn:
+            table[key] = len(table) + 1      # eval_every=1: the n-th evaluation is step n
+        return {"score": SCHEDULE[table[key]]}
+    config = loop_lib.LoopConfig(train_steps=STEPS, log_every=1, eval_every=1,
+                                 checkpoint_every=100, metric="score", metric_mode="max",
+                                 early_stopping_patience=PATIENCE, progress_bar=False,
+                                 tensorboard=False)
+    return loop_lib.run_loop(method=METHOD, optimizer=OPTIMIZER, frozen=frozen,
+                             make_batches=_stream(), model_dir=str(model_dir), config=config,
+                             evaluate=evaluate, rng=jax.random.PRNGKey(3))
+
+
+def test_early_stopping_decides_the_same_after_a_kill_between_best_json_and_checkpoint(
+        tmp_path, frozen, monkeypatch):
+    table = {}
+    reference = _scored_run(tmp_path / "straight", frozen, table, learn=True)
+    assert reference.stopped_early and reference.last_step == 5 and reference.best_step == 2
+
+    real_save = train_checkpoints.TrainCheckpointer.save
+
+    def killed_at_2(self, state, **kw):
+        if int(state.step) == 2:
+            raise _Killed()     # best.json already says step 2 (an improvement)
+        return real_save(self, state, **kw)
+    monkeypatch.setattr(train_checkpoints.TrainCheckpointer, "save", killed_at_2)
+    with pytest.raises(_Killed):
+        _scored_run(tmp_path / "killed", frozen, table, learn=False)
+    best_json = tmp_path / "killed" / "best.json"
+    assert json.loads(best_json.read_text())["step"] == 2     # ahead of checkpoint 1
+    monkeypatch.setattr(train_checkpoints.TrainCheckpointer, "save", real_save)
+
+    resumed = _scored_run(tmp_path / "killed", frozen, table, learn=False)
+    assert resumed.resumed_from == 1
+    # Step 2 re-evaluated counts as the improvement it is: the same stop at step 5.
+    assert resumed.stopped_early and resumed.last_step == reference.last_step == 5
+    assert resumed.evaluations == reference.evaluations[1:]
+    assert (json.loads(best_json.read_text())
+            == json.loads((tmp_path / "straight" / "best.json").read_text()))
+    np.testing.assert_array_equal(np.load(tmp_path / "killed" / "prompts" / "best.npy"),
+                                  np.load(tmp_path / "straight" / "prompts" / "best.npy"))
+    manifest = train_checkpoints.TrainCheckpointer(str(tmp_path / "killed"), read_only=True)
+    assert manifest.read_manifest(5)["best"]["evaluations_since_best"] == PATIENCE
+    manifest.close()

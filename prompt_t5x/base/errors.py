@@ -7,6 +7,7 @@ exception is a bug and keeps its traceback (exit status 1). Every wing raises th
 point and the modules run as ``python -m`` children: bench and its peer).
 """
 
+import logging
 import sys
 from typing import Callable, List
 
@@ -19,6 +20,20 @@ class InputError(UsageError, ValueError):
     """Bad input found by a library function deep in the work (a malformed data file, a prompt
     .npy of the wrong shape, labels longer than the targets): a UsageError for the command line,
     and still a ValueError for library callers that catch that."""
+
+
+def keep_first_error(close: Callable[[], None], what: str) -> None:
+    """``close()``, for a ``finally`` block: if an exception is already on its way out, an error
+    of ``close`` (a second ENOSPC while flushing, say) is logged and dropped, so the first
+    error is the one reported; otherwise it is raised as usual."""
+    failing = sys.exc_info()[1]
+    try:
+        close()
+    except Exception as e:  # noqa: BLE001 - only ever dropped in favour of an earlier error
+        if failing is None:
+            raise
+        logging.getLogger(__name__).debug("closing %s after %r also failed: %r", what,
+                                          failing, e)
 
 
 def run_command(name: str, func: Callable[[List[str]], int], argv: List[str]) -> int:

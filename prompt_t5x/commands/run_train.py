@@ -40,7 +40,7 @@ import jax
 
 import gin
 from prompt_t5x.base.errors import UsageError
-from prompt_t5x.checkpoints import frozen_sources, run_lock
+from prompt_t5x.checkpoints import frozen_sources, run_lock, write_errors
 from prompt_t5x.commands import configurables, gin_cli
 from prompt_t5x.data import run_data, task_registry
 from prompt_t5x.model import t5 as t5_lib
@@ -223,14 +223,19 @@ def execute(run: RunConfig, *, gin_config: str = "") -> LoopResult:
     # One writer per model dir (run_lock.py): refused here, before anything is loaded.
     lock = run_lock.RunLock(run.model_dir).acquire() if distributed.is_primary() else None
     try:
+        if lock is not None:
+            write_errors.preflight(run.model_dir)   # killed writers' leftovers; a full disk
         return _train(run, kind, source, gin_config, mesh, rules)
     except ResumeError as e:
         raise UsageError(str(e)) from None
-    except BaseException:
+    except BaseException as error:
+        full = write_errors.as_usage_error(error, run.model_dir)
         ckpt_dir = os.path.join(run.model_dir, "checkpoints")
         if created and distributed.is_primary() and not (os.path.isdir(ckpt_dir) and any(
                 n.isdigit() for n in os.listdir(ckpt_dir))):
             shutil.rmtree(run.model_dir, ignore_errors=True)
+        if full is not None:   # one line with the last good step, not a storage traceback
+            raise full from None
         raise
     finally:
         if lock is not None:

@@ -4,7 +4,8 @@ What one call of ``run_loop`` does, step by step:
 
 1. Resume: restore the newest intact training checkpoint under ``model_dir`` (trainable state,
    optimizer state, step, rng) and the data position saved with it; continue from there. The best
-   validation result so far is read back from ``best.json``.
+   validation result so far and the early-stopping count come from that checkpoint's manifest
+   (``best_state``), never from a ``best.json`` written after it.
 2. Train: ``train.train_step_fn`` (gradient accumulation over ``num_microbatches``), jitted
    together with two small on-device accumulators (``guarded_step``), so the host never waits
    for the device between steps: the running sums of the logged metrics, and a *non-finite
@@ -45,8 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import math
 import os
 import time
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
@@ -55,12 +54,11 @@ import jax
 import numpy as np
 import optax
 
-from prompt_t5x.base import storage
 from prompt_t5x.checkpoints import train_checkpoints
 from prompt_t5x.methods.interface import Method
 from prompt_t5x.parallel import distributed
 from prompt_t5x.parallel import sharding as sharding_lib
-from prompt_t5x.training import preemption
+from prompt_t5x.training import best_state, preemption
 from prompt_t5x.training import train as train_lib
 from prompt_t5x.training.guarded_step import (
     AVERAGED,
@@ -124,12 +122,6 @@ class LoopResult:
     stopped: Optional[preemption.Stopped] = None
 
 
-def _is_better(value: float, best: Optional[float], mode: str) -> bool:
-    if value is None or not math.isfinite(value):
-        return False
-    return best is None or (value > best if mode == "max" else value < best)
-
-
 def _progress(total: int, initial: int, enabled: bool):
     if not enabled:
         return None
@@ -138,47 +130,6 @@ def _progress(total: int, initial: int, enabled: bool):
     except ImportError:  # pragma: no cover - tqdm is a core dependency
         return None
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
-
-
-class _Best:
-    """Best validation result, persisted as ``<model_dir>/best.json``."""
-
-    def __init__(self, model_dir: str, metric: str, mode: str):
-        self.path = os.path.join(model_dir, "best.json")
-        self.metric, self.mode = metric, mode
-        self.step: Optional[int] = None
-        self.value: Optional[float] = None
-        self.metrics: Dict[str, float] = {}
-        self.evals_since = 0
-        if os.path.exists(self.path):
-            with open(self.path, encoding="utf-8") as f:
-                saved = json.load(f)
-            if saved.get("metric") == metric:
-                self.step, self.value = saved["step"], saved["value"]
-                self.metrics = saved.get("metrics", {})
-                self.evals_since = saved.get("evaluations_since_best", 0)
-
-    def update(self, step: int, metrics: Mapping[str, float], trainable: PyTree,
-               write: bool = True) -> bool:
-        """Bookkeeping on every process; files only where ``write`` (process 0)."""
-        value = metrics.get(self.metric)
-        improved = _is_better(value, self.value, self.mode)
-        if improved:
-            self.step, self.value, self.metrics = step, float(value), dict(metrics)
-            self.evals_since = 0
-            if write and isinstance(trainable, Mapping) and "prompt" in trainable:
-                storage.write_npy_atomic(
-                    os.path.join(os.path.dirname(self.path), "prompts", "best.npy"),
-                    np.asarray(jax.device_get(trainable["prompt"]), np.float32))
-        else:
-            self.evals_since += 1
-        if not write:
-            return improved
-        storage.write_bytes_atomic(self.path, json.dumps(
-            {"metric": self.metric, "mode": self.mode, "step": self.step, "value": self.value,
-             "metrics": self.metrics, "evaluations_since_best": self.evals_since},
-            indent=1).encode("utf-8"))
-        return improved
 
 
 def _data_state(batches, fallback_position: int,
@@ -281,7 +232,10 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
             restored = jax.device_put(restored, sharding_lib.replicated(mesh))
         state, resumed_from = restored, int(manifest["step"])
         position = int(manifest.get("data_state", {}).get("position", resumed_from))
-    best = _Best(model_dir, config.metric, config.metric_mode)
+    # Best and early-stopping state come from the checkpoint resumed (best_state.py).
+    best = best_state.BestTracker(model_dir, config.metric, config.metric_mode,
+                                  resumed=manifest if restored is not None else None,
+                                  write=distributed.is_primary())
     start = int(jax.device_get(state.step))
     result = LoopResult(start, best.step, best.value, best.metrics, False, [], resumed_from,
                         frozen_shardings)
@@ -296,7 +250,7 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
                                   data_state=_data_state(batches, position, batch_size),
                                   metrics=metrics, model_config=model_config,
                                   frozen_checkpoint=frozen_checkpoint, gin_config=gin_config,
-                                  run=run_info)
+                                  run=run_info, best=best.state())
         distributed.barrier(f"checkpoint_{saved}")
 
     if mesh is None:
