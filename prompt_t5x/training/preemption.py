@@ -37,7 +37,9 @@ from typing import Dict, Optional
 
 import jax
 
-EXIT_STOPPED = 75            # sysexits.h EX_TEMPFAIL: stopped by a signal after a checkpoint
+from prompt_t5x.base import errors
+
+EXIT_STOPPED = errors.EXIT_STOPPED   # 75, sysexits.h EX_TEMPFAIL: stopped after a checkpoint
 EXIT_ABORTED = 130           # 128 + SIGINT: a second Ctrl-C, stopped without saving
 
 
@@ -65,6 +67,7 @@ class StopWatch:
         self.requested: Optional[str] = None     # name of the first stop signal received
         self._previous: Dict[int, object] = {}
         self._multi_process = jax.process_count() > 1
+        self._sync_available = True
         self._announce = announce if announce is not None else _print_to_stderr
 
     # -- handlers ------------------------------------------------------------------------------
@@ -98,13 +101,25 @@ class StopWatch:
     def should_stop(self, step: int) -> bool:
         """True when the run should checkpoint ``step`` and stop. Every process must call this
         after every step (the multi-host sync point counts steps)."""
-        from jax.experimental import multihost_utils
-        if multihost_utils.reached_preemption_sync_point(step):
+        if self._sync_point(step):
             # Only a multi-process run gets here: JAX saw a preemption notice on some host
             # and every host reaches this at the same step.
             self.requested = self.requested or "SIGTERM"
             return True
         return self.requested is not None and not self._multi_process
+
+    def _sync_point(self, step: int) -> bool:
+        # One process: JAX has no distributed client and answers False (the no-op path).
+        if not self._sync_available:
+            return False
+        from jax.experimental import multihost_utils
+        try:
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        except RuntimeError:
+            # The cluster was joined with the preemption service disabled
+            # (jax_enable_preemption_service=False): SIGTERM keeps its default there.
+            self._sync_available = False
+            return False
 
     def stopped(self, step: int) -> Stopped:
         return Stopped(self.requested or "SIGTERM", step)
