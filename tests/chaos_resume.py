@@ -133,8 +133,8 @@ def trial(index: int, args, env, rng: random.Random, reference: dict) -> dict:
     match = re.search(r"resumed from (\d+)", final.stdout)
     resumed = int(match.group(1)) if match else None
     clean &= final.returncode == 0 and "Traceback" not in final.stderr
-    if kills:
-        clean &= resumed == kills[-1][2]
+    if kills:   # resumed from the last good checkpoint (no "resumed" line: from scratch)
+        clean &= (resumed or 0) == kills[-1][2]
     if final.returncode != 0:
         print(final.stderr[-3000:], file=sys.stderr)
     identical = final.returncode == 0 and same(outcome(model_dir, args.steps), reference)
