@@ -137,6 +137,20 @@ CHECKS: Dict[str, Check] = {
     "optim.adafactor.min_dim_size_to_factor": positive_int,
     "optim.adafactor.multiply_by_parameter_scale": boolean,
 }
+# ``eval`` and ``infer`` bind the same knobs (their enum values are checked by EvalConfig).
+for _command in ("evaluate", "infer"):
+    CHECKS.update({
+        f"{_command}.batch_size": positive_int,
+        f"{_command}.inputs_length": positive_int,
+        f"{_command}.targets_length": positive_int,
+        f"{_command}.max_examples": optional(positive_int),
+        f"{_command}.step": optional(non_negative_int),
+        f"{_command}.beam_size": positive_int,
+        f"{_command}.alpha": non_negative_float,
+        f"{_command}.temperature": non_negative_float,
+        f"{_command}.top_k": non_negative_int,
+        f"{_command}.seed": non_negative_int,
+    })
 
 
 def _macro_name(value: Any) -> Optional[str]:

@@ -230,6 +230,8 @@ def execute(run: RunConfig, *, gin_config: str = "") -> LoopResult:
         raise UsageError(str(e)) from None
     except BaseException as error:
         full = write_errors.as_usage_error(error, run.model_dir)
+        if lock is not None:
+            lock.release()   # first: its heartbeat must not re-create a dir removed below
         ckpt_dir = os.path.join(run.model_dir, "checkpoints")
         if created and distributed.is_primary() and not (os.path.isdir(ckpt_dir) and any(
                 n.isdigit() for n in os.listdir(ckpt_dir))):
