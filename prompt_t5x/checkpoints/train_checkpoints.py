@@ -17,6 +17,7 @@ the newest intact step.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -29,6 +30,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from prompt_t5x.base import storage
+from prompt_t5x.base.errors import keep_first_error
 
 STATE_ITEM = "train_state"
 MANIFEST_ITEM = "manifest"
@@ -37,6 +39,28 @@ PROMPTS_SUBDIR = "prompts"
 MANIFEST_FORMAT = "prompt_t5x training checkpoint"
 
 log = logging.getLogger(__name__)
+
+
+class _WorkerTracebackFilter(logging.Filter):
+    """Drops orbax's "_SignalingThread.run() raised an exception" records (each with a full
+    traceback, one per writer thread) during a save: the same error reaches ``save``'s caller,
+    which reports it once (``write_errors``: one line for a full disk)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "raised an exception" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_worker_tracebacks():
+    quiet = _WorkerTracebackFilter()
+    loggers = [logging.getLogger("absl"), logging.getLogger("orbax")]
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
 
 
 class TrainCheckpointError(RuntimeError):
@@ -120,13 +144,15 @@ class TrainCheckpointer:
     def save(self, state: Any, *, data_state: Optional[Mapping[str, Any]] = None,
              metrics: Optional[Mapping[str, float]] = None, model_config: Any = None,
              frozen_checkpoint: Optional[str] = None, gin_config: str = "",
-             run: Optional[Mapping[str, Any]] = None) -> int:
+             run: Optional[Mapping[str, Any]] = None,
+             best: Optional[Mapping[str, Any]] = None) -> int:
         """Save ``state`` (a ``train.TrainState``) at its own step; returns the step.
 
         ``data_state`` is the data-iterator position (JSON), ``metrics`` drive keep-best (the
         ``best_metric`` must be among them for the step to compete). ``run`` (JSON) records what
         evaluating the run needs besides its weights: the seed of random frozen weights and the
-        method (kind, prompt length, prompt mode).
+        method (kind, prompt length, prompt mode). ``best`` (JSON) is the best-metric and
+        early-stopping state at this step, so a resume decides exactly as an uninterrupted run.
         """
         if self.read_only:
             raise ValueError(f"{self.directory} was opened read-only; it cannot be saved to")
@@ -138,11 +164,14 @@ class TrainCheckpointer:
                     "run": dict(run or {}),
                     "metrics": metrics, "data_state": dict(data_state or {}),
                     "checksum": state_checksum(state), "saved_at": time.time()}
+        if best is not None:
+            manifest["best"] = dict(best)
         ranked = metrics if self.best_metric in metrics else None
-        self._manager.save(step, args=ocp.args.Composite(**{
-            STATE_ITEM: ocp.args.StandardSave(state),
-            MANIFEST_ITEM: ocp.args.JsonSave(manifest)}), metrics=ranked, force=True)
-        self._manager.wait_until_finished()
+        with _quiet_worker_tracebacks():
+            self._manager.save(step, args=ocp.args.Composite(**{
+                STATE_ITEM: ocp.args.StandardSave(state),
+                MANIFEST_ITEM: ocp.args.JsonSave(manifest)}), metrics=ranked, force=True)
+            self._manager.wait_until_finished()
         params = state.params
         if isinstance(params, Mapping) and "prompt" in params:
             write_prompt_npy(self.model_dir, step, params["prompt"])
@@ -263,7 +292,8 @@ class TrainCheckpointer:
         return [s for s in self.all_steps() if s < step]
 
     def close(self) -> None:
-        self._manager.close()
+        # On the way out of a failed save, closing can fail too; the save's error is the one.
+        keep_first_error(self._manager.close, f"the checkpoint manager of {self.directory}")
 
 
 def find_model_dir(path: str) -> Optional[str]:

@@ -6,6 +6,7 @@ The formats live in ``prompt_t5x.checkpoints.prompt_export``; this is only the c
 from __future__ import annotations
 
 import argparse
+import os
 
 from prompt_t5x.base.errors import UsageError
 from prompt_t5x.checkpoints import prompt_export
@@ -26,7 +27,11 @@ def main(argv) -> int:
                         help="training step to export (default: latest)")
     parser.add_argument("--base_model", default=None,
                         help="base_model_name_or_path recorded in the PEFT adapter config")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out (default: refuse, so an earlier export "
+                             "is never lost by a repeated command)")
     args = parser.parse_args(argv)
+    _refuse_existing(args.out, args.overwrite)
     try:
         fmt, prompt = prompt_export.export_prompt(args.source, args.out, fmt=args.format,
                                                   step=args.step,
@@ -35,3 +40,15 @@ def main(argv) -> int:
         raise UsageError(str(e)) from e
     print(f"wrote {fmt} prompt [{prompt.shape[0]}, {prompt.shape[1]}] to {args.out}")
     return 0
+
+
+def _refuse_existing(out: str, overwrite: bool) -> None:
+    """An export names its output explicitly, and a repeated or mistyped command must not replace
+    an earlier export (or any other file) silently: refuse unless --overwrite."""
+    if overwrite or not os.path.exists(out):
+        return
+    if os.path.isdir(out) and not os.listdir(out):
+        return   # an empty directory holds nothing to lose (e.g. made for the adapter)
+    kind = "directory" if os.path.isdir(out) else "file"
+    raise UsageError(f"--out {out} is an existing {kind}: pass --overwrite to replace it, or "
+                     "choose another path.")

@@ -22,16 +22,18 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import io
 import logging
 import os
 import pathlib
 import re
-from typing import Dict, Iterable, List, Sequence, Tuple
+import tokenize
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import gin
 
 from prompt_t5x.base.errors import UsageError
-from prompt_t5x.commands import configurables
+from prompt_t5x.commands import configurables, gin_checks
 
 # This module lives in prompt_t5x/commands/: the repository's gin/ (a checkout or an editable
 # install) is two levels up, the installed copy (setup.py's package_dir) is prompt_t5x/gin.
@@ -82,6 +84,11 @@ def split_argv(argv: Sequence[str]) -> GinArgs:
                 if not sep or not name:
                     raise UsageError(f"bad binding {arg!r}: write --gin.NAME=VALUE, e.g. "
                                      "--gin.TRAIN_STEPS=1000")
+                opened = unclosed_bracket(f"X = {value}")
+                if opened is not None and value.strip().startswith(("(", "[", "{")):
+                    raise UsageError(f"bad binding {arg!r}: the {opened[1]!r} is never closed; "
+                                     f"write a complete value, e.g. --gin.{name}=[1, 2] or "
+                                     f"--gin.{name}=4")
                 args.bindings.append((name, literal_or_string(value)))
             else:
                 args.rest.append(arg)
@@ -98,8 +105,28 @@ def literal_or_string(value: str) -> str:
         gin.config_parser.ConfigParser(f"X = {text}", gin.config.ParserDelegate(
             skip_unknown=True)).parse_statement()
         return text
-    except (SyntaxError, ValueError, TypeError):
+    except (SyntaxError, ValueError, TypeError, tokenize.TokenError):
         return repr(value)
+
+
+def unclosed_bracket(text: str) -> Optional[Tuple[int, str]]:
+    """(line, bracket) of the bracket that ``text`` never closes, else None.
+
+    gin reads values with Python's tokenizer, which reports an unclosed bracket only as
+    ``TokenError: EOF in multi-line statement`` at the end of the text; the user needs the line
+    where the bracket was opened."""
+    stack: List[Tuple[int, str]] = []
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(text).readline):
+            if token.type == tokenize.OP and token.string in "([{":
+                stack.append((token.start[0], token.string))
+            elif token.type == tokenize.OP and token.string in ")]}" and stack:
+                stack.pop()
+    except tokenize.TokenError:
+        return stack[-1] if stack else (text.count("\n") + 1, "string")
+    except (SyntaxError, IndentationError):
+        return None
+    return None
 
 
 def search_paths(extra: Iterable[str] = ()) -> List[str]:
@@ -197,6 +224,7 @@ def translate_gin_error(e: BaseException) -> UsageError:
 
 # ------------------------------------------------------------------------------- parse ----
 # Modules whose import registers gin configurables used by the files in gin/ (TF-free).
+# (``evaluate`` / ``infer`` are registered by their command module, not by inference/.)
 CONFIGURABLE_MODULES = ["prompt_t5x.commands.configurables", "prompt_t5x.commands.run_train",
                         "prompt_t5x.commands.scaling", "prompt_t5x.commands.evaluate_cmd"]
 
@@ -239,12 +267,28 @@ def parse(gin_args: GinArgs, *, required_files: bool = True,
             gin.add_config_file_search_path(os.path.dirname(path))
         gin.parse_config_files_and_bindings(resolved, gin_args.binding_lines(),
                                             finalize_config=False)
+    except tokenize.TokenError:
+        raise _unclosed_error(texts) from None
     except (ValueError, SyntaxError, OSError, TypeError) as e:
         raise translate_gin_error(e) from None
     finally:
         logging.disable(logging.NOTSET)
     check_macros(texts, gin_args)
+    # Types last: a value's check needs every macro it goes through to be set.
+    gin_checks.check_bindings(bindings=[name for name, _ in gin_args.bindings])
     return texts
+
+
+def _unclosed_error(texts: Dict[str, str]) -> UsageError:
+    """The UsageError for gin's TokenError: the file and line whose bracket is never closed
+    (command-line bindings were checked in ``split_argv``)."""
+    for path, text in texts.items():
+        found = unclosed_bracket(text)
+        if found is not None:
+            line, bracket = found
+            return UsageError(f"gin file {path}, line {line}: the {bracket!r} opened there is "
+                              "never closed; finish the value or remove the line.")
+    return UsageError("bad gin configuration: a value ends inside an unclosed bracket.")
 
 
 def defined_macros(texts: Dict[str, str], gin_args: GinArgs) -> List[str]:

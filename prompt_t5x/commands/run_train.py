@@ -39,13 +39,14 @@ import gin
 import jax
 
 from prompt_t5x.base.errors import UsageError
-from prompt_t5x.checkpoints import frozen_sources
+from prompt_t5x.checkpoints import frozen_sources, run_lock, write_errors
 from prompt_t5x.commands import configurables, gin_cli, gin_help
 from prompt_t5x.data import metrics as metrics_lib
 from prompt_t5x.data import run_data, task_registry
 from prompt_t5x.model import t5 as t5_lib
 from prompt_t5x.parallel import distributed
 from prompt_t5x.parallel import sharding as sharding_lib
+from prompt_t5x.training import preemption
 from prompt_t5x.training.training_loop import (
     LoopConfig,
     LoopResult,
@@ -219,16 +220,28 @@ def execute(run: RunConfig, *, gin_config: str = "") -> LoopResult:
                          "file / t5.get_config.vocab_size that matches the task's vocabulary.")
     mesh, rules = build_mesh(run)
     created = not os.path.exists(run.model_dir)
+    # One writer per model dir (run_lock.py): refused here, before anything is loaded.
+    lock = run_lock.RunLock(run.model_dir).acquire() if distributed.is_primary() else None
     try:
+        if lock is not None:
+            write_errors.preflight(run.model_dir)   # killed writers' leftovers; a full disk
         return _train(run, kind, source, gin_config, mesh, rules)
     except ResumeError as e:
         raise UsageError(str(e)) from None
-    except BaseException:
+    except BaseException as error:
+        full = write_errors.as_usage_error(error, run.model_dir)
+        if lock is not None:
+            lock.release()   # first: its heartbeat must not re-create a dir removed below
         ckpt_dir = os.path.join(run.model_dir, "checkpoints")
         if created and distributed.is_primary() and not (os.path.isdir(ckpt_dir) and any(
                 n.isdigit() for n in os.listdir(ckpt_dir))):
             shutil.rmtree(run.model_dir, ignore_errors=True)
+        if full is not None:   # one line with the last good step, not a storage traceback
+            raise full from None
         raise
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _train(run: RunConfig, kind: str, source, gin_config: str, mesh=None,
@@ -301,7 +314,12 @@ def main(argv: List[str]) -> int:
         try:
             result = execute(run, gin_config=gin_text)
         except NonFiniteError as e:
+            # Divergence follows from the configuration (learning rate, data): the user's to
+            # fix, so one line and status 2 like every other such stop.
             print(f"prompt-t5x train: error: {e}", file=sys.stderr)
-            return 1
+            return 2
+        if result.stopped is not None:
+            print(f"prompt-t5x train: {result.stopped.message(run.model_dir)}", file=sys.stderr)
+            return preemption.EXIT_STOPPED
         print(_summary(run, result))
         return 0

@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import gin
 
 from prompt_t5x.base import extras
-from prompt_t5x.base.errors import UsageError
+from prompt_t5x.base.errors import StoppedCleanly, UsageError
 from prompt_t5x.commands import configurables, gin_cli, gin_help
 from prompt_t5x.data import metrics as metrics_lib
 from prompt_t5x.model import t5 as t5_lib
@@ -139,6 +139,9 @@ def run_sweep(cfg: ScalingConfig, gin_text: str = "", log=print) -> List[Dict[st
             log(f"[scaling] pretrain / {model_name(entry)} ({pre.model.num_params:,} "
                 f"parameters) on {pre.task} -> {pre.model_dir}")
             result = run_train.execute(pre, gin_config=gin_text)
+            if result.stopped is not None:
+                raise StoppedCleanly(result.stopped.message(pre.model_dir) + " The sweep "
+                                     "resumes there when run again.")
             log(f"[scaling] pretrained {model_name(entry)}: best "
                 + metrics_lib.format_metrics({pre.loop.metric: result.best_value}))
             checkpoint = pre.model_dir
@@ -156,6 +159,9 @@ def run_sweep(cfg: ScalingConfig, gin_text: str = "", log=print) -> List[Dict[st
             status = "ok"
             try:
                 result = run_train.execute(run, gin_config=gin_text)
+                if result.stopped is not None:   # SIGTERM / Ctrl-C: the sweep stops too
+                    raise StoppedCleanly(result.stopped.message(run.model_dir) + " The sweep "
+                                         "resumes there when run again.")
                 best_value, best_step, last_step = (result.best_value, result.best_step,
                                                     result.last_step)
             except NonFiniteError as e:

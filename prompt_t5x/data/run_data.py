@@ -182,6 +182,8 @@ class SeqioData:
             raise UsageError(str(e)) from None
         self.name, self.seed = name, seed
         self.train_split, self.eval_split = train_split, eval_split
+        for split in dict.fromkeys((train_split, eval_split)):
+            seqio_bridge.check_split_readable(self.provider, self.spec, split)
         self.label_words = seqio_bridge.label_names(name)
         feature = (getattr(self.provider, "output_features", None) or {}).get("targets")
         self.vocabulary = None if feature is None else feature.vocabulary

@@ -40,12 +40,16 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from prompt_t5x.base.errors import InputError
+
 MODEL_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
                   "decoder_loss_weights")
 
 
-class DataError(ValueError):
-    """Bad task/split/configuration; the message says what and how to fix it."""
+class DataError(InputError):
+    """Bad task/split/configuration; the message says what and how to fix it. A UsageError: it
+    may surface only when the training stream first reads a malformed or empty file, long after
+    the command checked its flags, and is still the user's to fix."""
 
 
 def import_tensorflow():
@@ -172,6 +176,15 @@ def _task_dataset(provider, spec: BatchSpec, split: str, *, shuffle: bool, seed:
         raise
     except (ValueError, FileNotFoundError) as e:
         raise DataError(str(e)) from e
+
+
+def check_split_readable(provider, spec: BatchSpec, split: str) -> None:
+    """DataError now if ``split`` cannot be read (vocabulary, a missing, malformed or empty
+    local file: ``tasks.local_files`` checks every record when the dataset is built). Building
+    it unshuffled reads nothing from a TFDS source, so this is cheap; it lets ``train`` refuse
+    bad data before it creates a model directory or starts checkpoint threads."""
+    _task_dataset(provider, spec, split, shuffle=False, seed=None, shard_info=whole_split(),
+                  num_epochs=1)
 
 
 def _model_features(provider, spec: BatchSpec, split: str, *, shuffle: bool, seed: Optional[int],

@@ -98,3 +98,21 @@ def check_vocabulary(path: Optional[str]) -> None:
     if path and "://" not in path and not os.path.isfile(path):
         raise UsageError(f"vocabulary {path!r} not found: set --gin.VOCABULARY to a "
                          "SentencePiece .model file (T5's cc_all.32000.100extra).")
+    if path and "://" not in path:
+        _check_sentencepiece(path)
+
+
+def _check_sentencepiece(path: str) -> None:
+    """UsageError naming ``path`` unless it parses as a SentencePiece model. SeqIO loads the
+    vocabulary lazily, on first use deep inside the task, where a wrong file (a text vocab, a
+    .json) is a protobuf ``DecodeError`` that does not say which file was wrong."""
+    import sentencepiece  # a small C++ library (SeqIO's own dependency); no TensorFlow
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        sentencepiece.SentencePieceProcessor().LoadFromSerializedProto(data)
+    except (RuntimeError, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"vocabulary {path!r} is not a SentencePiece model ({reason[:120]}): "
+                         "set --gin.VOCABULARY to a SentencePiece .model file (T5's "
+                         "cc_all.32000.100extra).") from None

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prompt_t5x.base.errors import InputError
 from prompt_t5x.model.t5 import T5
 
 PyTree = Any
@@ -44,16 +45,16 @@ class LabelBatch:
 def make_label_batch(label_token_ids: Sequence[Sequence[int]], targets_length: int) -> LabelBatch:
     """Label token id lists (without EOS) -> ``LabelBatch`` of length ``targets_length``."""
     if not label_token_ids:
-        raise ValueError("rank classification needs at least one label")
+        raise InputError("rank classification needs at least one label")
     num = len(label_token_ids)
     targets = np.zeros((num, targets_length), np.int32)
     for c, ids in enumerate(label_token_ids):
         ids = list(ids) + [EOS_ID]
         if len(ids) > targets_length:
-            raise ValueError(f"label {c} has {len(ids)} tokens with EOS but targets_length is "
-                             f"{targets_length}; raise targets_length.")
+            raise InputError(f"label {c} has {len(ids)} tokens with EOS but targets_length is "
+                             f"{targets_length}; raise targets_length (--gin.TARGETS_LENGTH) to at least {len(ids)}.")
         if any(i <= 0 for i in ids[:-1]):
-            raise ValueError(f"label {c} token ids {ids[:-1]} contain pad/EOS ids")
+            raise InputError(f"label {c} token ids {ids[:-1]} contain pad/EOS ids")
         targets[c, :len(ids)] = ids
     inputs = np.zeros_like(targets)
     inputs[:, 1:] = targets[:, :-1]

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prompt_t5x.base.errors import InputError
+
 Array = jax.Array
 PyTree = Any
 # (rng, frozen params, prompt length, d_model) -> prompt [P, D]
@@ -66,15 +68,15 @@ def class_labels(rng: Array, embedding: Array, length: int, labels: Sequence[str
     if isinstance(encode, SentencePieceEncoder):
         encode = encode.encode
     if len(labels) > length:
-        raise ValueError(f"{len(labels)} class labels do not fit in a prompt of length {length}")
+        raise InputError(f"{len(labels)} class labels do not fit in a prompt of length {length}")
     embedding = jnp.asarray(embedding)
     rows = []
     for label in labels:
         ids = list(encode(label))
         if not ids:
-            raise ValueError(f"class label {label!r} encodes to no tokens")
+            raise InputError(f"class label {label!r} encodes to no tokens")
         if max(ids) >= embedding.shape[0]:
-            raise ValueError(f"class label {label!r} has token id {max(ids)} outside the "
+            raise InputError(f"class label {label!r} has token id {max(ids)} outside the "
                              f"embedding table of {embedding.shape[0]} rows (wrong vocabulary?)")
         rows.append(jnp.mean(jnp.take(embedding, jnp.asarray(ids), axis=0), axis=0))
     rest = sampled_vocab(rng, embedding, length - len(labels), population)
@@ -90,11 +92,11 @@ def from_npy(path: Union[str, os.PathLike], shape: Optional[Tuple[int, int]] = N
     try:
         prompt = np.load(path, allow_pickle=False)
     except ValueError as e:
-        raise ValueError(f"{path}: not a plain numeric .npy array ({e})") from e
+        raise InputError(f"{path}: not a plain numeric .npy array ({e})") from e
     if prompt.ndim != 2:
-        raise ValueError(f"{path}: a prompt must be 2-D [length, embed], got shape {prompt.shape}")
+        raise InputError(f"{path}: a prompt must be 2-D [length, embed], got shape {prompt.shape}")
     if shape is not None and tuple(prompt.shape) != tuple(shape):
-        raise ValueError(f"{path}: prompt shape {tuple(prompt.shape)} != expected {tuple(shape)} "
+        raise InputError(f"{path}: prompt shape {tuple(prompt.shape)} != expected {tuple(shape)} "
                          "(prompt length and the model's d_model must match)")
     return prompt.astype(np.float32)
 

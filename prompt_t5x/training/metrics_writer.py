@@ -27,6 +27,8 @@ import struct
 import time
 from typing import Mapping, Optional
 
+from prompt_t5x.base.errors import keep_first_error
+
 # --------------------------------------------------------------------------- CRC-32C ----
 _CRC32C_POLY = 0x82F63B78  # Castagnoli, reflected
 
@@ -138,10 +140,11 @@ class MetricsWriter:
             self._events.flush()
 
     def close(self) -> None:
+        # Flushing can fail again on the full disk that is already being reported.
         if self._jsonl is not None:
-            self._jsonl.close()
+            keep_first_error(self._jsonl.close, "metrics.jsonl")
         if self._events is not None:
-            self._events.close()
+            keep_first_error(self._events.close, "the event file")
 
     def __enter__(self):
         return self

@@ -4,7 +4,8 @@ What one call of ``run_loop`` does, step by step:
 
 1. Resume: restore the newest intact training checkpoint under ``model_dir`` (trainable state,
    optimizer state, step, rng) and the data position saved with it; continue from there. The best
-   validation result so far is read back from ``best.json``.
+   validation result so far and the early-stopping count come from that checkpoint's manifest
+   (``best_state``), never from a ``best.json`` written after it.
 2. Train: ``train.train_step_fn`` (gradient accumulation over ``num_microbatches``), jitted
    together with two small on-device accumulators (``guarded_step``), so the host never waits
    for the device between steps: the running sums of the logged metrics, and a *non-finite
@@ -46,8 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import math
 import os
 import time
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
@@ -56,13 +55,12 @@ import jax
 import numpy as np
 import optax
 
-from prompt_t5x.base import storage
 from prompt_t5x.checkpoints import train_checkpoints
 from prompt_t5x.data import metrics as metrics_lib
 from prompt_t5x.methods.interface import Method
 from prompt_t5x.parallel import distributed, partitioning
 from prompt_t5x.parallel import sharding as sharding_lib
-from prompt_t5x.training import sharded_run
+from prompt_t5x.training import best_state, preemption, sharded_run
 from prompt_t5x.training.guarded_step import (
     AVERAGED,
     fresh_accumulators,
@@ -120,12 +118,8 @@ class LoopResult:
     resumed_from: Optional[int]
     # The shardings of the frozen tree the step ran with.
     frozen_shardings: Optional[PyTree] = None
-
-
-def _is_better(value: float, best: Optional[float], mode: str) -> bool:
-    if value is None or not math.isfinite(value):
-        return False
-    return best is None or (value > best if mode == "max" else value < best)
+    # Set when a signal stopped the run after checkpointing ``last_step`` (preemption.py).
+    stopped: Optional[preemption.Stopped] = None
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -136,47 +130,6 @@ def _progress(total: int, initial: int, enabled: bool):
     except ImportError:  # pragma: no cover - tqdm is a core dependency
         return None
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
-
-
-class _Best:
-    """Best validation result, persisted as ``<model_dir>/best.json``."""
-
-    def __init__(self, model_dir: str, metric: str, mode: str):
-        self.path = os.path.join(model_dir, "best.json")
-        self.metric, self.mode = metric, mode
-        self.step: Optional[int] = None
-        self.value: Optional[float] = None
-        self.metrics: Dict[str, float] = {}
-        self.evals_since = 0
-        if os.path.exists(self.path):
-            with open(self.path, encoding="utf-8") as f:
-                saved = json.load(f)
-            if saved.get("metric") == metric:
-                self.step, self.value = saved["step"], saved["value"]
-                self.metrics = saved.get("metrics", {})
-                self.evals_since = saved.get("evaluations_since_best", 0)
-
-    def update(self, step: int, metrics: Mapping[str, float], trainable: PyTree,
-               write: bool = True) -> bool:
-        """Bookkeeping on every process; files only where ``write`` (process 0)."""
-        value = metrics.get(self.metric)
-        improved = _is_better(value, self.value, self.mode)
-        if improved:
-            self.step, self.value, self.metrics = step, float(value), dict(metrics)
-            self.evals_since = 0
-            if write and isinstance(trainable, Mapping) and "prompt" in trainable:
-                storage.write_npy_atomic(
-                    os.path.join(os.path.dirname(self.path), "prompts", "best.npy"),
-                    np.asarray(jax.device_get(trainable["prompt"]), np.float32))
-        else:
-            self.evals_since += 1
-        if not write:
-            return improved
-        storage.write_bytes_atomic(self.path, json.dumps(
-            {"metric": self.metric, "mode": self.mode, "step": self.step, "value": self.value,
-             "metrics": self.metrics, "evaluations_since_best": self.evals_since},
-            indent=1).encode("utf-8"))
-        return improved
 
 
 def _data_state(batches, fallback_position: int,
@@ -273,7 +226,10 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
         restored = jax.device_put(restored, sharding_lib.replicated(mesh))
         state, resumed_from = restored, int(manifest["step"])
         position = int(manifest.get("data_state", {}).get("position", resumed_from))
-    best = _Best(model_dir, config.metric, config.metric_mode)
+    # Best and early-stopping state come from the checkpoint resumed (best_state.py).
+    best = best_state.BestTracker(model_dir, config.metric, config.metric_mode,
+                                  resumed=manifest if restored is not None else None,
+                                  write=distributed.is_primary())
     start = int(jax.device_get(state.step))
     result = LoopResult(start, best.step, best.value, best.metrics, False, [], resumed_from,
                         frozen_shardings)
@@ -288,7 +244,7 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
                                   data_state=_data_state(batches, position, batch_size),
                                   metrics=metrics, model_config=model_config,
                                   frozen_checkpoint=frozen_checkpoint, gin_config=gin_config,
-                                  run=run_info)
+                                  run=run_info, best=best.state())
         distributed.barrier(f"checkpoint_{saved}")
 
     # Committed to the mesh like the step's outputs: the jit cache keys on commitment, and
@@ -319,6 +275,7 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
     acc = new_acc()
     window_start, window_steps = time.perf_counter(), 0
     step = start
+    watch = preemption.StopWatch().install()   # SIGTERM / Ctrl-C: save, then stop
     try:
         while step < config.train_steps:
             batch = next(batches)
@@ -330,7 +287,8 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
             is_last = step == config.train_steps
             do_eval = evaluate is not None and (is_last or (config.eval_every
                                                             and step % config.eval_every == 0))
-            do_ckpt = is_last or do_eval or step % config.checkpoint_every == 0
+            stop_here = not is_last and watch.should_stop(step)
+            do_ckpt = is_last or do_eval or stop_here or step % config.checkpoint_every == 0
             if step % config.log_every == 0 or do_ckpt:
                 # The one host sync of a logging window; also the NaN guard's check, which
                 # must run before any checkpoint of this state is written.
@@ -338,13 +296,16 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
                 last = jax.device_get(last)
                 if guard[0] >= 0:
                     good = checkpointer.latest_step()
-                    where = (f"the last good checkpoint is step {good} in {checkpointer.directory}"
-                             if good is not None else "no checkpoint was written before it")
+                    # Only offer a resume when there is a checkpoint to resume from.
+                    where = (f"the last good checkpoint is step {good} in "
+                             f"{checkpointer.directory}. Lower the learning rate, check the "
+                             "data, or resume from that checkpoint" if good is not None else
+                             "no checkpoint was written before it. Lower the learning rate or "
+                             "check the data, and start the run again")
                     raise NonFiniteError(
                         f"non-finite values at training step {int(guard[0])}: loss={guard[1]:g}, "
                         f"grad_norm={guard[2]:g}, param_norm={guard[3]:g}. Training stopped; "
-                        f"{where}. Lower the learning rate, check the data, or resume from "
-                        "that checkpoint.")
+                        f"{where}.")
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 n = max(float(sums["steps"]), 1.0)
                 scalars = {k: float(sums[k]) / n for k in AVERAGED}
@@ -375,9 +336,12 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
                     result.stopped_early = True
             if do_ckpt or result.stopped_early:
                 save(state, metrics)
-            if result.stopped_early:
+            if stop_here and not result.stopped_early:
+                result.stopped = watch.stopped(step)
+            if result.stopped_early or result.stopped:
                 break
     finally:
+        watch.uninstall()
         if bar is not None:
             bar.close()
         train_writer.close()

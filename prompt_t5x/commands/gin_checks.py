@@ -1,0 +1,219 @@
+"""Type checks of gin values, run once the configuration is parsed and before any work.
+
+Why: gin passes whatever literal it parsed straight into the configurable. A step count of
+``'abc'`` then fails deep inside the loop as a ``TypeError``, a learning rate of ``'fast'`` as a
+JAX traceback in the first compiled step, and ``1.5`` steps even *runs* (the loop counts to 2 and
+never reaches a checkpoint step). Each of those is a user's mistake, so it must end as one
+``UsageError`` naming the value, where it was set and what it must be, before a model directory
+is created or a weight is loaded.
+
+The table :data:`CHECKS` maps a gin binding (``configurable.parameter``) to what its value must
+be. Macros are resolved (``train.train_steps = %TRAIN_STEPS``), and the message names the macro,
+since that is what the user typed (``--gin.TRAIN_STEPS=1.5``). Bindings that are gin references
+(``@optim.some_schedule()``) are left to the configurable they name; bindings that are not set
+keep the configurable's (valid) default and are not checked.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+
+import gin
+
+from prompt_t5x.base.errors import UsageError
+from prompt_t5x.model import prompt_inputs
+from prompt_t5x.model import t5 as t5_lib
+
+# A check returns None when the value is fine, else what the value must be (for the message).
+Check = Callable[[Any], Optional[str]]
+
+
+def _is_int(v: Any) -> bool:
+    # bool is an int subclass, but ``TRAIN_STEPS = True`` is surely not what anyone meant.
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def positive_int(v: Any) -> Optional[str]:
+    return None if _is_int(v) and v > 0 else "a positive integer (e.g. 1000)"
+
+
+def non_negative_int(v: Any) -> Optional[str]:
+    return None if _is_int(v) and v >= 0 else "an integer >= 0"
+
+
+def positive_float(v: Any) -> Optional[str]:
+    return None if _is_real(v) and v > 0 else "a positive finite number (e.g. 0.3)"
+
+
+def non_negative_float(v: Any) -> Optional[str]:
+    return None if _is_real(v) and v >= 0 else "a finite number >= 0"
+
+
+def fraction(v: Any) -> Optional[str]:
+    return None if _is_real(v) and 0 <= v < 1 else "a number in [0, 1)"
+
+
+def boolean(v: Any) -> Optional[str]:
+    return None if isinstance(v, bool) else "True or False"
+
+
+def text(v: Any) -> Optional[str]:
+    return None if isinstance(v, str) and v.strip() else "a non-empty string"
+
+
+def optional(check: Check) -> Check:
+    def optional_check(v: Any) -> Optional[str]:
+        wanted = None if v is None else check(v)
+        return None if wanted is None else f"None or {wanted}"
+    return optional_check
+
+
+def one_of(*choices: Any) -> Check:
+    def choice_check(v: Any) -> Optional[str]:
+        # ``True == 1``: compare types too, so ``metric_mode = 1`` is not taken for a choice.
+        ok = any(v == c and type(v) is type(c) for c in choices)
+        return None if ok else "one of " + ", ".join(repr(c) for c in choices)
+    return choice_check
+
+
+def lengths(v: Any) -> Optional[str]:
+    """``train.feature_lengths``: {'inputs': L, 'targets': T} with positive integer lengths."""
+    wanted = "{'inputs': L, 'targets': T} with positive integer lengths"
+    if not isinstance(v, dict) or set(v) != {"inputs", "targets"}:
+        return wanted
+    return None if all(_is_int(x) and x > 0 for x in v.values()) else wanted
+
+
+CHECKS: Dict[str, Check] = {
+    # the run
+    "train.model_dir": text,
+    "train.task": text,
+    "train.train_steps": positive_int,
+    "train.batch_size": positive_int,
+    "train.feature_lengths": lengths,
+    "train.num_microbatches": positive_int,
+    "train.log_every": positive_int,
+    "train.eval_every": non_negative_int,
+    "train.checkpoint_every": positive_int,
+    "train.keep_checkpoints": positive_int,
+    "train.metric": text,
+    "train.metric_mode": one_of("max", "min"),
+    "train.early_stopping_patience": optional(positive_int),
+    "train.max_eval_examples": optional(positive_int),
+    "train.rank_classification": boolean,
+    "train.z_loss": non_negative_float,
+    "train.tensorboard": boolean,
+    "train.progress_bar": boolean,
+    "train.seed": non_negative_int,
+    "train.parameter_partitioning_dims": one_of(1, 2),
+    "train.activation_partitioning_dims": one_of(1, 2),
+    # the model
+    "t5.get_config.size": one_of(*sorted(t5_lib.SIZES)),
+    "t5.get_config.dropout_rate": fraction,
+    "t5.get_config.vocab_size": positive_int,
+    # the method and its prompt
+    "methods.prompt_tuning.prompt_length": positive_int,
+    "methods.prompt_tuning.prompt_mode": one_of(*prompt_inputs.COMBINE_MODES),
+    "prompts.class_labels.population": positive_int,
+    "prompts.sampled_vocab.population": positive_int,
+    "prompts.random_uniform.scale": positive_float,
+    "prompts.random_uniform.symmetric": boolean,
+    "prompts.from_file.path": text,
+    # the optimizer (a learning-rate schedule given as a reference is the schedule's business)
+    "optim.adafactor.learning_rate": positive_float,
+    "optim.adafactor.decay_rate": positive_float,
+    "optim.adafactor.initial_step": non_negative_int,
+    "optim.adafactor.step_offset": non_negative_int,
+    "optim.adafactor.clipping_threshold": optional(positive_float),
+    "optim.adafactor.weight_decay_rate": optional(non_negative_float),
+    "optim.adafactor.epsilon1": positive_float,
+    "optim.adafactor.epsilon2": positive_float,
+    "optim.adafactor.factored": boolean,
+    "optim.adafactor.min_dim_size_to_factor": positive_int,
+    "optim.adafactor.multiply_by_parameter_scale": boolean,
+}
+# ``eval`` and ``infer`` bind the same knobs (their enum values are checked by EvalConfig).
+for _command in ("evaluate", "infer"):
+    CHECKS.update({
+        f"{_command}.batch_size": positive_int,
+        f"{_command}.inputs_length": positive_int,
+        f"{_command}.targets_length": positive_int,
+        f"{_command}.max_examples": optional(positive_int),
+        f"{_command}.step": optional(non_negative_int),
+        f"{_command}.beam_size": positive_int,
+        f"{_command}.alpha": non_negative_float,
+        f"{_command}.temperature": non_negative_float,
+        f"{_command}.top_k": non_negative_int,
+        f"{_command}.seed": non_negative_int,
+    })
+
+
+def _macro_name(value: Any) -> Optional[str]:
+    if isinstance(value, gin.config.ConfigurableReference) and repr(value).startswith("%"):
+        return repr(value)[1:]
+    return None
+
+
+def _resolve(value: Any, macros: Tuple[str, ...] = ()) -> Tuple[Any, Tuple[str, ...]]:
+    """(value with macros replaced by their values, the macros met on the way). A reference
+    to a configurable (``@x()``) stays a reference."""
+    name = _macro_name(value)
+    if name is not None:
+        if name in macros:   # gin itself refuses cycles; never loop here either
+            return value, macros
+        return _resolve(gin.query_parameter(f"%{name}"), macros + (name,))
+    if isinstance(value, dict):
+        out, seen = {}, macros
+        for k, v in value.items():
+            out[k], seen = _resolve(v, seen)
+        return out, seen
+    if isinstance(value, (list, tuple)):
+        items, seen = [], macros
+        for v in value:
+            item, seen = _resolve(v, seen)
+            items.append(item)
+        return type(value)(items), seen
+    return value, macros
+
+
+def _contains_reference(value: Any) -> bool:
+    if isinstance(value, gin.config.ConfigurableReference):
+        return True
+    if isinstance(value, dict):
+        return any(_contains_reference(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_contains_reference(v) for v in value)
+    return False
+
+
+def check_bindings(checks: Optional[Dict[str, Check]] = None,
+                   bindings: Iterable[str] = ()) -> None:
+    """UsageError for the first bound value (in :data:`CHECKS` order) that is not what its
+    binding needs. ``bindings`` lists the command-line ``--gin.NAME`` names, so the message
+    can say where a value was set."""
+    given = set(bindings)
+    for binding, check in (checks or CHECKS).items():
+        try:
+            raw = gin.query_parameter(binding)
+        except ValueError:   # not bound (or its configurable not used): the default stands
+            continue
+        value, macros = _resolve(raw)
+        if value is gin.REQUIRED or _contains_reference(value):
+            continue
+        wanted = check(value)
+        if wanted is None:
+            continue
+        macro = macros[-1] if macros else None
+        if macro is not None:
+            source = f"--gin.{macro}" if macro in given else f"macro {macro}"
+            what = f"{source}={value!r} (used by {binding})"
+        else:
+            source = f"--gin.{binding}" if binding in given else binding
+            what = f"{source}={value!r}"
+        raise UsageError(f"{what} must be {wanted}; got {type(value).__name__} {value!r}.")
