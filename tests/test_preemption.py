@@ -12,6 +12,7 @@ import signal
 import jax
 import numpy as np
 import pytest
+from test_training_loop import _batches  # the same deterministic in-memory stream
 
 from prompt_t5x.base.errors import run_command
 from prompt_t5x.checkpoints import train_checkpoints
@@ -27,31 +28,18 @@ STEPS = 7
 
 
 def _stream(signals_at=None):
-    """make_batches: deterministic batch per position; sends ``signals`` to this process
-    while producing the batch at ``position`` (so they land during that step)."""
+    """make_batches: test_training_loop's deterministic batches (same 'test' vocabulary), and
+    ``signals`` sent to this process while the batch at ``position`` is produced (so they land
+    during that step)."""
     at, signals = signals_at or (None, ())
 
-    class Stream:
-        def __init__(self, position):
-            self.position = position
-
-        def __iter__(self):
-            return self
-
+    class Signalling(_batches(seed=7, batch_size=4, inputs=6, targets=3)):
         def __next__(self):
             if self.position == at:
                 for signum in signals:
                     os.kill(os.getpid(), signum)
-            rng = np.random.default_rng([7, self.position])
-            self.position += 1
-            enc = rng.integers(2, CONFIG.vocab_size, (4, 6)).astype(np.int32)
-            tgt = rng.integers(2, CONFIG.vocab_size, (4, 3)).astype(np.int32)
-            tgt[:, -1] = 1
-            dec = np.concatenate([np.zeros((4, 1), np.int32), tgt[:, :-1]], 1)
-            return {"encoder_input_tokens": enc, "decoder_input_tokens": dec,
-                    "decoder_target_tokens": tgt,
-                    "decoder_loss_weights": np.ones((4, 3), np.float32)}
-    return Stream
+            return super().__next__()
+    return Signalling
 
 
 @pytest.fixture(scope="module")
