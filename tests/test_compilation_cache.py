@@ -41,9 +41,12 @@ def test_flags_are_taken_off_the_command_line(tmp_path, monkeypatch):
     ("bench", [], None),   # bench reports compile time: never cached
 ])
 def test_cli_enables_the_cache_by_default(tmp_path, command, flags, expected):
-    code = ("import jax, sys; from prompt_t5x.commands import compilation_cache; "
+    # Configured before JAX is imported (as the CLI does: a command may still set XLA_FLAGS),
+    # then read back from JAX itself.
+    code = ("import sys; from prompt_t5x.commands import compilation_cache; "
             f"rest = compilation_cache.configure({command!r}, {flags + ['--keep']!r}); "
-            "assert rest == ['--keep'], rest; print(jax.config.jax_compilation_cache_dir)")
+            "assert rest == ['--keep'], rest; assert 'jax' not in sys.modules; import jax; "
+            "print(jax.config.jax_compilation_cache_dir)")
     out = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path), check=True,
                          capture_output=True, text=True).stdout.strip().splitlines()[-1]
     if expected == "default":
@@ -55,7 +58,9 @@ def test_second_run_loads_every_program_from_the_cache(tmp_path):
     """Two quickstart runs of the same shapes: the first writes entries to the default cache
     directory, the second compiles nothing (every program is a cache hit, no new entry)."""
     cache = tmp_path / "xdg" / "prompt_t5x" / "jax_compilation_cache"
-    cmd = [sys.executable, "-m", "prompt_t5x", "quickstart", "--steps", "2", "--batch_size", "4"]
+    # --verbose: JAX's compile log lines are library logging, which the CLI hides by default.
+    cmd = [sys.executable, "-m", "prompt_t5x", "quickstart", "--steps", "2", "--batch_size", "4",
+           "--verbose"]
     env = _env(tmp_path, JAX_LOG_COMPILES="1")
     runs = []
     for _ in range(2):

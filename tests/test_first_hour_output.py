@@ -115,7 +115,7 @@ def test_scaling_runs_every_seed_and_plots_mean_spread_and_chance(monkeypatch, t
         # The training itself is tested elsewhere; here: which runs the sweep asks for.
         calls.append((run.model_dir, run.seed, run.method.kind))
         value = 60.0 + 10 * run.seed + (5 if run.method.kind == "model_tuning" else 0)
-        return types.SimpleNamespace(best_value=value, best_step=2, last_step=2)
+        return types.SimpleNamespace(best_value=value, best_step=2, last_step=2, stopped=None)
 
     monkeypatch.setattr(run_train, "execute", fake_execute)
     models = ("[{'name': 'd16', 'size': 'tiny', 'vocab_size': 32, 'emb_dim': 16, "

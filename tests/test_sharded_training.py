@@ -1,11 +1,11 @@
 """``prompt-t5x train`` on a device mesh (conftest's 8 fake CPU devices).
 
-The same quickstart prompt-tuning run on meshes 1x1, 2x4 and 4x2 must produce the same prompt:
-the only permitted difference is float32 reduction order (the batch and the 'model'-split
+The same quickstart prompt-tuning run on one device (a 1x1 mesh), 2x4 and 4x2 must produce the same
+prompt: the only permitted difference is float32 reduction order (the batch and the 'model'-split
 contractions are summed across devices in another order), which after three Adafactor steps at
-learning rate 0.3 moves prompt entries of magnitude ~3.5 by ~1e-5 (measured); the tolerance is
-atol 5e-5 / rtol 1e-5. The default run (one device = a 1x1 mesh) and the plain jitted train step
-on the same batches must agree bit for bit.
+learning rate 0.3 moves prompt entries of magnitude ~3.5 by ~1e-5 (measured); the tolerance is atol
+5e-5 / rtol 1e-5. The default run (one device = a 1x1 mesh) and the plain jitted train step on the
+same batches must agree bit for bit.
 """
 
 import jax
@@ -34,7 +34,7 @@ def _argv(model_dir, mesh=None, *extra):
 def runs(tmp_path_factory):
     """mesh -> (final prompt, LoopResult) for the same run on each mesh."""
     out = {}
-    for mesh in (None, "1x1", "2x4", "4x2"):
+    for mesh in (None, "2x4", "4x2"):   # None: the default, one device as a 1x1 mesh
         model_dir = tmp_path_factory.mktemp(f"mesh_{mesh}")
         run, gin_text = run_train.parse_run(_argv(model_dir, mesh)[1:])
         result = run_train.execute(run, gin_config=gin_text)
@@ -49,8 +49,6 @@ def test_default_run_is_the_one_by_one_mesh_and_equals_a_plain_jitted_step(runs)
     from prompt_t5x.checkpoints import frozen_sources
     from prompt_t5x.data import run_data
     from prompt_t5x.training import train
-    np.testing.assert_array_equal(runs["1x1"][0], runs[None][0])
-    assert runs["1x1"][1].evaluations == runs[None][1].evaluations
     used = runs[None][1].frozen_shardings["token_embedder"]["embedding"]
     assert dict(used.mesh.shape) == {"data": 1, "model": 1}
 
@@ -68,7 +66,7 @@ def test_default_run_is_the_one_by_one_mesh_and_equals_a_plain_jitted_step(runs)
 
 @pytest.mark.parametrize("mesh", ["2x4", "4x2"])
 def test_mesh_gives_the_single_device_prompt(runs, mesh):
-    reference, ref_result, _ = runs["1x1"]
+    reference, ref_result, _ = runs[None]
     prompt, result, _ = runs[mesh]
     assert prompt.shape == (8, 64)
     assert result.last_step == 3

@@ -17,6 +17,7 @@ executable. Only process 0 of a multi-process run writes entries (JAX's rule).
 from __future__ import annotations
 
 import os
+import sys
 from typing import List, Optional, Sequence, Tuple
 
 OFF_FLAG = "--no_compilation_cache"
@@ -53,16 +54,28 @@ def take_flags(argv: Sequence[str]) -> Tuple[List[str], Optional[str]]:
 
 def enable(path: str) -> str:
     """Point JAX's persistent cache at ``path`` (unless JAX already has a directory); the
-    directory in use."""
-    import jax
-    path = jax.config.jax_compilation_cache_dir or path
-    jax.config.update("jax_compilation_cache_dir", path)
+    directory in use.
+
+    Before JAX is imported this only sets JAX's own environment variables: importing JAX here
+    would fix its backends before a command sets what they read at start-up (``plan`` asks for N
+    fake CPU devices through ``XLA_FLAGS``). Once JAX is imported, its config is updated.
+    """
     # JAX by default skips programs that compiled in under a second; on a CPU most of a
     # command's programs do (the quickstart's 22 take 0.01 to 2.4 s), and together they are a
     # third of its run time. Reading an entry back costs milliseconds.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return path
+    settings = {"jax_compilation_cache_dir": path,
+                "jax_persistent_cache_min_compile_time_secs": 0.0,
+                "jax_persistent_cache_min_entry_size_bytes": 0}
+    if "jax" not in sys.modules:
+        path = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", path)
+        for name, value in list(settings.items())[1:]:
+            os.environ.setdefault(name.upper(), str(value))
+        return path
+    import jax
+    settings["jax_compilation_cache_dir"] = jax.config.jax_compilation_cache_dir or path
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    return settings["jax_compilation_cache_dir"]
 
 
 def configure(command: str, argv: Sequence[str]) -> List[str]:
