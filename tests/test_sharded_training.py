@@ -113,7 +113,7 @@ def _flatten(tree, prefix="", leaf=None):
     (("--gin.MESH='3x1'",), "needs 3 devices"),
     (("--gin.MESH='8x1'", "--gin.BATCH_SIZE=4"), "not divisible by the mesh's 'data' size 8"),
     (("--gin.MESH='1x8'",), "does not fit the model"),
-    (("--gin.train.parameter_partitioning_dims=3",), "must be 1 or 2"),
+    (("--gin.train.parameter_partitioning_dims=3",), "must be one of 1, 2"),
 ])
 def test_bad_mesh_is_one_clear_usage_error(tmp_path, capsys, extra, phrase):
     model_dir = tmp_path / "run"
