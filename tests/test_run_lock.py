@@ -51,6 +51,7 @@ def test_lock_refuses_a_live_holder_and_releases(tmp_path):
     (dict(host="elsewhere", heartbeat=time.time() - 3600), "no heartbeat for"),
 ])
 def test_stale_lock_is_taken_over_with_one_notice(tmp_path, stale, reason):
+    stale = dict(stale)   # the parametrized dict is shared; fill in a fresh dead PID per run
     if stale.get("pid", 0) is None:
         stale["pid"] = _dead_pid()
     _holder(tmp_path, **stale)
@@ -63,6 +64,23 @@ def test_stale_lock_is_taken_over_with_one_notice(tmp_path, stale, reason):
         assert [n for n in os.listdir(tmp_path)] == [run_lock.LOCK_NAME]   # nothing aside left
     finally:
         lock.release()
+
+
+def test_a_racer_that_took_the_stale_lock_first_keeps_it(tmp_path):
+    """Two processes judge the same lock stale; the faster one replaces it by its own before
+    the slower one renames: the slower one must give that fresh lock back, not remove it."""
+    _holder(tmp_path, host="elsewhere", pid=1, since=1.0, heartbeat=time.time() - 3600)
+    stale = json.loads((tmp_path / run_lock.LOCK_NAME).read_text())
+    _holder(tmp_path, host="racer", pid=2, since=time.time())   # the racer's fresh lock
+    slow = run_lock.RunLock(str(tmp_path))
+    slow._record = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+    assert not slow._take_over(stale)
+    assert json.loads((tmp_path / run_lock.LOCK_NAME).read_text())["host"] == "racer"
+    assert os.listdir(tmp_path) == [run_lock.LOCK_NAME]   # nothing left aside
+    assert slow._take_over({**stale, "host": "racer", "pid": 2,
+                            "since": json.loads((tmp_path / run_lock.LOCK_NAME).read_text())[
+                                "since"]})   # the judged lock itself is taken over
+    assert json.loads((tmp_path / run_lock.LOCK_NAME).read_text())["pid"] == os.getpid()
 
 
 def test_remote_holder_with_a_fresh_heartbeat_is_live(tmp_path):

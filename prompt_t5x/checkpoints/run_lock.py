@@ -16,10 +16,10 @@ heartbeat that a daemon thread rewrites every ``HEARTBEAT_SECONDS``. Another pro
 * held from another host (a shared filesystem) -> live while its heartbeat is younger than
   ``STALE_AFTER_SECONDS``; an older heartbeat (the holder was killed, its machine lost) is stale.
 
-A takeover first renames the stale file to a name unique to the taker; only one of several
-processes racing for the same stale lock can win that rename, the others then see the winner's
-fresh lock. In a multi-host run only process 0 takes the lock: the hosts of one job are one
-writer. URLs (``gs://``...) have no exclusive create, so they are not locked.
+A takeover first renames the lock file to a name unique to the taker and checks that what it
+moved is the stale lock it judged: a racer that was faster has already put its own fresh lock
+there, which is then put back and the takeover abandoned. In a multi-host run only process 0
+takes the lock: the hosts of one job are one writer. URLs (``gs://``...) have no exclusive create, so they are not locked.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class RunLock:
             reason = self._stale_reason(holder)
             if reason is None:
                 raise UsageError(self._refusal(holder))
-            if self._take_over():
+            if self._take_over(holder):
                 self._notice(f"took over the stale lock of {self._who(holder)} on "
                              f"{self.model_dir} ({reason}).")
                 break
@@ -118,11 +118,7 @@ class RunLock:
         return True
 
     def _read(self) -> Optional[Dict[str, Any]]:
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
+        return storage.read_json(self.path)
 
     def _stale_reason(self, holder: Dict[str, Any]) -> Optional[str]:
         """Why ``holder``'s lock no longer counts, or None while it does."""
@@ -136,14 +132,22 @@ class RunLock:
             return None
         return f"no heartbeat for {age:.0f} s"
 
-    def _take_over(self) -> bool:
+    def _take_over(self, stale: Dict[str, Any]) -> bool:
+        """Replace the lock judged stale (``stale``) by ours; False if another process got there
+        first. The rename moves whatever lock is there *now*: a racer may already have replaced
+        the stale one by its own fresh lock, so the moved file is checked to be the one judged,
+        and put back untouched when it is not."""
         aside = f"{self.path}.stale-{socket.gethostname()}-{os.getpid()}"
         try:
-            os.rename(self.path, aside)   # only one racer can move this file
+            os.rename(self.path, aside)
         except FileNotFoundError:
             return False
+        moved = storage.read_json(aside) or {}
+        if any(moved.get(k) != stale.get(k) for k in ("host", "pid", "since")):
+            os.rename(aside, self.path)   # a live racer's lock: give it back
+            return False
         os.remove(aside)
-        return False if not self._create() else True
+        return self._create()
 
     def _who(self, holder: Dict[str, Any]) -> str:
         return (f"'{holder.get('command', '?')}' (PID {holder.get('pid', '?')} on "
