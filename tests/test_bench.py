@@ -201,24 +201,23 @@ def test_peer_failure_keeps_ours(tmp_path, monkeypatch, capsys):
             raise RuntimeError("peer exited with status 1")
         return {"impl": "prompt_t5x", "config": {"size": "test", "batch": 2, "encoder_len": 8,
                                                  "prompt_len": 2, "decoder_len": 2,
-                                                 "dtype": "float32", "param_dtype": "float32"},
-                "device": "cpu:cpu"}
+                                                 "dtype": "float32", "param_dtype": "float32",
+                                                 "peak_flops": 5e10},
+                "peak_flops_source": "measured", "device": "cpu:cpu"}
 
     monkeypatch.setattr(peft_peer, "check_available", lambda: None)
     monkeypatch.setattr(bench.side_by_side, "_child", child)
-    # On a CPU the MFU peak is measured once, here, and handed to both sides.
-    monkeypatch.setattr(bench.protocol, "measure_matmul_peak", lambda dtype: 5e10)
     out = tmp_path / "r.json"
     assert bench.main(["--size", "test", "--peer", "peft", "--profile", str(tmp_path / "p"),
                        "--json", str(out)]) == 1
     assert saved[0]["ours"]["impl"] == "prompt_t5x"
     # Ours keeps --profile; the peer gets neither it nor the --peer flags.
-    # Both get the same explicit core count and the same MFU peak.
+    # Both get the same explicit core count; the peer gets the MFU peak ours resolved.
     threads = ["--cpu_threads", str(len(bench_protocol.cpu_cores(None)))]
-    peak = ["--peak_flops", "50000000000.0"]
     assert argvs["prompt_t5x.bench.bench"] == ["--size", "test", "--profile",
-                                               str(tmp_path / "p"), *threads] + peak
-    assert argvs["prompt_t5x.bench.peft_peer"] == ["--size", "test", *threads] + peak
+                                               str(tmp_path / "p"), *threads]
+    assert argvs["prompt_t5x.bench.peft_peer"] == ["--size", "test", *threads,
+                                                   "--peak_flops", "50000000000.0"]
     result = json.loads(out.read_text())
     assert result["ours"]["impl"] == "prompt_t5x"
     assert result["peer"] == {"error": "peer exited with status 1"}

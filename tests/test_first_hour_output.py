@@ -24,7 +24,8 @@ def test_quickstart_ends_with_a_plot_or_a_sparkline(hide_modules, tmp_path, caps
     if not with_matplotlib:
         hide_modules("matplotlib")
     png = tmp_path / "curve.png"
-    assert quickstart.main(["--steps", "12", "--plot", str(png)]) in (0, 1)
+    # 12 steps reach 100% from ~44% (the rise is at steps 8-10): 0 means it learned.
+    assert quickstart.main(["--steps", "12", "--plot", str(png)]) == 0
     out = capsys.readouterr().out
     assert "compiled and ran the first training step in" in out
     assert "examples/s after compilation" in out

@@ -7,8 +7,9 @@ kvstore, so a T5X checkpoint on GCS is read with the same code as one on disk.
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import tensorstore as ts
 
@@ -76,6 +77,16 @@ def listdir(path: str) -> list:
 
 def is_dir(path: str) -> bool:
     return os.path.isdir(path) if not is_remote(path) else bool(listdir(path))
+
+
+def read_json(path: str) -> Optional[Any]:
+    """A local JSON file's value, or None when it is missing or unreadable (a file another
+    process is rewriting, or one cut off by a kill): callers treat that as "no record"."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def write_bytes_atomic(path: str, data: bytes) -> None:

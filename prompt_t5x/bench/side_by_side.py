@@ -56,22 +56,21 @@ def run(args, argv: Sequence[str]) -> Dict[str, Any]:
     from prompt_t5x.bench import peft_peer
     peft_peer.check_available()
     # Both sides get the same explicit core count (default: every core this command may use)
-    # and one MFU peak, resolved here (the peer cannot measure a JAX matmul) on those cores in
-    # the dtype the children resolve to.
+    # and one MFU peak. Ours resolves the peak in its pinned child, in its resolved dtype (on a
+    # CPU it measures a matmul on exactly the cores both sides use); the peer, which cannot
+    # measure a JAX matmul, is handed that value. This process never starts JAX.
     threads = len(protocol.cpu_cores(args.cpu_threads))
-    import jax
-    protocol.resolve_dtypes(args, jax.default_backend() == "cpu")
-    source = protocol.resolve_peak_flops(args)
-    ours_argv = _strip_flags(argv, ("--peer", "--json", "--cpu_threads", "--peak_flops")) + [
+    ours_argv = _strip_flags(argv, ("--peer", "--json", "--cpu_threads")) + [
         "--cpu_threads", str(threads)]
-    if args.peak_flops is not None:
-        ours_argv += ["--peak_flops", repr(args.peak_flops)]
-    print(f"MFU peak: {source}", file=sys.stderr)
-    peer_argv = _strip_flags(ours_argv, ("--profile",)) + (
-        ["--compile"] if args.peer_compile else []) + (
-        ["--grad_ckpt"] if args.peer_grad_ckpt else [])
     with tempfile.TemporaryDirectory() as tmp:
         ours = _child("prompt_t5x.bench.bench", ours_argv, os.path.join(tmp, "ours.json"))
+        peer_argv = _strip_flags(ours_argv, ("--profile", "--peak_flops")) + (
+            ["--compile"] if args.peer_compile else []) + (
+            ["--grad_ckpt"] if args.peer_grad_ckpt else [])
+        peak = ours.get("config", {}).get("peak_flops")
+        if peak is not None:
+            peer_argv += ["--peak_flops", repr(peak)]
+        print(f"MFU peak: {ours.get('peak_flops_source')} ({peak})", file=sys.stderr)
         if args.json:   # ours is kept even if the peer then fails or the run is killed
             bench_report.publish({"ours": ours, "peer": {"error": "not run yet"}}, args.json,
                                  quiet=True)

@@ -21,15 +21,23 @@ ASSET_PARAMS = os.path.join(ASSET_DIR, "quickstart_t5.msgpack")
 ASSET_INFO = os.path.join(ASSET_DIR, "quickstart_t5.json")
 
 
+def _require(path: str) -> None:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"quickstart model file missing: {path} (re-make it with "
+                                "'prompt-t5x quickstart --pretrain')")
+
+
+def load_config(info_path: str = ASSET_INFO) -> t5.T5Config:
+    """The committed quickstart model's ``T5Config`` alone (its small JSON file)."""
+    _require(info_path)
+    with open(info_path) as f:
+        return t5.T5Config.from_dict(json.load(f)["config"])
+
+
 def load_asset(params_path: str = ASSET_PARAMS, info_path: str = ASSET_INFO):
     """(config, params) of the committed quickstart model."""
-    for path in (params_path, info_path):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"quickstart model file missing: {path} (re-make it with "
-                                    "'prompt-t5x quickstart --pretrain')")
-    with open(info_path) as f:
-        info = json.load(f)
-    config = t5.T5Config.from_dict(info["config"])
+    _require(params_path)
+    config = load_config(info_path)
     with open(params_path, "rb") as f:
         params = serialization.msgpack_restore(f.read())
     # One transfer of the whole tree: jnp.asarray leaf by leaf compiled a program per shape.

@@ -50,7 +50,7 @@ def checkpoint_kind(path: Optional[str]) -> str:
                      "(config.json + model.safetensors).")
 
 
-FROM_CHECKPOINT = "from_checkpoint"   # t5.get_config.size of models/from_checkpoint.gin
+FROM_CHECKPOINT = t5_lib.FROM_CHECKPOINT   # t5.get_config.size of models/from_checkpoint.gin
 
 
 def checkpoint_config(checkpoint: Optional[str], **overrides) -> t5_lib.T5Config:
@@ -71,7 +71,7 @@ def checkpoint_config(checkpoint: Optional[str], **overrides) -> t5_lib.T5Config
                              "HF T5 dir, a model-tuning run or 'quickstart'.")
         if kind == "quickstart":
             from prompt_t5x.checkpoints import bundled
-            return bundled.load_asset()[0].replace(**overrides)
+            return bundled.load_config().replace(**overrides)
         if kind == "hf":
             from prompt_t5x.checkpoints import hf_checkpoint, hf_interop
             return hf_interop.config_from_hf(hf_checkpoint.read_hf_config(checkpoint),

@@ -23,7 +23,6 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 import gin
 
 from prompt_t5x.base.errors import UsageError
-from prompt_t5x.checkpoints import frozen_sources
 from prompt_t5x.model import prompt_inputs
 from prompt_t5x.model import t5 as t5_lib
 
@@ -115,7 +114,7 @@ CHECKS: Dict[str, Check] = {
     "train.parameter_partitioning_dims": one_of(1, 2),
     "train.activation_partitioning_dims": one_of(1, 2),
     # the model
-    "t5.get_config.size": one_of(*sorted(t5_lib.SIZES), frozen_sources.FROM_CHECKPOINT),
+    "t5.get_config.size": one_of(*sorted(t5_lib.SIZES), t5_lib.FROM_CHECKPOINT),
     "t5.get_config.dropout_rate": fraction,
     "t5.get_config.vocab_size": positive_int,
     # the method and its prompt

@@ -84,7 +84,7 @@ def open_task(name: str, splits: Sequence[str] = (), *, vocabulary: Optional[str
     try:
         provider = seqio_bridge.get_task_or_mixture(name)
     except (ValueError, FileNotFoundError) as e:
-        raise UsageError(generated_task_hint(name) or str(e)) from None
+        raise UsageError(hint or str(e)) from None
     try:
         for split in splits:
             seqio_bridge.check_split(provider, split)

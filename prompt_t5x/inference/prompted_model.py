@@ -97,7 +97,7 @@ def load_frozen(checkpoint: Optional[str], manifest: Optional[Dict[str, Any]] = 
                     raise UsageError(f"checkpoint {checkpoint!r} is a training run: pass its "
                                      "model size with --gin_file=models/<size>.gin")
                 from prompt_t5x.checkpoints import bundled
-                config = bundled.load_asset()[0]
+                config = bundled.load_config()
             params = frozen_sources.load_frozen_params(checkpoint, config, seed, kind=kind)
         elif kind == "hf":
             params, config = hf_checkpoint.load_hf_t5(checkpoint, config)

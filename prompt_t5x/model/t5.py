@@ -132,6 +132,9 @@ SIZES["tiny"] = T5Config(vocab_size=32128, emb_dim=64, num_heads=4, head_dim=24,
 SIZES["test"] = T5Config(vocab_size=101, emb_dim=32, num_heads=4, head_dim=10, mlp_dim=48,
                          num_encoder_layers=2, num_decoder_layers=3, dropout_rate=0.0,
                          dtype="float32")
+# Not a row of SIZES: the size that means "the config of the checkpoint's own weights"
+# (models/from_checkpoint.gin; resolved by checkpoints.frozen_sources.checkpoint_config).
+FROM_CHECKPOINT = "from_checkpoint"
 
 
 def get_config(size: str, **overrides) -> T5Config:

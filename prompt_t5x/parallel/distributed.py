@@ -271,9 +271,11 @@ def broadcast_from_primary(value: int) -> int:
 
 
 def _exit_code(error: BaseException) -> int:
-    from prompt_t5x.base.errors import UsageError
+    from prompt_t5x.base.errors import EXIT_STOPPED, StoppedCleanly, UsageError
     if isinstance(error, UsageError):
         return 2
+    if isinstance(error, StoppedCleanly):
+        return EXIT_STOPPED
     if isinstance(error, SystemExit):
         return error.code if isinstance(error.code, int) and error.code else 1
     return 130 if isinstance(error, KeyboardInterrupt) else 1

@@ -89,11 +89,7 @@ class BestTracker:
 
     # -- files ---------------------------------------------------------------------------------
     def _read_file(self) -> Optional[Dict[str, Any]]:
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
+        return storage.read_json(self.path)
 
     def _write_file(self) -> None:
         storage.write_bytes_atomic(self.path, json.dumps(self.state(), indent=1).encode("utf-8"))

@@ -7,7 +7,8 @@ buffers. Scalars need only a handful of proto fields, so this module encodes the
 PyTorch whenever it is installed (its writer module tries ``import torch`` at import time), which
 took 3.9 s on the 2-core CPU machine (6-7 s under load) against 0.05 s for this module; the test
 environment and the GPU image both have PyTorch, and start-up time is a feature here. The event
-file is checked against TensorFlow's own reader in tests/test_training_loop.py. Fields used (tensorflow/core/util/event.proto, summary.proto):
+file is checked against TensorFlow's own reader in tests/test_training_loop.py. Fields used
+(tensorflow/core/util/event.proto, summary.proto):
 
   Event   { double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5; }
   Summary { repeated Value value = 1; }

@@ -109,8 +109,9 @@ class StopWatch:
         return self.requested is not None and not self._multi_process
 
     def _sync_point(self, step: int) -> bool:
-        # One process: JAX has no distributed client and answers False (the no-op path).
-        if not self._sync_available:
+        # One process: there is no preemption service to ask (JAX would answer False), so the
+        # per-step question costs nothing there.
+        if not self._multi_process or not self._sync_available:
             return False
         from jax.experimental import multihost_utils
         try:

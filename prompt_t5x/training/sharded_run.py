@@ -47,14 +47,11 @@ def create_train_state(method, optimizer, frozen: PyTree, rng: jax.Array, mesh: 
 
     ``frozen`` may be sharded (an initializer such as 'sampled_vocab' reads the embedding).
     """
-    state_shardings = jax.tree_util.tree_map(
-        lambda _: sharding_lib.replicated(mesh),
-        jax.eval_shape(lambda f, r: train.create_train_state(method, optimizer, f, r, trainable),
-                       frozen, rng))
+    # One sharding is a prefix of the whole output tree: no shape pass needed to spell it out.
     with partitioning_context(mesh, rules):
         return jax.jit(
             lambda f, r: train.create_train_state(method, optimizer, f, r, trainable),
-            out_shardings=state_shardings)(frozen, rng)
+            out_shardings=sharding_lib.replicated(mesh))(frozen, rng)
 
 
 def sharded_train_step(method, optimizer, mesh: Mesh, rules: sharding_lib.Rules,

@@ -292,8 +292,7 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
             if step % config.log_every == 0 or do_ckpt:
                 # The one host sync of a logging window; also the NaN guard's check, which
                 # must run before any checkpoint of this state is written.
-                sums, guard = jax.device_get(acc)
-                last = jax.device_get(last)
+                (sums, guard), last = jax.device_get((acc, last))
                 if guard[0] >= 0:
                     good = checkpointer.latest_step()
                     # Only offer a resume when there is a checkpoint to resume from.
