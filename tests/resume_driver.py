@@ -4,12 +4,14 @@ Prompt-tunes the 'test' T5 (with dropout, so the saved rng matters) for ``--step
 training checkpoint every ``--save_every`` steps. The batch of step ``i`` depends only on ``i`` and
 the data position is resumed from the checkpoint's ``data_state``. On start it resumes from the
 newest intact checkpoint, if any. Prints ``step N`` after each step (flushed) so the parent can
-kill it mid-run, and writes the final prompt to ``--out``.
+kill it mid-run, and writes the final prompt to ``--out`` (``--method JSON``: any registry
+method config instead of prompt tuning; then ``--out`` is an .npz of its flat trainable tables).
 
     python tests/resume_driver.py MODEL_DIR --steps 12 --save_every 3 --out prompt.npy
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -20,7 +22,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from prompt_t5x.checkpoints import train_checkpoints
-from prompt_t5x.methods import prompt_init, prompt_tuning
+from prompt_t5x.methods import interface, prompt_init, prompt_tuning, registry
 from prompt_t5x.model import t5
 from prompt_t5x.training import optim, train
 
@@ -44,12 +46,16 @@ def main(argv=None) -> int:
     parser.add_argument("--save_every", type=int, required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--step_delay", type=float, default=0.0)
+    parser.add_argument("--method", default=None, help="a registry method config (JSON)")
     args = parser.parse_args(argv)
 
     config = t5.get_config("test", dropout_rate=0.1, num_encoder_layers=1, num_decoder_layers=1)
     frozen = t5.init_params(config, jax.random.PRNGKey(0))
-    method = prompt_tuning.PromptTuning(t5.T5(config), prompt_length=5,
-                                  prompt_init=prompt_init.random_uniform_init())
+    if args.method:
+        method = registry.build(t5.T5(config), json.loads(args.method))
+    else:
+        method = prompt_tuning.PromptTuning(t5.T5(config), prompt_length=5,
+                                            prompt_init=prompt_init.random_uniform_init())
     optimizer = optim.adafactor(learning_rate=0.3)
     state = train.create_train_state(method, optimizer, frozen, jax.random.PRNGKey(1))
     ckpt = train_checkpoints.TrainCheckpointer(args.model_dir, keep_last=2)
@@ -68,7 +74,10 @@ def main(argv=None) -> int:
                       frozen_checkpoint="random init PRNGKey(0)")
         print(f"step {step}", flush=True)
         time.sleep(args.step_delay)
-    np.save(args.out, np.asarray(state.params["prompt"]))
+    if args.method:
+        np.savez(args.out, **interface.flatten_tables(state.params))
+    else:
+        np.save(args.out, np.asarray(state.params["prompt"]))
     return 0
 
 

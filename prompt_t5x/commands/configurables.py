@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import gin
 
@@ -116,12 +116,19 @@ def from_file(path: str = gin.REQUIRED) -> PromptInitSpec:
 # ---------------------------------------------------------------------------------- methods ----
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
-    """A tuning method before it has a model: ``kind`` is 'prompt_tuning' or 'model_tuning'."""
+    """A tuning method before it has a model.
+
+    ``kind`` is a ``prompt_t5x.methods.registry`` key. Prompt tuning keeps its own fields (its
+    initialiser needs the task's label words); every other method's gin settings are
+    ``settings`` (sorted (name, value) pairs), handed to the method's ``from_config`` with the
+    build context (``encode``, ``label_words``) that some initialisers need.
+    """
 
     kind: str
-    prompt_length: int = 0
+    prompt_length: int = 0          # encoder positions the method adds (the data cuts by it)
     prompt_mode: str = "prepend"
     prompt_init: Optional[PromptInitSpec] = None
+    settings: Tuple[Tuple[str, Any], ...] = ()
 
     @property
     def name(self) -> str:
@@ -134,13 +141,34 @@ class MethodSpec:
             return PromptTuning(model, self.prompt_length, self.prompt_mode, init)
         if self.kind == "model_tuning":
             return ModelTuning(model)
-        raise ValueError(f"unknown method {self.kind!r}")
+        from prompt_t5x.methods import registry
+        return registry.build(model, {"kind": self.kind, **dict(self.settings)},
+                              label_words=label_words, encode=encode)
 
     def trainable_parameters(self, config: t5_lib.T5Config) -> int:
         """How many numbers are trained (the x-axis companion of the scaling plot)."""
         if self.kind == "prompt_tuning":
             return self.prompt_length * config.emb_dim
-        return config.num_params
+        if self.kind == "model_tuning":
+            return config.num_params
+        import jax
+        method = self.build(t5_lib.T5(config), encode=_shape_only_encode)
+        shapes = jax.eval_shape(method.init_trainable, jax.random.PRNGKey(0),
+                                t5_lib.param_shapes(config))
+        return interface.count_parameters(shapes)
+
+
+def _shape_only_encode(text: str) -> Sequence[int]:
+    """Stands in for a vocabulary when only the trainable shapes are wanted."""
+    return [1] * max(1, len(text.split()))
+
+
+def method_spec(kind: str, *, prompt_positions: int = 0, **settings) -> MethodSpec:
+    """The spec of a registry method (gin configurables of new methods return this).
+    ``prompt_positions``: encoder positions the method adds to each input (must equal the
+    built method's ``prompt_positions``; the data cuts inputs by it)."""
+    return MethodSpec(kind, prompt_length=prompt_positions,
+                      settings=tuple(sorted(settings.items())))
 
 
 @gin.configurable("prompt_tuning", module="methods")

@@ -9,7 +9,7 @@ import argparse
 import os
 
 from prompt_t5x.base.errors import UsageError
-from prompt_t5x.checkpoints import prompt_export
+from prompt_t5x.checkpoints import method_export, prompt_export, train_checkpoints
 
 
 def main(argv) -> int:
@@ -22,7 +22,9 @@ def main(argv) -> int:
     parser.add_argument("--out", required=True,
                         help="output: a .npy file, or a directory for a PEFT adapter")
     parser.add_argument("--format", choices=("npy", "peft"), default=None,
-                        help="output format (default: npy if --out ends in .npy, else peft)")
+                        help="output format (default: npy if --out ends in .npy, else peft); "
+                             "--out x.safetensors (or any run of a method other than prompt "
+                             "tuning) writes the method's inference tables + JSON config")
     parser.add_argument("--step", type=int, default=None,
                         help="training step to export (default: latest)")
     parser.add_argument("--base_model", default=None,
@@ -32,6 +34,15 @@ def main(argv) -> int:
                              "is never lost by a repeated command)")
     args = parser.parse_args(argv)
     _refuse_existing(args.out, args.overwrite)
+    if _method_export_wanted(args):
+        try:
+            tables, method_config = method_export.export_method(args.source, args.out,
+                                                                step=args.step)
+        except (method_export.MethodExportError, FileNotFoundError, ValueError) as e:
+            raise UsageError(str(e)) from e
+        shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in sorted(tables.items()))
+        print(f"wrote {method_config['kind']} ({shapes}) to {args.out}")
+        return 0
     try:
         fmt, prompt = prompt_export.export_prompt(args.source, args.out, fmt=args.format,
                                                   step=args.step,
@@ -52,3 +63,22 @@ def _refuse_existing(out: str, overwrite: bool) -> None:
     kind = "directory" if os.path.isdir(out) else "file"
     raise UsageError(f"--out {out} is an existing {kind}: pass --overwrite to replace it, or "
                      "choose another path.")
+
+
+def _method_export_wanted(args) -> bool:
+    """A .safetensors output, or a run of any method but prompt tuning (whose .npy/PEFT
+    export stays as it was): the method's inference tables plus its JSON config."""
+    if args.format == "peft":
+        return False
+    if args.out.endswith(".safetensors"):
+        return True
+    model_dir = train_checkpoints.find_model_dir(args.source) \
+        if os.path.isdir(args.source) else None
+    if model_dir is None:
+        return False
+    try:
+        manifest = train_checkpoints.TrainCheckpointer(model_dir, read_only=True).read_manifest(
+            args.step)
+    except train_checkpoints.TrainCheckpointError as e:
+        raise UsageError(f"{args.source}: {e}") from None
+    return method_export.manifest_method_config(manifest)["kind"] != "prompt_tuning"

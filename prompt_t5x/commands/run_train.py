@@ -212,7 +212,7 @@ def execute(run: RunConfig, *, gin_config: str = "") -> LoopResult:
     before writing anything worth keeping."""
     kind = frozen_sources.checkpoint_kind(run.checkpoint)
     task_registry.check_vocabulary(run.vocabulary)
-    prompt_length = run.method.prompt_length if run.method.kind == "prompt_tuning" else 0
+    prompt_length = run.method.prompt_length   # encoder positions the method adds
     source = run_data.open_data(run, prompt_length)
     if source.vocab_size is not None and source.vocab_size > run.model.vocab_size:
         raise UsageError(f"task {run.task!r} has a vocabulary of {source.vocab_size} ids but "
@@ -255,6 +255,8 @@ def _train(run: RunConfig, kind: str, source, gin_config: str, mesh=None,
     frozen = params
     if run.method.kind == "model_tuning":
         frozen, initial_trainable = method.split(params)
+    if distributed.is_primary():
+        print(trainable_summary(method, run.model), flush=True)
     eval_list = run_data.limit_examples(source.eval_batches(), run.max_eval_examples)
     use_rank = run.rank_classification and bool(source.label_words)
     predict = None
@@ -278,6 +280,16 @@ def _train(run: RunConfig, kind: str, source, gin_config: str, mesh=None,
                     run_info={"seed": run.seed, "method": run.method.kind,
                               "prompt_length": run.method.prompt_length,
                               "prompt_mode": run.method.prompt_mode})
+
+
+def trainable_summary(method, config: t5_lib.T5Config) -> str:
+    """One line: the method, how many numbers it trains and their share of the frozen T5."""
+    shapes = jax.eval_shape(method.init_trainable, jax.random.PRNGKey(0),
+                            t5_lib.param_shapes(config)) if method.kind != "model_tuning" \
+        else t5_lib.param_shapes(config)
+    count = method.num_trainable(shapes)
+    return (f"{method.kind}: {count:,} trainable parameters "
+            f"({100.0 * count / config.num_params:.4g}% of the {config.num_params:,} of the T5)")
 
 
 def parse_run(argv: Sequence[str], prog: str = "prompt-t5x train") -> "tuple[RunConfig, str]":

@@ -121,6 +121,40 @@ def ensemble_label_scores(method: Method, frozen: PyTree, prompts, encoder_input
                              length_normalize)
 
 
+# ------------------------------------------------------- one trained state of any method
+
+def method_decode(method: Method, frozen: PyTree, trainable: PyTree, encoder_input_tokens,
+                  spec: decoding.DecodeSpec = decoding.DecodeSpec(),
+                  rng: Optional[Array] = None) -> decoding.DecodeOutput:
+    """``decoding.decode_jit`` with the prompt axis of the ensemble outputs (N = 1), so a method
+    other than prompt tuning goes through the same evaluation code."""
+    out = decoding.decode_jit(method, frozen, trainable,
+                              jnp.asarray(encoder_input_tokens, jnp.int32), spec, rng)
+    return jax.tree_util.tree_map(lambda x: x[None], out)
+
+
+def _method_label_scores(method, frozen, trainable, encoder_input_tokens, labels,
+                         length_normalize):
+    return rank_classification.label_scores(method, frozen, trainable, encoder_input_tokens,
+                                            labels, length_normalize=length_normalize)[None]
+
+
+_method_label_scores_jit = jax.jit(_method_label_scores,
+                                   static_argnames=("method", "length_normalize"))
+
+
+def method_label_scores(method: Method, frozen: PyTree, trainable: PyTree, encoder_input_tokens,
+                        label_batch: rank_classification.LabelBatch, *,
+                        length_normalize: bool = False) -> Array:
+    """Rank-classification scores [1, B, C] of one trained state of any method."""
+    labels = {"decoder_target_tokens": jnp.asarray(label_batch.decoder_target_tokens),
+              "decoder_input_tokens": jnp.asarray(label_batch.decoder_input_tokens),
+              "decoder_loss_weights": jnp.asarray(label_batch.decoder_loss_weights)}
+    return _method_label_scores_jit(method, frozen, trainable,
+                                    jnp.asarray(encoder_input_tokens, jnp.int32), labels,
+                                    length_normalize)
+
+
 # ----------------------------------------------------------------------------- combining
 
 def majority_vote(predictions: Sequence[Sequence[Hashable]],

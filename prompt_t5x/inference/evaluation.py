@@ -192,7 +192,7 @@ def predict(cfg: EvalConfig, loaded: prompted_model.Loaded, source) -> Predictio
     if mode == "decode" and cfg.ensemble_rule == "sum" and len(cfg.prompts) > 1:
         raise UsageError("ensemble_rule='sum' sums label scores: it needs mode='rank'")
     spec = seqio_bridge.BatchSpec(cfg.inputs_length, cfg.targets_length, cfg.batch_size,
-                          prompt_length=loaded.prompts.shape[1])
+                          prompt_length=loaded.method.prompt_positions)
     batches, examples = source.batches_and_examples(spec)
     batches = run_data.limit_examples(batches, cfg.max_examples)
     labels = None
@@ -202,7 +202,7 @@ def predict(cfg: EvalConfig, loaded: prompted_model.Loaded, source) -> Predictio
                                                        cfg.targets_length)
         except ValueError as e:
             raise UsageError(f"task {cfg.task!r}: {e}") from None
-    num = loaded.prompts.shape[0]
+    num = 1 if loaded.prompts is None else loaded.prompts.shape[0]
     per_prompt: List[List[str]] = [[] for _ in range(num)]
     scores: List[List[float]] = [[] for _ in range(num)]
     label_scores: List[np.ndarray] = []
@@ -214,17 +214,27 @@ def predict(cfg: EvalConfig, loaded: prompted_model.Loaded, source) -> Predictio
             continue
         tokens = batch["encoder_input_tokens"]
         if mode == "rank":
-            s = np.asarray(ensemble.ensemble_label_scores(
-                loaded.method, loaded.frozen, loaded.prompts, tokens, labels,
-                length_normalize=cfg.length_normalize))[:, mask]          # [N, b, C]
+            if loaded.prompts is None:
+                s = np.asarray(ensemble.method_label_scores(
+                    loaded.method, loaded.frozen, loaded.trainable, tokens, labels,
+                    length_normalize=cfg.length_normalize))[:, mask]      # [1, b, C]
+            else:
+                s = np.asarray(ensemble.ensemble_label_scores(
+                    loaded.method, loaded.frozen, loaded.prompts, tokens, labels,
+                    length_normalize=cfg.length_normalize))[:, mask]      # [N, b, C]
             label_scores.append(s)
             best = s.argmax(-1)
             for n in range(num):
                 per_prompt[n] += [label_words[int(c)] for c in best[n]]
                 scores[n] += s[n, np.arange(best.shape[1]), best[n]].tolist()
         else:
-            out = ensemble.ensemble_decode(loaded.method, loaded.frozen, loaded.prompts, tokens,
-                                           cfg.decode, jax.random.fold_in(base_rng, i))
+            if loaded.prompts is None:
+                out = ensemble.method_decode(loaded.method, loaded.frozen, loaded.trainable,
+                                             tokens, cfg.decode, jax.random.fold_in(base_rng, i))
+            else:
+                out = ensemble.ensemble_decode(loaded.method, loaded.frozen, loaded.prompts,
+                                               tokens, cfg.decode,
+                                               jax.random.fold_in(base_rng, i))
             decoded = np.asarray(out.tokens)[:, mask]
             for n in range(num):
                 per_prompt[n] += [vocabulary.decode(row.tolist()) for row in decoded[n]]
@@ -255,7 +265,7 @@ def _text(value: Any) -> Any:
 def _describe(cfg: EvalConfig, loaded: prompted_model.Loaded, preds: Predictions) -> Dict[str, Any]:
     out = {"task": cfg.task, "split": cfg.split, "mode": preds.mode,
            "num_examples": len(preds.examples), "checkpoint": loaded.checkpoint,
-           "prompt_mode": loaded.method.prompt_mode,
+           "method": loaded.method.method_config(),
            "prompts": [{"source": i["source"], "kind": i.get("kind"), "step": i.get("step")}
                        for i in loaded.sources]}
     if preds.mode == "decode":

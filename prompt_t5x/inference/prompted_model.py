@@ -24,11 +24,15 @@ from prompt_t5x.model import t5 as t5_lib
 
 @dataclasses.dataclass
 class Loaded:
-    method: Any                 # prompt_tuning.PromptTuning
+    """Prompt tuning: ``prompts`` [N, P, D] (N > 1: an ensemble), ``trainable`` None. Any other
+    method (a run dir or an exported file of prefix-tuning, P-tuning, ...): ``prompts`` None and
+    ``trainable`` its state, run by ``method``."""
+    method: Any                 # a methods.interface.Method
     frozen: Any                 # T5 params
-    prompts: np.ndarray         # [N, P, D]
+    prompts: Optional[np.ndarray]
     sources: List[Dict[str, Any]]
     checkpoint: Optional[str]
+    trainable: Any = None
 
 
 def _manifest_for(source: str, step: Optional[int]) -> Optional[Dict[str, Any]]:
@@ -126,6 +130,9 @@ def load(sources: Sequence[str], *, checkpoint: Optional[str] = None,
 
     ``model`` / ``prompt_mode`` / ``seed`` default to the training manifest's, if any.
     """
+    method_source = _method_source(sources, step)
+    if method_source is not None:
+        return _load_method(method_source, checkpoint=checkpoint, model=model, seed=seed)
     prompts, infos = load_prompts(sources, step)
     manifest = next((i["manifest"] for i in infos if i.get("manifest")), None)
     frozen, config, checkpoint = load_frozen(checkpoint, manifest, config=model, seed=seed)
@@ -144,3 +151,85 @@ def load(sources: Sequence[str], *, checkpoint: Optional[str] = None,
     for info in infos:
         info.pop("manifest", None)
     return Loaded(method, frozen, prompts, infos, checkpoint)
+
+
+def _method_source(sources: Sequence[str], step: Optional[int]) -> Optional[Dict[str, Any]]:
+    """A source of a method other than prompt tuning (a training model dir or an exported
+    method file), as {method_config, trainable, model_config, manifest, info}; None for prompt
+    sources, which take the prompt (and ensemble) path."""
+    from prompt_t5x.checkpoints import method_export, train_checkpoints
+    from prompt_t5x.methods.interface import unflatten_tables
+    found = []
+    for source in sources:
+        if "://" not in source and method_export.is_method_file(source):
+            try:
+                tables, method_config, model_config = method_export.read_method_file(source)
+            except (method_export.MethodExportError, OSError, ValueError) as e:
+                raise UsageError(f"prompt {source!r}: {e}") from None
+            if method_config.get("kind") == "prompt_tuning":
+                continue
+            found.append(dict(method_config=method_config, trainable=unflatten_tables(tables),
+                              model_config=model_config, manifest=None,
+                              info={"source": source, "kind": "exported method", "step": None}))
+            continue
+        manifest = _manifest_for(source, step)
+        if manifest is None:
+            continue
+        method_config = method_export.manifest_method_config(manifest)
+        if method_config["kind"] == "prompt_tuning":
+            continue
+        model_dir = train_checkpoints.find_model_dir(source)
+        try:
+            trainable, used = train_checkpoints.read_trainable(model_dir, step)
+        except train_checkpoints.TrainCheckpointError as e:
+            raise UsageError(f"prompt {source!r}: {e}") from None
+        found.append(dict(method_config=method_config, trainable=trainable,
+                          model_config=manifest.get("model_config"), manifest=manifest,
+                          info={"source": source, "kind": "training checkpoint", "step": used}))
+    if not found:
+        return None
+    if len(sources) > 1:
+        raise UsageError(f"an ensemble combines prompt-tuning prompts; {found[0]['info']['source']}"
+                         f" holds a {found[0]['method_config']['kind']} state: evaluate it alone")
+    return found[0]
+
+
+def _load_method(found: Dict[str, Any], *, checkpoint: Optional[str],
+                 model: Optional[t5_lib.T5Config], seed: int) -> Loaded:
+    from prompt_t5x.methods import registry
+    config = model
+    if config is None and found["model_config"]:
+        config = t5_lib.T5Config.from_dict(found["model_config"])
+    frozen, config, checkpoint = load_frozen(checkpoint, found["manifest"], config=config,
+                                             seed=seed)
+    try:
+        method = _registry_method(config, _freeze(found["method_config"]))
+    except registry.UnknownMethodError as e:
+        raise UsageError(f"prompt {found['info']['source']!r}: {e}") from None
+    trainable = jax.device_put(jax.tree_util.tree_map(np.asarray, found["trainable"]))
+    return Loaded(method, jax.device_put(frozen), None, [found["info"]], checkpoint, trainable)
+
+
+def _freeze(value):
+    """JSON -> hashable (for the method cache); ``_thaw`` inverts it."""
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((k, _freeze(v)) for k, v in value.items())))
+    if isinstance(value, list):
+        return ("list", tuple(_freeze(v) for v in value))
+    return ("value", value)
+
+
+def _thaw(value):
+    kind, inner = value
+    if kind == "dict":
+        return {k: _thaw(v) for k, v in inner}
+    if kind == "list":
+        return [_thaw(v) for v in inner]
+    return inner
+
+
+@functools.lru_cache(maxsize=16)
+def _registry_method(config: t5_lib.T5Config, frozen_method_config):
+    """One method object per (config, method config): jitted functions cache per method."""
+    from prompt_t5x.methods import registry
+    return registry.build(t5_lib.T5(config), _thaw(frozen_method_config))

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prompt_t5x.base.errors import InputError
+from prompt_t5x.inference import decoding
 from prompt_t5x.model.t5 import T5
 
 PyTree = Any
@@ -87,12 +88,11 @@ def label_scores(method, frozen: PyTree, trainable: PyTree, encoder_input_tokens
     tiled = _tile_labels(labels, batch_size)
     if share_encoder:
         variables = method.variables(frozen, trainable)
-        extra = method.model_inputs(trainable)
+        encode_extra, decode_extra = decoding.split_model_inputs(method.model_inputs(trainable))
         encoded, mask = method.model.apply(variables, encoder_input_tokens, method=T5.encode,
-                                           **extra)
+                                           **encode_extra)
         encoded = jnp.repeat(encoded, num_labels, axis=0)     # [B*C, L+P, D]
         mask = jnp.repeat(mask, num_labels, axis=0)           # [B*C, L+P]
-        decode_extra = {"prefixes": extra["prefixes"]} if "prefixes" in extra else {}
         logits = method.model.apply(variables, encoded, mask, tiled["decoder_input_tokens"],
                                     tiled["decoder_target_tokens"], method=T5.decode,
                                     **decode_extra)

@@ -4,24 +4,74 @@ A method splits the model's parameters into a *frozen* tree (never differentiate
 optimizer) and a *trainable* tree, and knows how to run the model with both. The train step,
 checkpoints, evaluation, decoding and sharding only talk to this interface, so prefix-tuning,
 P-tuning v2, instance-wise prompts etc. are new modules of this wing, not new train steps.
+
+Besides running the model, a method describes itself so that a run directory or an exported file
+is enough to rebuild it (``prompt_t5x.methods.registry``):
+
+- ``kind`` names it (the registry key and the gin configurable ``methods.<kind>``);
+- ``config()`` is the JSON of its settings and ``from_config(model, config)`` rebuilds it
+  (init-only settings such as a prompt initialiser are not part of it: they do not change what
+  the trained state computes);
+- ``export(trainable)`` gives the inference form: flat named tables plus the config of the method
+  that runs them (e.g. prefix-tuning's MLP collapses to the direct key/value table);
+- ``logical_axes(trainable)`` names every trainable axis (the rules keep them replicated);
+- ``prompt_positions`` is how many positions the method adds to every encoder input, which the
+  data pipeline subtracts from the input length.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
 
 import jax
+import numpy as np
+from jax.sharding import PartitionSpec
 
 from prompt_t5x.model.t5 import T5
 
 PyTree = Any
+# Separator of the flat table names of ``export`` ('prefixes/encoder/key').
+TABLE_SEP = "/"
+
+
+def count_parameters(tree: PyTree) -> int:
+    """How many numbers a tree of arrays (or ShapeDtypeStructs) holds."""
+    return int(sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def flatten_tables(tree: PyTree) -> Dict[str, np.ndarray]:
+    """Nested dict of arrays -> {'a/b/c': float32 numpy array} (the export's table names)."""
+    out: Dict[str, np.ndarray] = {}
+
+    def walk(prefix, node):
+        if isinstance(node, Mapping):
+            for key in sorted(node):
+                walk(f"{prefix}{TABLE_SEP}{key}" if prefix else str(key), node[key])
+        else:
+            out[prefix] = np.asarray(jax.device_get(node), np.float32)
+    walk("", tree)
+    return out
+
+
+def unflatten_tables(tables: Mapping[str, Any]) -> Dict[str, Any]:
+    """Inverse of :func:`flatten_tables`."""
+    out: Dict[str, Any] = {}
+    for name, value in tables.items():
+        node = out
+        *parents, leaf = name.split(TABLE_SEP)
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
 
 
 class Method:
     """Interface; see the module docstring."""
 
+    kind: ClassVar[str] = ""
     model: T5
 
+    # -- what is trained ------------------------------------------------------------------
     def split(self, params: PyTree) -> Tuple[PyTree, PyTree]:
         """Pretrained params -> (frozen, initial trainable) without random init."""
         raise NotImplementedError
@@ -29,6 +79,7 @@ class Method:
     def init_trainable(self, rng: jax.Array, frozen: PyTree) -> PyTree:
         raise NotImplementedError
 
+    # -- how it enters the model ----------------------------------------------------------
     def variables(self, frozen: PyTree, trainable: PyTree) -> Dict[str, PyTree]:
         raise NotImplementedError
 
@@ -43,3 +94,36 @@ class Method:
         return self.model.apply(self.variables(frozen, trainable), batch,
                                 enable_dropout=enable_dropout, rngs=rngs,
                                 **self.model_inputs(trainable))
+
+    @property
+    def prompt_positions(self) -> int:
+        """Positions added to every encoder input (the data cuts inputs by this many)."""
+        return 0
+
+    # -- how it describes itself ----------------------------------------------------------
+    def config(self) -> Dict[str, Any]:
+        """JSON settings that ``from_config`` rebuilds this method from (without ``kind``)."""
+        return {}
+
+    def method_config(self) -> Dict[str, Any]:
+        """``{'kind': ..., **config()}``: what a manifest or an exported file records."""
+        return {"kind": self.kind, **self.config()}
+
+    @classmethod
+    def from_config(cls, model: T5, config: Mapping[str, Any], **build_context) -> "Method":
+        """Rebuild from ``config()``. ``build_context`` (e.g. ``encode``, ``label_words``) is
+        what some initialisers need when a *new* run builds the method; rebuilding a trained
+        one never needs it."""
+        return cls(model, **dict(config))
+
+    def logical_axes(self, trainable: PyTree) -> PyTree:
+        """Logical axis names (``PartitionSpec``) of every trainable leaf; unnamed by default."""
+        return jax.tree_util.tree_map(lambda x: PartitionSpec(*([None] * np.ndim(x))), trainable)
+
+    def export(self, trainable: PyTree) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+        """(flat tables of the inference form, its ``method_config``); by default the trainable
+        tree itself, run by this very method."""
+        return flatten_tables(trainable), self.method_config()
+
+    def num_trainable(self, trainable: PyTree) -> int:
+        return count_parameters(trainable)

@@ -6,8 +6,10 @@ The frozen tree is empty; the trainable tree is the pretrained parameters themse
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from prompt_t5x.methods.interface import Method
+from prompt_t5x.model import t5 as t5_lib
 from prompt_t5x.model.t5 import T5
 
 
@@ -15,6 +17,7 @@ from prompt_t5x.model.t5 import T5
 class ModelTuning(Method):
     """Every T5 weight trainable (baseline). Frozen tree is empty; trainable = the params."""
 
+    kind: ClassVar[str] = "model_tuning"
     model: T5
 
     def split(self, params):
@@ -25,3 +28,6 @@ class ModelTuning(Method):
 
     def variables(self, frozen, trainable):
         return {"params": trainable}
+
+    def logical_axes(self, trainable):
+        return t5_lib.logical_axes(self.model.config)

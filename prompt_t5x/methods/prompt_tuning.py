@@ -7,8 +7,10 @@ before EOS: ``prompt_t5x.model.prompt_inputs``); the whole T5 stays frozen.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
+from jax.sharding import PartitionSpec
 
 from prompt_t5x.methods.interface import Method
 from prompt_t5x.methods.prompt_init import PromptInit, sampled_vocab_init
@@ -20,6 +22,7 @@ from prompt_t5x.model.t5 import T5
 class PromptTuning(Method):
     """Prompt tuning (Lester et al., 2021): a [P, D] soft prompt; the whole T5 frozen."""
 
+    kind: ClassVar[str] = "prompt_tuning"
     model: T5
     prompt_length: int = 100
     prompt_mode: str = "prepend"
@@ -48,3 +51,13 @@ class PromptTuning(Method):
 
     def model_inputs(self, trainable):
         return {"prompt": trainable["prompt"], "prompt_mode": self.prompt_mode}
+
+    @property
+    def prompt_positions(self) -> int:
+        return self.prompt_length
+
+    def config(self):
+        return {"prompt_length": self.prompt_length, "prompt_mode": self.prompt_mode}
+
+    def logical_axes(self, trainable):
+        return {"prompt": PartitionSpec("prompt", "prompt_embed")}

@@ -210,6 +210,8 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
                              "their devices (run_loop(mesh=...)).")
         mesh = sharding_lib.single_device_mesh()
     rng = jax.random.PRNGKey(0) if rng is None else rng
+    # What eval/infer/export rebuild the method from (methods.registry).
+    run_info = {**(run_info or {}), "method_config": method.method_config()}
     if distributed.is_primary():
         os.makedirs(model_dir, exist_ok=True)
     rules = sharding_lib.rules_or_default(rules)

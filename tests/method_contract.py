@@ -1,0 +1,229 @@
+"""What every ``Method`` must do, as reusable checks (the methods' test files call these).
+
+Each check takes a built method on the tiny 'test' T5 (every dimension distinct, so a transposed
+or mixed-up weight cannot pass) and asserts an invariant of the issue's list:
+
+- ``check_trains_only_its_parameters``: a few real train steps; the frozen tree is bit-identical
+  afterwards, every trainable leaf moved, nothing else exists in the state.
+- ``check_no_frozen_kernel_gradient``: no matmul of the traced train step produces an array of a
+  frozen kernel's shape (that is what a frozen-weight gradient would be; forward matmuls give
+  [batch, length, ...]).
+- ``check_mesh_matches_one_device``: one step on 1x8, 2x4 and 4x2 meshes gives the 1x1 mesh's
+  loss and updated state.
+- ``check_sigkill_resume_is_exact``: tests/resume_driver.py trains the method in a subprocess,
+  is SIGKILLed mid-run, resumes, and ends bit-identical to an uninterrupted run.
+- ``check_cached_decoding``: cached greedy decoding equals the uncached reference; beam search
+  runs and its best beam scores at least the greedy answer.
+- ``check_config_round_trip``: ``registry.build(model, method.method_config())`` computes the
+  same logits, and so does the exported inference form (``method.export``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prompt_t5x.inference import decoding
+from prompt_t5x.methods import interface, registry
+from prompt_t5x.model import t5
+from prompt_t5x.parallel import partitioning
+from prompt_t5x.parallel import sharding as sharding_lib
+from prompt_t5x.training import optim, sharded_run, train
+
+DRIVER = os.path.join(os.path.dirname(__file__), "resume_driver.py")
+
+
+def tiny_config(**overrides) -> t5.T5Config:
+    return t5.get_config("test", **{"dropout_rate": 0.0, **overrides})
+
+
+def mesh_config(**overrides) -> t5.T5Config:
+    """The 'test' T5 made divisible by a model axis of 8 (heads, vocabulary), dims distinct."""
+    return tiny_config(**{"vocab_size": 128, "num_heads": 8, "head_dim": 5, **overrides})
+
+
+def tiny_frozen(config: Optional[t5.T5Config] = None, seed: int = 0):
+    return t5.init_params(config or tiny_config(), jax.random.PRNGKey(seed))
+
+
+def make_batch(seed: int = 0, batch: int = 8, length: int = 7, targets: int = 3,
+               vocab: int = 101):
+    """A deterministic batch; rows have different lengths (right padding) so masks matter."""
+    rs = np.random.RandomState(seed)
+    inputs = rs.randint(2, vocab, size=(batch, length)).astype(np.int32)
+    for b in range(batch):
+        n = length - (b % 3)
+        inputs[b, n - 1] = 1
+        inputs[b, n:] = 0
+    target = rs.randint(2, vocab, size=(batch, targets)).astype(np.int32)
+    target[:, -1] = 1
+    dec_in = np.concatenate([np.zeros((batch, 1), np.int32), target[:, :-1]], axis=1)
+    return dict(encoder_input_tokens=inputs, decoder_input_tokens=dec_in,
+                decoder_target_tokens=target,
+                decoder_loss_weights=np.ones((batch, targets), np.float32))
+
+
+def _leaves_with_paths(tree):
+    return jax.tree_util.tree_flatten_with_path(tree)[0]
+
+
+def check_trains_only_its_parameters(method: interface.Method, frozen, *, steps: int = 3,
+                                     learning_rate: float = 0.3, initial_trainable=None):
+    """Returns the final train state."""
+    before = jax.tree_util.tree_map(lambda x: np.array(x, copy=True), frozen)
+    optimizer = optim.adafactor(learning_rate=learning_rate)
+    state = train.create_train_state(method, optimizer, frozen, jax.random.PRNGKey(1),
+                                     initial_trainable)
+    start = jax.tree_util.tree_map(lambda x: np.array(x, copy=True), state.params)
+    step = train.make_train_step(method, optimizer, donate=False)
+    losses = []
+    for i in range(steps):
+        state, metrics = step(state, frozen, make_batch(i))
+        losses.append(float(metrics["loss"]))
+    assert all(np.isfinite(losses)), losses
+    for (path, a), (_, b) in zip(_leaves_with_paths(before), _leaves_with_paths(frozen)):
+        assert np.array_equal(a, np.asarray(b)), f"frozen {jax.tree_util.keystr(path)} changed"
+    for (path, a), (_, b) in zip(_leaves_with_paths(start), _leaves_with_paths(state.params)):
+        assert not np.array_equal(a, np.asarray(b)), \
+            f"trainable {jax.tree_util.keystr(path)} did not move in {steps} steps"
+    frozen_ids = {id(x) for x in jax.tree_util.tree_leaves(frozen)}
+    assert not frozen_ids & {id(x) for x in jax.tree_util.tree_leaves(state.params)}
+    return state
+
+
+def _dot_output_shapes(jaxpr) -> list:
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            shapes += [tuple(v.aval.shape) for v in eqn.outvars]
+        for value in eqn.params.values():
+            for sub in (value if isinstance(value, (list, tuple)) else [value]):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    shapes += _dot_output_shapes(inner)
+    return shapes
+
+
+def check_no_frozen_kernel_gradient(method: interface.Method, frozen, trainable=None):
+    """No matmul output of the traced step has the shape of a T5 2-D kernel (a method's own
+    parameters must not have such a shape: the 'test' T5's dims are distinct from them)."""
+    optimizer = optim.adafactor(learning_rate=0.3)
+    state = train.create_train_state(method, optimizer, frozen, jax.random.PRNGKey(1),
+                                     trainable)
+    step = train.train_step_fn(method, optimizer)
+    jaxpr = jax.make_jaxpr(step)(state, frozen, make_batch(0)).jaxpr
+    # Every 2-D kernel of the T5 (model tuning, whose frozen tree is empty, must fail this).
+    kernels = {tuple(x.shape) for x in jax.tree_util.tree_leaves(
+        t5.param_shapes(method.model.config)) if len(x.shape) == 2}
+    shapes = _dot_output_shapes(jaxpr)
+    assert shapes, "no matmul found: the walk over the jaxpr is broken"
+    bad = sorted({s for s in shapes if s in kernels})
+    assert not bad, f"the train step computes matmuls of frozen-kernel shape {bad}"
+
+
+def check_mesh_matches_one_device(method: interface.Method, frozen, meshes=("1x8", "2x4", "4x2"),
+                                  *, rtol: float = 1e-5, atol: float = 1e-6):
+    """One step on each mesh equals the one-device (1x1) step: loss, gradient norm, state.
+    Build ``method`` on ``mesh_config()`` (the meshes split its heads and vocabulary)."""
+    optimizer = optim.adafactor(learning_rate=0.3)
+    batch = make_batch(0)
+
+    def one_step(text):
+        mesh_config = sharding_lib.MeshConfig.parse(text)
+        devices = jax.devices()[:mesh_config.data * mesh_config.model]
+        mesh = sharding_lib.make_mesh(mesh_config, devices)
+        rules = mesh_config.rules()
+        placed = jax.device_put(frozen, partitioning.shardings_of(
+            partitioning.abstract_frozen(method.model.config, mesh, rules)))
+        state = sharded_run.create_train_state(method, optimizer, placed, jax.random.PRNGKey(1),
+                                               mesh, rules)
+        step = sharded_run.sharded_train_step(method, optimizer, mesh, rules,
+                                              jax.tree_util.tree_map(lambda x: x.sharding,
+                                                                     placed),
+                                              enable_dropout=False)
+        new_state, metrics = step(state, placed, sharding_lib.shard_batch(batch, mesh))
+        return jax.device_get((new_state.params, metrics))
+
+    ref_params, ref_metrics = one_step("1x1")
+    for text in meshes:
+        params, metrics = one_step(text)
+        for key in ("loss", "grad_norm"):
+            np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=rtol, atol=atol,
+                                       err_msg=f"{key} on {text}")
+        for (path, a), (_, b) in zip(_leaves_with_paths(ref_params), _leaves_with_paths(params)):
+            np.testing.assert_allclose(b, a, rtol=rtol, atol=atol,
+                                       err_msg=f"{jax.tree_util.keystr(path)} on {text}")
+
+
+def _driver(model_dir, out, method_config, *extra, cache_dir):
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    return subprocess.Popen([sys.executable, DRIVER, str(model_dir), "--steps", "6",
+                             "--save_every", "2", "--out", str(out),
+                             "--method", json.dumps(method_config), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+
+
+def check_sigkill_resume_is_exact(method_config: dict, tmp_path):
+    """The driver's 'test' T5 has dropout 0.1 and one layer per stack; ``method_config`` is a
+    registry config (``{'kind': ..., ...}``) whose init needs no vocabulary."""
+    cache = tmp_path / "jax_cache"
+    ref = _driver(tmp_path / "uninterrupted", tmp_path / "ref.npz", method_config,
+                  cache_dir=cache)
+    assert ref.wait(timeout=300) == 0, ref.stdout.read()
+    victim = _driver(tmp_path / "killed", tmp_path / "killed.npz", method_config,
+                     "--step_delay", "0.5", cache_dir=cache)
+    for line in victim.stdout:
+        if line.strip() == "step 3":
+            victim.send_signal(signal.SIGKILL)
+            break
+    victim.wait(timeout=60)
+    assert victim.returncode == -signal.SIGKILL
+    resumed = _driver(tmp_path / "killed", tmp_path / "killed.npz", method_config,
+                      cache_dir=cache)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert out.splitlines()[0] in ("resumed from 2", "resumed from 4"), out
+    want, got = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "killed.npz")
+    assert sorted(want.files) == sorted(got.files)
+    for name in want.files:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)   # bit-exact
+
+
+def check_cached_decoding(method: interface.Method, frozen, trainable, *, length: int = 5):
+    tokens = make_batch(3, batch=4)["encoder_input_tokens"]
+    spec = decoding.DecodeSpec("greedy", max_decode_len=length, eos_id=None)
+    cached = decoding.decode_jit(method, frozen, trainable, tokens, spec)
+    ref_tokens, ref_scores = decoding.greedy_decode_uncached(method, frozen, trainable, tokens,
+                                                             length, eos_id=None)
+    np.testing.assert_array_equal(np.asarray(cached.tokens), ref_tokens)
+    np.testing.assert_allclose(np.asarray(cached.scores), ref_scores, rtol=1e-5, atol=1e-5)
+    beam = decoding.decode_jit(method, frozen, trainable, tokens,
+                               decoding.DecodeSpec("beam", max_decode_len=length, beam_size=3,
+                                                   eos_id=None, alpha=0.0))
+    assert np.all(np.asarray(beam.scores) >= ref_scores - 1e-4)
+
+
+def check_config_round_trip(method: interface.Method, frozen, trainable: Any,
+                            atol: float = 1e-5):
+    """The method rebuilt from its JSON config, and its exported inference form, give the
+    logits of the original."""
+    batch = make_batch(5)
+    want = np.asarray(method.logits(frozen, trainable, batch))
+    config = json.loads(json.dumps(method.method_config()))
+    rebuilt = registry.build(method.model, config)
+    np.testing.assert_allclose(np.asarray(rebuilt.logits(frozen, trainable, batch)), want,
+                               atol=atol, rtol=1e-5)
+    tables, export_config = method.export(trainable)
+    exported = registry.build(method.model, json.loads(json.dumps(export_config)))
+    got = exported.logits(frozen, jax.tree_util.tree_map(
+        jnp.asarray, interface.unflatten_tables(tables)), batch)
+    np.testing.assert_allclose(np.asarray(got), want, atol=atol, rtol=1e-5)
