@@ -8,7 +8,7 @@ import pytest
 from prompt_t5x.commands import cli, compare, compare_report, gin_cli
 from prompt_t5x.commands.quickstart import QUICKSTART_CONFIG
 
-FAST = ["--gin.TRAIN_STEPS=4", "--gin.EVAL_EVERY=2", "--gin.BATCH_SIZE=8"]
+FAST = ["--gin.TRAIN_STEPS=2", "--gin.EVAL_EVERY=2", "--gin.BATCH_SIZE=8"]
 
 
 def test_compare_runs_each_method_and_resumes(tmp_path, capsys):
@@ -26,7 +26,7 @@ def test_compare_runs_each_method_and_resumes(tmp_path, capsys):
         assert r["status"] == "ok" and r["task"] == "synthetic_contains"
         assert r["trainable_parameters"] == trainable[r["method"]]
         assert r["model_parameters"] == QUICKSTART_CONFIG.num_params
-        assert r["last_step"] == 4 and r["best_step"] in (2, 4)
+        assert r["last_step"] == 2 and r["best_step"] == 2
         assert 0.0 <= r["best_value"] <= 100.0
         # The train child's own peak RSS (JAX alone is more than 100 MiB), its own wall time.
         assert r["peak_rss_bytes"] > 100 * 2 ** 20 and r["seconds"] > 0

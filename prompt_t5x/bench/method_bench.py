@@ -114,11 +114,12 @@ def run(args, random_frozen: Callable, compiled_memory: Callable) -> Dict[str, A
     protocol.resolve_dtypes(args, jax.default_backend() == "cpu")
     cfg = protocol.model_config(args)
     model = t5.T5(cfg)
+    # Built first: a bad --method_config is reported before any weight is made.
+    theirs = build(args.method, method_settings(args.method_config), model)
+    ours = build("prompt_tuning", {"prompt_length": args.prompt_len}, model)
     frozen = random_frozen(cfg, args.seed)
     rng = np.random.default_rng(args.seed)
     optimizer = optim.adafactor()
-    theirs = build(args.method, method_settings(args.method_config), model)
-    ours = build("prompt_tuning", {"prompt_length": args.prompt_len}, model)
     sides = [_side(args.method, theirs, args, cfg, frozen, optimizer, rng),
              _side("prompt_tuning", ours, args, cfg, frozen, optimizer, rng)]
     for side in sides:
