@@ -23,7 +23,9 @@ Outputs in ``compare.output_dir``: ``<method>/`` (the run directories), ``logs/<
 ``compare.csv`` (rewritten after every method), ``compare.md`` (a table) and ``compare.png``
 (best validation metric against trainable parameters, log x, one point per method; train time;
 peak memory). Run again, a method whose row is finished with the same command is not re-run;
-an interrupted one resumes from its last checkpoint (``train``'s resume). A method whose train
+an interrupted one resumes from its last checkpoint (``train``'s resume), and so does one whose
+command changed (its ``resumed`` column says so, its time is this run's): for a fresh comparison
+of changed settings, give a new ``OUTPUT_DIR``. A method whose train
 reports a user mistake (exit 2: a missing checkpoint, bad data, divergence) stops the command
 with that one line; one that crashes otherwise gets a ``failed`` row, the others still run, and
 the command exits 1.
