@@ -60,6 +60,11 @@ def test_a_method_override_wins_over_the_shared_settings(tmp_path):
     assert plans["prompt_tuning"].run.method.prompt_length == 8
     assert plans["model_tuning"].run.model.dropout_rate == 0.0   # shared DROPOUT_RATE
     assert plans["model_tuning"].model_dir == str(tmp_path / "model_tuning")
+    argv = plans["model_tuning"].argv
+    # Shared settings, then the method's own (the later binding wins); strings as typed.
+    assert argv.index("--gin.TRAIN_STEPS=10") < argv.index("--gin.TRAIN_STEPS=3")
+    assert f"--gin.MODEL_DIR={tmp_path / 'model_tuning'}" in argv
+    assert "--gin.TASK=synthetic_contains" in argv
     assert not tmp_path.joinpath("model_tuning").exists()         # planning writes nothing
 
 

@@ -122,6 +122,15 @@ class Plan:
         return "prompt-t5x train " + " ".join(shlex.quote(a) for a in self.argv)
 
 
+def _flag_value(value: Any) -> str:
+    """gin text of a value for ``--gin.NAME=``: a string bare where the command line reads it
+    back as that string (``/tmp/x``, ``synthetic_first``), so the recorded command reads as a
+    user would type it; quoted where it would read as something else (``'3'``, ``'None'``)."""
+    if isinstance(value, str) and gin_cli.literal_or_string(value) == repr(value):
+        return value
+    return repr(value)
+
+
 def train_argv(cfg: CompareConfig, label: str, search_paths: Sequence[str] = ()) -> List[str]:
     """The flags of the method's ``prompt-t5x train``: model files, its run file(s), the shared
     bindings, then its own bindings (last, so a method's override wins)."""
@@ -130,10 +139,10 @@ def train_argv(cfg: CompareConfig, label: str, search_paths: Sequence[str] = ())
     argv = [f"--gin_file={f}" for f in files]
     if search_paths:
         argv.append("--gin_search_paths=" + ",".join(search_paths))
-    bindings = [("MODEL_DIR", repr(os.path.join(cfg.output_dir, scaling._slug(label))))]
-    bindings += [(name, repr(value)) for name, value in cfg.shared.items()]
+    bindings = [("MODEL_DIR", _flag_value(os.path.join(cfg.output_dir, scaling._slug(label))))]
+    bindings += [(name, _flag_value(value)) for name, value in cfg.shared.items()]
     if cfg.checkpoint is not None:
-        bindings.append(("CHECKPOINT", repr(cfg.checkpoint)))
+        bindings.append(("CHECKPOINT", _flag_value(cfg.checkpoint)))
     for item in entry:
         if not item.endswith(".gin"):
             name, _, value = item.partition("=")
