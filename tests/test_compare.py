@@ -112,3 +112,23 @@ def test_report_of_a_failed_method_has_no_point_but_keeps_its_cost(tmp_path):
     assert compare_report.default_chance(back) == 50.0
     png = compare_report.plot(back, str(tmp_path / "c.png"), chance=50.0)
     assert open(png, "rb").read(4) == b"\x89PNG"
+
+
+def test_a_real_task_on_a_t5x_checkpoint_plans_from_its_weights(tmp_path, fixtures_dir):
+    """The README's real-task command line: the fixture T5X checkpoint's config is read from its
+    weights, and every method is planned on it (no training here: that is the CLI run above)."""
+    ckpt = fixtures_dir / "t5x" / "t5_1_1_tiny_checkpoint_3"
+    gin_cli.parse(gin_cli.split_argv([
+        f"--gin.OUTPUT_DIR={tmp_path}", "--gin.MODEL_GIN=models/from_checkpoint.gin",
+        f"--gin.CHECKPOINT={ckpt}", "--gin.TASK=local_glue_sst2",
+        f"--gin.DATA_DIR={fixtures_dir / 'data'}",
+        f"--gin.VOCABULARY={fixtures_dir / 'vocab' / 't5_cc_all_32000_100extra.spm.model'}",
+        "--gin.INPUTS_LENGTH=64", "--gin.TARGETS_LENGTH=4"]),
+        default_files=["runs/compare.gin"])
+    plans = {p.label: p for p in compare.plan(gin_cli.call(compare.compare_config))}
+    model = plans["prompt_tuning"].run.model
+    assert model.vocab_size == 32128 and plans["model_tuning"].run.model == model
+    assert plans["prompt_tuning"].trainable == 8 * model.emb_dim
+    assert plans["model_tuning"].trainable == model.num_params
+    assert plans["prompt_tuning"].run.checkpoint == str(ckpt)
+    assert f"--gin.CHECKPOINT={ckpt}" in plans["model_tuning"].argv
