@@ -1,5 +1,6 @@
 """``prompt-t5x compare``: methods by their own run files, each in its own process -> CSV/MD/PNG."""
 
+import dataclasses
 import json
 import math
 
@@ -132,3 +133,20 @@ def test_a_real_task_on_a_t5x_checkpoint_plans_from_its_weights(tmp_path, fixtur
     assert plans["model_tuning"].trainable == model.num_params
     assert plans["prompt_tuning"].run.checkpoint == str(ckpt)
     assert f"--gin.CHECKPOINT={ckpt}" in plans["model_tuning"].argv
+
+
+def test_a_crashing_train_gets_a_failed_row_instead_of_stopping_the_comparison(tmp_path):
+    """A child that dies of a bug (not a user mistake, which is exit 2) is recorded as failed,
+    with its exit status and its traceback in its log; run_all returns instead of raising."""
+    gin_cli.parse(gin_cli.split_argv([f"--gin.OUTPUT_DIR={tmp_path}", *FAST]),
+                  default_files=["runs/compare.gin"])
+    cfg = gin_cli.call(compare.compare_config)
+    good = compare.plan(cfg)[0]
+    # The planner would refuse this model (there is none); the child crashes on it.
+    broken = dataclasses.replace(good, label="broken", argv=good.argv + ["--gin.train.model=None"])
+    rows = compare.run_all(cfg, [broken], log=lambda line: None)
+    assert rows[0]["status"] == "failed (exit 1)" and math.isnan(rows[0]["best_value"])
+    assert rows[0]["peak_rss_bytes"] > 0
+    assert compare_report.read_csv(str(tmp_path / "compare.csv"))[0]["status"].startswith(
+        "failed")
+    assert "Traceback" in (tmp_path / "logs" / "broken.log").read_text()
