@@ -5,12 +5,11 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
+import method_contract as contract
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-import method_contract as contract
 from prompt_t5x.commands import cli
 from prompt_t5x.methods import bias_tuning, registry
 from prompt_t5x.methods.bias_tuning import BiasTuning
