@@ -150,6 +150,25 @@ def test_bias_tuning_sigkill_resume_is_exact(tmp_path):
                                            tmp_path)
 
 
+def test_run_file_is_the_documented_recipe():
+    import gin
+
+    from prompt_t5x.commands import configurables, gin_cli, run_train
+    gin_cli.parse(gin_cli.split_argv(["--gin_file=models/base.gin",
+                                      "--gin_file=runs/bias_tuning.gin",
+                                      "--gin.MODEL_DIR='/tmp/never_created'",
+                                      "--gin.TASK='null_super_glue_rte_v102'"]))
+    run = gin_cli.call(run_train.train_config)
+    assert run.method == configurables.method_spec(
+        "bias_tuning", biases=bias_tuning.DEFAULT_BIASES, norm_scales=True)
+    assert run.method.trainable_parameters(run.model) == 247_296
+    impl = run.optimizer.init.__self__
+    assert (impl.learning_rate, impl.weight_decay_rate, impl.multiply_by_parameter_scale) == \
+        (1e-3, None, False)
+    assert gin.query_parameter("%TASK") == "null_super_glue_rte_v102"
+    gin.clear_config()
+
+
 COMMON = ["--gin.TASK=synthetic_contains", "--gin.INPUTS_LENGTH=13", "--gin.TARGETS_LENGTH=2"]
 
 
@@ -182,15 +201,17 @@ def test_cli_train_eval_infer_export(tmp_path, capsys):
     assert not any("query" in name for name in tables)
 
 
-@pytest.mark.parametrize("binding, wanted", [
-    ("--gin.BIASES=['wq']", "a list of distinct names from"),
-    ("--gin.NORM_SCALES=1", "True or False"),
-    ("--gin.optim.adafactor.factor_rules={'axes:layers,*': 'row,batch'}", "factor_rules"),
+@pytest.mark.parametrize("bindings, wanted", [
+    (["--gin.BIASES=['wq']"], "a list of distinct names from"),
+    (["--gin.BIASES=['wo', 'wo']"], "a list of distinct names from"),
+    (["--gin.NORM_SCALES=1"], "True or False"),
+    (["--gin.BIASES=[]", "--gin.NORM_SCALES=False"], "trains nothing"),
+    (["--gin.optim.adafactor.factor_rules={'axes:layers,*': 'row,batch'}"], "factor_rules"),
 ])
-def test_gin_mistakes_are_one_line(tmp_path, capsys, binding, wanted):
+def test_gin_mistakes_are_one_line(tmp_path, capsys, bindings, wanted):
     run = tmp_path / "run"
     assert cli.main(["train", "--gin_file=models/quickstart.gin", "--gin_file=runs/bias_tuning.gin",
-                     f"--gin.MODEL_DIR={run}", binding] + COMMON) == 2
+                     f"--gin.MODEL_DIR={run}", *bindings] + COMMON) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and wanted in err, err
     assert not run.exists()

@@ -190,6 +190,9 @@ def bias_tuning(biases: Sequence[str] = ("query", "value", "out", "wi_0", "wi_1"
                 norm_scales: bool = True) -> MethodSpec:
     """Bias tuning (Logan IV et al., 2022; ``prompt_t5x.methods.bias_tuning``): no encoder
     positions added (its null prompts are a task format, ``null_<task>``)."""
+    if not biases and not norm_scales:   # each value alone is fine (gin_checks); both is not
+        raise ValueError("methods.bias_tuning trains nothing with biases=[] and "
+                         "norm_scales=False: choose biases or set norm_scales=True")
     return method_spec("bias_tuning", prompt_positions=0, biases=tuple(biases),
                        norm_scales=norm_scales)
 
