@@ -9,9 +9,11 @@ while training about 0.1% of the parameters.
 Where our T5 version differs: T5 1.1 has no biases at all (and its RMSNorm has no shift), so
 there is nothing to "unfreeze". This method *adds* zero-initialised biases to the chosen dense
 outputs (``query``/``value``/``out`` of every attention, ``wi_0``/``wi_1``/``wo`` of every MLP;
-``key`` on request only, see ``DEFAULT_BIASES``; the untied ``logits_dense`` is left alone) and, optionally, trains every RMSNorm ``scale`` as
-a zero-initialised delta on the frozen one (the counterpart of BitFit's LayerNorm terms). At
-step 0 the model computes exactly the pretrained function.
+``key`` on request only, see ``DEFAULT_BIASES``; the untied ``logits_dense`` is left alone)
+and, optionally, trains every RMSNorm ``scale`` as a zero-initialised delta on the frozen one
+(BitFit trains LayerNorm's *shift*, a bias; RMSNorm has no shift, so its scale is the nearest
+per-feature term to train, and an option). At step 0 the model computes exactly the pretrained
+function.
 
 Trainable tree: the frozen tree's own paths, one leaf per chosen dense / norm, e.g.
 ``encoder/layers_0/attention/query/bias`` [heads*head_dim] or

@@ -18,6 +18,7 @@ A rule is ``pattern -> factoring`` (first match wins; gin:
   role act as one merged dim, e.g. heads x head_dim), ``batch`` dims index both, i.e. every
   batch index is its own matrix. A role factoring whose row or column size is below
   ``min_dim_size_to_factor`` is not factored, exactly as the 2-D rule would do per matrix.
+  Only the second moment is per matrix: update clipping stays per parameter, as in T5X.
 
 After the user's rules come :data:`DEFAULT_FACTOR_RULES`: a parameter whose first axis is named
 ``layers`` is a stack of per-layer matrices, factored per layer over (axis 1, the rest merged):

@@ -7,9 +7,9 @@ parameter scaling.
 
 Per parameter, with ``g2 = g*g + eps1``:
 
-- factored (the two largest dims both >= ``min_dim_size_to_factor``, ``d0`` the largest, ``d1`` the
-  second): ``v_row = b*v_row + (1-b)*mean(g2, d0)``, ``v_col = b*v_col + (1-b)*mean(g2, d1)``,
-  ``u = g * (v_row / mean(v_row, d1))^-1/2 * v_col^-1/2``;
+- factored (with no factor rule: the two largest dims both >= ``min_dim_size_to_factor``, ``d0``
+  the largest, ``d1`` the second): ``v_row = b*v_row + (1-b)*mean(g2, d0)``,
+  ``v_col = b*v_col + (1-b)*mean(g2, d1)``, ``u = g * (v_row / mean(v_row, d1))^-1/2 * v_col^-1/2``;
 - otherwise ``v = b*v + (1-b)*g2``, ``u = g * v^-1/2``;
 - ``u /= max(1, rms(u) / clipping_threshold)``; update ``-lr * u`` (times ``max(rms(p), eps2)`` when
   ``multiply_by_parameter_scale``), minus ``weight_decay_rate * p``.
