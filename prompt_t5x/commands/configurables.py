@@ -7,6 +7,8 @@ Names as they appear in gin files:
   optim.adafactor        ``prompt_t5x.training.optim.adafactor`` (T5X Adafactor; lr 0.3 by default)
   methods.prompt_tuning  prompt_length, prompt_mode, prompt_init  -> a ``MethodSpec``
   methods.model_tuning   every weight trainable (the paper's baseline) -> a ``MethodSpec``
+  methods.bias_tuning    biases, norm_scales: BitFit-style added biases (+ RMSNorm scale
+                         deltas), ``prompt_t5x.methods.bias_tuning`` -> a ``MethodSpec``
   prompts.class_labels / prompts.sampled_vocab / prompts.random_uniform / prompts.from_file
                          prompt initialisers -> a ``PromptInitSpec``
 
@@ -183,6 +185,18 @@ def model_tuning() -> MethodSpec:
     return MethodSpec("model_tuning")
 
 
+@gin.configurable("bias_tuning", module="methods")
+def bias_tuning(biases: Sequence[str] = ("query", "value", "out", "wi_0", "wi_1", "wo"),
+                norm_scales: bool = True) -> MethodSpec:
+    """Bias tuning (Logan IV et al., 2022; ``prompt_t5x.methods.bias_tuning``): no encoder
+    positions added (its null prompts are a task format, ``null_<task>``)."""
+    if not biases and not norm_scales:   # each value alone is fine (gin_checks); both is not
+        raise ValueError("methods.bias_tuning trains nothing with biases=[] and "
+                         "norm_scales=False: choose biases or set norm_scales=True")
+    return method_spec("bias_tuning", prompt_positions=0, biases=tuple(biases),
+                       norm_scales=norm_scales)
+
+
 # ------------------------------------------------------------------------- registrations ----
 gin.external_configurable(get_config, name="get_config", module="t5")
 gin.external_configurable(optim.adafactor, name="adafactor", module="optim")
@@ -193,6 +207,7 @@ REGISTERED = {
     "optim.adafactor": optim.adafactor,
     "methods.prompt_tuning": prompt_tuning,
     "methods.model_tuning": model_tuning,
+    "methods.bias_tuning": bias_tuning,
     "prompts.class_labels": class_labels,
     "prompts.sampled_vocab": sampled_vocab,
     "prompts.random_uniform": random_uniform,

@@ -23,8 +23,10 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 import gin
 
 from prompt_t5x.base.errors import UsageError
+from prompt_t5x.methods.bias_tuning import BIAS_TARGETS
 from prompt_t5x.model import prompt_inputs
 from prompt_t5x.model import t5 as t5_lib
+from prompt_t5x.training import factor_rules as rules_lib
 
 # A check returns None when the value is fine, else what the value must be (for the message).
 Check = Callable[[Any], Optional[str]]
@@ -82,6 +84,23 @@ def one_of(*choices: Any) -> Check:
     return choice_check
 
 
+def bias_targets(v: Any) -> Optional[str]:
+    """``methods.bias_tuning.biases``: distinct names of dense layers that can get a bias."""
+    wanted = ("a list of distinct names from " + ", ".join(repr(b) for b in BIAS_TARGETS))
+    if not isinstance(v, (list, tuple)) or not all(isinstance(b, str) for b in v):
+        return wanted
+    return None if set(v) <= set(BIAS_TARGETS) and len(set(v)) == len(v) else wanted
+
+
+def factor_rules(v: Any) -> Optional[str]:
+    """``optim.adafactor.factor_rules``: ``{pattern: factoring}`` that parses."""
+    try:
+        rules_lib.parse(v)
+    except ValueError as e:
+        return f"a dict {{pattern: factoring}} of valid rules ({e})"
+    return None
+
+
 def lengths(v: Any) -> Optional[str]:
     """``train.feature_lengths``: {'inputs': L, 'targets': T} with positive integer lengths."""
     wanted = "{'inputs': L, 'targets': T} with positive integer lengths"
@@ -125,7 +144,10 @@ CHECKS: Dict[str, Check] = {
     "prompts.random_uniform.scale": positive_float,
     "prompts.random_uniform.symmetric": boolean,
     "prompts.from_file.path": text,
+    "methods.bias_tuning.biases": bias_targets,
+    "methods.bias_tuning.norm_scales": boolean,
     # the optimizer (a learning-rate schedule given as a reference is the schedule's business)
+    "optim.adafactor.factor_rules": optional(factor_rules),
     "optim.adafactor.learning_rate": positive_float,
     "optim.adafactor.decay_rate": positive_float,
     "optim.adafactor.initial_step": non_negative_int,

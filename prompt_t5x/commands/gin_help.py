@@ -32,6 +32,7 @@ HELP = {
         files=MODEL_FILES + (
             ("runs/prompt_tuning.gin", "the paper's recipe: prompt 100, class-label init, lr 0.3"),
             ("runs/model_tuning.gin", "the model-tuning baseline (every weight trained)"),
+            ("runs/bias_tuning.gin", "bias tuning with null prompts (TASK=null_<task>)"),
             ("prompts/{sampled_vocab,random_uniform,from_file}.gin",
              "another prompt init (after the run file)")),
         knobs="MODEL_DIR and TASK (required; 'prompt-t5x tasks' lists tasks), CHECKPOINT, "

@@ -12,6 +12,10 @@ skill is near chance (50%). A tiny T5 pretrained on all skills, each marked by a
 token (``contains: c k p ...``), is the frozen model of the quickstart; prompt tuning then sees
 the inputs *without* the marker and has to learn a prompt that selects the skill.
 
+The unmarked ``synthetic_<skill>`` tasks are *null prompts* in the sense of Logan IV et al.
+(2022): the input is the fields alone, with no template words and no task name (what the
+``null_<task>`` variants of the SeqIO tasks are; bias tuning trains on them).
+
 Nothing here is third-party data: every example is drawn from a seeded numpy generator.
 """
 

@@ -14,7 +14,9 @@ is enough to rebuild it (``prompt_t5x.methods.registry``):
   the trained state computes);
 - ``export(trainable)`` gives the inference form: flat named tables plus the config of the method
   that runs them (e.g. prefix-tuning's MLP collapses to the direct key/value table);
-- ``logical_axes(trainable)`` names every trainable axis (the rules keep them replicated);
+- ``logical_axes(trainable)`` names every trainable axis (the rules keep them replicated); the
+  names also choose Adafactor's factoring (``prompt_t5x.training.factor_rules``: a leading
+  ``'layers'`` axis is factored per layer);
 - ``prompt_positions`` is how many positions the method adds to every encoder input, which the
   data pipeline subtracts from the input length.
 """

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from prompt_t5x.methods.interface import Method
+from prompt_t5x.training import optim
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
@@ -37,6 +38,8 @@ def create_train_state(method: Method, optimizer: optax.GradientTransformation, 
     init_rng, rng = jax.random.split(rng)
     if trainable is None:
         trainable = method.init_trainable(init_rng, frozen)
+    # The method's axis names choose how Adafactor factors its parameters (factor_rules).
+    optimizer = optim.with_logical_axes(optimizer, method.logical_axes(trainable))
     return TrainState(step=jnp.asarray(step, jnp.int32), params=trainable,
                       opt_state=optimizer.init(trainable), rng=rng)
 
@@ -120,7 +123,8 @@ def train_step_fn(method: Method, optimizer: optax.GradientTransformation, *,
                 body, (zeros, jnp.zeros((), jnp.int32)), micro)
         denom = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        bound = optim.with_logical_axes(optimizer, method.logical_axes(state.params))
+        updates, opt_state = bound.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": (ce + zl) / denom, "z_loss": zl / denom,
                    # teacher-forced, in percent like validation's (data.metrics): not the
