@@ -62,7 +62,7 @@ def templated_task(task, template: templates.InputTemplate, inputs_length: int) 
     info = families.TASK_INFO[task.name]
     # Room for EOS and, in the task-index variant, the task token prepended after tokenize.
     budget = inputs_length - 1 - (1 if info.task_index is not None else 0)
-    render({f: "" for f in render.template.fields}, budget)   # TemplateError now if too long
+    render.check_fits(budget)
     text_steps, token_steps = _split_at_tokenize(task.preprocessors)
     names = render.template.fields
 

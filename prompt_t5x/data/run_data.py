@@ -129,6 +129,7 @@ class SyntheticData:
         if template is not None:
             render = template.renderer(name, ["inputs"], synthetic.encode, len(synthetic.WORDS),
                                        model_vocab_size)
+            render.check_fits(inputs_length - 1)
             self._encode_inputs = lambda record: render(record, inputs_length - 1)
         per_skill = -(-eval_examples // len(self.skills))
         self._eval_records = [r for k, s in enumerate(self.skills)

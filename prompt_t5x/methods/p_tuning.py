@@ -11,7 +11,8 @@ Here:
 - trainable ``{'embedding': [P, D], 'encoder': {...}}``; the whole T5 stays frozen;
 - ``encoder='lstm'``: 2-layer bidirectional LSTM, ``encoder_hidden // 2`` units per direction
   (``encoder_hidden`` = D by default, so the two directions together give D), then
-  Dense(D) -> ReLU -> Dense(D), as in the authors' release; ``'mlp'``: Dense(H) -> ReLU ->
+  Dense(2 * units) -> ReLU -> Dense(D): PEFT's LSTM encoder with ``encoder_hidden_size`` =
+  units (tests/test_p_tuning.py checks the two give the same vectors from the same weights); ``'mlp'``: Dense(H) -> ReLU ->
   Dense(H) -> ReLU -> Dense(D) (PEFT's MLP encoder); ``'none'``: the embedding *is* the prompt
   (the exported inference form: the encoder is run once and dropped);
 - the data renders every pseudo token as one placeholder id (``pseudo_token_id``; default the
@@ -55,13 +56,14 @@ class PromptEncoder(nn.Module):
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
         if self.kind == "lstm":
+            units = self.hidden // 2                               # per direction
             h = inputs[None]                                       # [1, P, D]: one sequence
             for layer in range(2):
-                h = nn.Bidirectional(nn.RNN(nn.OptimizedLSTMCell(self.hidden // 2)),
-                                     nn.RNN(nn.OptimizedLSTMCell(self.hidden // 2)),
-                                     name=f"lstm_{layer}")(h)      # [1, P, 2 * (hidden // 2)]
-            h = nn.relu(nn.Dense(self.dim, name="mlp_0")(h[0]))
-            return nn.Dense(self.dim, name="mlp_1")(h)
+                h = nn.Bidirectional(
+                    nn.RNN(nn.OptimizedLSTMCell(units, name=f"lstm_{layer}_forward")),
+                    nn.RNN(nn.OptimizedLSTMCell(units, name=f"lstm_{layer}_backward")))(h)
+            h = nn.relu(nn.Dense(2 * units, name="mlp_0")(h[0]))   # [P, 2 * units]
+            return nn.Dense(self.dim, name="mlp_1")(h)             # [P, D]
         if self.kind == "mlp":
             h = nn.relu(nn.Dense(self.hidden, name="mlp_0")(inputs))
             h = nn.relu(nn.Dense(self.hidden, name="mlp_1")(h))

@@ -166,6 +166,11 @@ class TemplateRenderer:
         self.template, self.encode, self.placeholder_id = template, encode, placeholder_id
         self.anchor_ids = [list(encode(a)) for a in template.anchors()]
 
+    def check_fits(self, budget: int) -> None:
+        """TemplateError now (not at the first batch) if anchors and pseudo tokens alone
+        exceed ``budget``."""
+        self({name: "" for name in self.template.fields}, budget)
+
     def __call__(self, fields: Mapping[str, str], budget: int) -> List[int]:
         ids = {name: list(self.encode(fields[name])) for name in self.template.fields}
         return render_ids(self.template, ids, self.anchor_ids, self.placeholder_id, budget)
