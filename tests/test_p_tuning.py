@@ -8,10 +8,10 @@ import os
 
 import jax
 import jax.numpy as jnp
+import method_contract as contract
 import numpy as np
 import pytest
 
-import method_contract as contract
 from prompt_t5x.methods import registry, templates
 from prompt_t5x.methods.p_tuning import PromptEncoder, PTuning
 from prompt_t5x.model import prompt_inputs, t5
