@@ -187,19 +187,19 @@ def test_cli_train_eval_infer_export_through_a_template(tmp_path, capsys):
     assert len(rows) == 8 and {r["prediction"] for r in rows} <= {"yes", "no"}
 
 
-@pytest.mark.parametrize("flag, needle", [
-    ("--gin.TEMPLATE='[P*3] {symbols}'", "has no field 'symbols'; its fields: inputs"),
-    ("--gin.TEMPLATE='{inputs} only'", "methods.p_tuning.template"),
-    ("--gin.ENCODER='gru'", "methods.p_tuning.encoder"),
-    ("--gin.TEMPLATE='[P*20] {inputs}'", "raise inputs_length"),
+@pytest.mark.parametrize("flags, needle", [
+    (["--gin.TEMPLATE='[P*3] {symbols}'"], "has no field 'symbols'; its fields: inputs"),
+    (["--gin.TEMPLATE='{inputs} only'"], "methods.p_tuning.template"),
+    (["--gin.ENCODER='gru'"], "methods.p_tuning.encoder"),
+    (["--gin.TEMPLATE='[P*20] {inputs}'"], "raise inputs_length"),
+    ([], "no P-tuning template for task 'synthetic_contains'; templates are given for: "),
 ])
-def test_gin_mistakes_exit_2_with_one_line(tmp_path, capsys, flag, needle):
+def test_gin_mistakes_exit_2_with_one_line(tmp_path, capsys, flags, needle):
     from prompt_t5x.commands import cli
     run = tmp_path / "run"
     assert cli.main(["train", "--gin_file=models/quickstart.gin", "--gin_file=runs/p_tuning.gin",
                      f"--gin.MODEL_DIR={run}", "--gin.TASK=synthetic_contains",
-                     "--gin.INPUTS_LENGTH=13", "--gin.TARGETS_LENGTH=2",
-                     "--gin.TEMPLATE='[P] {inputs}'", flag]) == 2
+                     "--gin.INPUTS_LENGTH=13", "--gin.TARGETS_LENGTH=2"] + flags) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
     assert not run.exists()
