@@ -67,8 +67,6 @@ class Template:
                 pieces.append(("pseudo", n))
             end = match.end()
         _anchor(pieces, text[end:])
-        if any(c in text for c in "{}") and not any(k == "field" for k, _ in pieces):
-            raise TemplateError(f"template {text!r}: unbalanced braces")
         template = cls(text, tuple(pieces))
         if template.num_pseudo == 0:
             raise TemplateError(f"template {text!r} has no pseudo tokens: write [P] or [P*n]")
@@ -93,18 +91,14 @@ class Template:
                 f"template {self.text!r}: task {task!r} has no field "
                 f"{', '.join(repr(f) for f in unknown)}; its fields: {', '.join(available)}")
 
-    def display(self, fields: Mapping[str, str]) -> str:
-        """The rendered text with ``[P]`` for every pseudo token (what ``infer`` shows)."""
-        out = []
-        for kind, value in self.pieces:
-            if kind == "pseudo":
-                out += ["[P]"] * int(value)
-            else:
-                out.append(fields[str(value)] if kind == "field" else str(value))
-        return " ".join(p.strip() for p in out if p.strip())
 
 
 def _anchor(pieces: List[Piece], text: str) -> None:
+    if "{" in text or "}" in text:
+        raise TemplateError(f"template anchor text {text.strip()!r}: unbalanced braces")
+    if "[P" in text:   # '[P*x]', '[P* 3]': a pseudo token misspelt, not anchor text
+        raise TemplateError(f"template anchor text {text.strip()!r}: write pseudo tokens as "
+                            "[P] or [P*n]")
     if text.strip():
         pieces.append(("text", text.strip()))
 
