@@ -29,6 +29,10 @@ given), the order of ``eval_examples``, so predictions can be put back in order 
 Packing (several examples per row) is refused when a prompt is used: the prompt would be
 prepended once per row, so all but the first packed example would see no prompt of their own.
 
+Templates. ``BatchSpec.template`` (P-tuning, ``prompt_t5x.methods.templates``) swaps a task's
+``inputs`` for its template over the raw fields (``tasks/templated.py``): the pseudo tokens are
+placeholder ids inside the L input tokens, so ``prompt_length`` stays 0.
+
 This module imports TensorFlow/SeqIO; the core never imports it.
 """
 
