@@ -5,10 +5,12 @@ Names as they appear in gin files:
   t5.get_config          size ('small' ... 'xxl', 'tiny', or 'from_checkpoint' with its
                          ``checkpoint``) plus any ``T5Config`` field override
   optim.adafactor        ``prompt_t5x.training.optim.adafactor`` (T5X Adafactor; lr 0.3 by default)
+  optim.adam             ``optax.adam`` (P-tuning's optimizer)
   methods.prompt_tuning  prompt_length, prompt_mode, prompt_init  -> a ``MethodSpec``
   methods.model_tuning   every weight trainable (the paper's baseline) -> a ``MethodSpec``
   methods.bias_tuning    biases, norm_scales: BitFit-style added biases (+ RMSNorm scale
                          deltas), ``prompt_t5x.methods.bias_tuning`` -> a ``MethodSpec``
+  methods.p_tuning       template, pseudo_token_id, encoder, encoder_hidden -> a ``MethodSpec``
   prompts.class_labels / prompts.sampled_vocab / prompts.random_uniform / prompts.from_file
                          prompt initialisers -> a ``PromptInitSpec``
 
@@ -24,6 +26,7 @@ import difflib
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import gin
+import optax
 
 from prompt_t5x.checkpoints import frozen_sources
 from prompt_t5x.methods import interface, prompt_init
@@ -197,17 +200,33 @@ def bias_tuning(biases: Sequence[str] = ("query", "value", "out", "wi_0", "wi_1"
                        norm_scales=norm_scales)
 
 
+@gin.configurable("p_tuning", module="methods")
+def p_tuning(template: Any = gin.REQUIRED, pseudo_token_id: Optional[int] = None,
+             encoder: str = "lstm", encoder_hidden: Optional[int] = None,
+             population: int = 5000) -> MethodSpec:
+    """P-tuning (``prompt_t5x.methods.p_tuning``): ``template`` is one string for the run's task
+    or a {task: template} dict; the pseudo tokens sit inside the inputs (no added positions)."""
+    return method_spec("p_tuning", prompt_positions=0,
+                       template=dict(template) if isinstance(template, dict) else template,
+                       pseudo_token_id=pseudo_token_id, encoder=encoder,
+                       encoder_hidden=encoder_hidden, population=population)
+
+
 # ------------------------------------------------------------------------- registrations ----
 gin.external_configurable(get_config, name="get_config", module="t5")
 gin.external_configurable(optim.adafactor, name="adafactor", module="optim")
+# Adam: P-tuning's optimizer (runs/p_tuning.gin); optax's own, trained state is its moments.
+gin.external_configurable(optax.adam, name="adam", module="optim")
 
 # Every configurable name and its function, for "did you mean" hints on typos (see gin_cli).
 REGISTERED = {
     "t5.get_config": get_config,
     "optim.adafactor": optim.adafactor,
+    "optim.adam": optax.adam,
     "methods.prompt_tuning": prompt_tuning,
     "methods.model_tuning": model_tuning,
     "methods.bias_tuning": bias_tuning,
+    "methods.p_tuning": p_tuning,
     "prompts.class_labels": class_labels,
     "prompts.sampled_vocab": sampled_vocab,
     "prompts.random_uniform": random_uniform,

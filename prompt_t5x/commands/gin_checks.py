@@ -109,6 +109,23 @@ def lengths(v: Any) -> Optional[str]:
     return None if all(_is_int(x) and x > 0 for x in v.values()) else wanted
 
 
+def p_tuning_template(v: Any) -> Optional[str]:
+    """``methods.p_tuning.template``: one template string or a {task: template} dict."""
+    from prompt_t5x.methods import templates
+    wanted = ("a template with pseudo tokens [P] / [P*n] and {field} names (e.g. "
+              "'[P*3] {sentence} [P*3]'), or a {task: template} dict")
+    try:
+        if isinstance(v, dict) and all(isinstance(k, str) for k in v):
+            templates.all_templates(v)
+        elif isinstance(v, str):
+            templates.Template.parse(v)
+        else:
+            return wanted
+    except templates.TemplateError:
+        return wanted
+    return None
+
+
 CHECKS: Dict[str, Check] = {
     # the run
     "train.model_dir": text,
@@ -139,6 +156,11 @@ CHECKS: Dict[str, Check] = {
     # the method and its prompt
     "methods.prompt_tuning.prompt_length": positive_int,
     "methods.prompt_tuning.prompt_mode": one_of(*prompt_inputs.COMBINE_MODES),
+    "methods.p_tuning.template": p_tuning_template,
+    "methods.p_tuning.pseudo_token_id": optional(positive_int),
+    "methods.p_tuning.encoder": one_of("lstm", "mlp", "none"),
+    "methods.p_tuning.encoder_hidden": optional(positive_int),
+    "methods.p_tuning.population": positive_int,
     "prompts.class_labels.population": positive_int,
     "prompts.sampled_vocab.population": positive_int,
     "prompts.random_uniform.scale": positive_float,
@@ -148,6 +170,7 @@ CHECKS: Dict[str, Check] = {
     "methods.bias_tuning.norm_scales": boolean,
     # the optimizer (a learning-rate schedule given as a reference is the schedule's business)
     "optim.adafactor.factor_rules": optional(factor_rules),
+    "optim.adam.learning_rate": positive_float,
     "optim.adafactor.learning_rate": positive_float,
     "optim.adafactor.decay_rate": positive_float,
     "optim.adafactor.initial_step": non_negative_int,

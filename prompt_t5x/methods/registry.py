@@ -20,6 +20,7 @@ MODULES: Dict[str, str] = {
     "prompt_tuning": "prompt_t5x.methods.prompt_tuning",
     "model_tuning": "prompt_t5x.methods.model_tuning",
     "bias_tuning": "prompt_t5x.methods.bias_tuning",
+    "p_tuning": "prompt_t5x.methods.p_tuning",
 }
 
 
