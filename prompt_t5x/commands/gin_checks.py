@@ -90,6 +90,13 @@ def lengths(v: Any) -> Optional[str]:
     return None if all(_is_int(x) and x > 0 for x in v.values()) else wanted
 
 
+def label_list(v: Any) -> Optional[str]:
+    """``methods.classification_head.labels``: two or more distinct non-empty strings."""
+    ok = (isinstance(v, (list, tuple)) and len(v) >= 2 and len(set(v)) == len(v)
+          and all(text(w) is None for w in v))
+    return None if ok else "a list of two or more distinct label words"
+
+
 CHECKS: Dict[str, Check] = {
     # the run
     "train.model_dir": text,
@@ -120,6 +127,9 @@ CHECKS: Dict[str, Check] = {
     # the method and its prompt
     "methods.prompt_tuning.prompt_length": positive_int,
     "methods.prompt_tuning.prompt_mode": one_of(*prompt_inputs.COMBINE_MODES),
+    "methods.deep_prompts.prompt_length": positive_int,
+    "methods.deep_prompts.prompt_mode": one_of(*prompt_inputs.COMBINE_MODES),
+    "methods.classification_head.labels": optional(label_list),
     "prompts.class_labels.population": positive_int,
     "prompts.sampled_vocab.population": positive_int,
     "prompts.random_uniform.scale": positive_float,
