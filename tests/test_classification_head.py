@@ -119,7 +119,9 @@ def test_head_around_deep_prompts_on_meshes_matches_one_device():
     method = registry.build(t5.T5(config), {
         "kind": "classification_head", "inner": {"kind": "deep_prompts", "prompt_length": 3},
         "labels": [f"l{c}" for c in range(len(labels))], "label_tokens": labels})
-    contract.check_mesh_matches_one_device(method, contract.tiny_frozen(config))
+    # one mesh splitting both axes: the inner deep prompts pass all three in their own file,
+    # and the head's own leaves are replicated like them
+    contract.check_mesh_matches_one_device(method, contract.tiny_frozen(config), meshes=("2x4",))
 
 
 def test_head_resume_after_sigkill_is_exact(tmp_path):
@@ -191,3 +193,23 @@ def test_head_gin_mistakes_are_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "must be a method, e.g. @methods.prompt_tuning()" in err, err
     assert not (tmp_path / "run").exists()
 
+
+
+def test_gin_wraps_the_head_around_either_prompt_method():
+    """runs/classification_head.gin's inner deep prompts, or prompt tuning by one binding; the
+    inner spec is built with the task's label words (prompt tuning's class-label init)."""
+    from prompt_t5x.commands import gin_cli, run_train
+    from prompt_t5x.data import synthetic
+    from prompt_t5x.methods.deep_prompts import DeepPrompts
+    base = ["--gin_file=models/quickstart.gin", "--gin_file=runs/classification_head.gin",
+            "--gin.MODEL_DIR=/tmp/x", "--gin.TASK=synthetic_contains", "--gin.PROMPT_LENGTH=6"]
+    for extra, inner_type in (([], DeepPrompts), (
+            ["--gin.methods.classification_head.inner=@methods.prompt_tuning()"], PromptTuning)):
+        gin_cli.parse(gin_cli.split_argv(base + extra))
+        spec = gin_cli.call(run_train.train_config).method
+        assert spec.kind == "classification_head" and spec.prompt_length == 6
+        head = spec.build(t5.T5(contract.tiny_config()), ("yes", "no"), synthetic.encode)
+        assert type(head.inner) is inner_type and head.prompt_positions == 6
+        assert head.labels == ("yes", "no")
+        assert head.label_tokens == (tuple(synthetic.encode("yes")), tuple(synthetic.encode("no")))
+    assert head.inner.prompt_init.__qualname__.startswith("class_labels_init")

@@ -24,7 +24,9 @@ The train step's ``token_accuracy`` is then the accuracy over examples.
 Prediction: ``label_scores`` (log-softmax of the class logits, in label order) is what rank
 classification, validation and ``eval``/``infer`` use, so argmax = the predicted label. Decoding
 text is refused with a one-line ``UsageError`` (``model_inputs``): the LM head was never trained
-to say anything; eval/infer pick rank mode for tasks with label words.
+to say anything; eval/infer pick rank mode for tasks with label words. Keep
+``train.rank_classification`` on (the default) when training a head: with it off, validation
+would decode and the run would stop at its first validation with that one line.
 
 ``logits`` (the contract's teacher-forced [B, T, V]) are the inner method's LM logits: the head
 leaves the LM untouched. The inference form is the head around the inner method's inference form.
