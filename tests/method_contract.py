@@ -178,24 +178,27 @@ def check_mesh_matches_one_device(method: interface.Method, frozen, meshes=("1x8
                                        err_msg=f"{jax.tree_util.keystr(path)} on {text}")
 
 
-def _driver(model_dir, out, method_config, *extra, cache_dir):
+def _driver(model_dir, out, method_config, *extra, cache_dir, encoder_layers=1):
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     return subprocess.Popen([sys.executable, DRIVER, str(model_dir), "--steps", "6",
                              "--save_every", "2", "--out", str(out),
-                             "--method", json.dumps(method_config), *extra],
+                             "--method", json.dumps(method_config),
+                             "--encoder_layers", str(encoder_layers), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
 
 
-def check_sigkill_resume_is_exact(method_config: dict, tmp_path):
-    """The driver's 'test' T5 has dropout 0.1 and one layer per stack; ``method_config`` is a
-    registry config (``{'kind': ..., ...}``) whose init needs no vocabulary."""
+def check_sigkill_resume_is_exact(method_config: dict, tmp_path, *, encoder_layers: int = 1):
+    """The driver's 'test' T5 has dropout 0.1 and one layer per stack (``encoder_layers`` for
+    methods that need more); ``method_config`` is a registry config (``{'kind': ..., ...}``)
+    whose init needs no vocabulary."""
     cache = tmp_path / "jax_cache"
+    layers = {"encoder_layers": encoder_layers}
     ref = _driver(tmp_path / "uninterrupted", tmp_path / "ref.npz", method_config,
-                  cache_dir=cache)
+                  cache_dir=cache, **layers)
     assert ref.wait(timeout=300) == 0, ref.stdout.read()
     victim = _driver(tmp_path / "killed", tmp_path / "killed.npz", method_config,
-                     "--step_delay", "0.5", cache_dir=cache)
+                     "--step_delay", "0.5", cache_dir=cache, **layers)
     for line in victim.stdout:
         if line.strip() == "step 3":
             victim.send_signal(signal.SIGKILL)
@@ -203,7 +206,7 @@ def check_sigkill_resume_is_exact(method_config: dict, tmp_path):
     victim.wait(timeout=60)
     assert victim.returncode == -signal.SIGKILL
     resumed = _driver(tmp_path / "killed", tmp_path / "killed.npz", method_config,
-                      cache_dir=cache)
+                      cache_dir=cache, **layers)
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     assert out.splitlines()[0] in ("resumed from 2", "resumed from 4"), out

@@ -11,6 +11,8 @@ Names as they appear in gin files:
   methods.bias_tuning    biases, norm_scales: BitFit-style added biases (+ RMSNorm scale
                          deltas), ``prompt_t5x.methods.bias_tuning`` -> a ``MethodSpec``
   methods.p_tuning       template, pseudo_token_id, encoder, encoder_hidden -> a ``MethodSpec``
+  methods.deep_prompts   prompt_length, prompt_mode, prompt_init (VPT-deep) -> a ``MethodSpec``
+  methods.classification_head  inner (a method), labels -> a ``MethodSpec``
   prompts.class_labels / prompts.sampled_vocab / prompts.random_uniform / prompts.from_file
                          prompt initialisers -> a ``PromptInitSpec``
 
@@ -212,6 +214,28 @@ def p_tuning(template: Any = gin.REQUIRED, pseudo_token_id: Optional[int] = None
                        encoder_hidden=encoder_hidden, population=population)
 
 
+@gin.configurable("deep_prompts", module="methods")
+def deep_prompts(prompt_length: int = 100, prompt_mode: str = "prepend",
+                 prompt_init: Optional[PromptInitSpec] = None) -> MethodSpec:
+    """VPT-deep / P-tuning v2 deep prompts (``methods.deep_prompts``); every layer's rows start
+    from ``prompt_init`` (default: sampled vocabulary)."""
+    return method_spec("deep_prompts", prompt_positions=prompt_length,
+                       prompt_length=prompt_length, prompt_mode=prompt_mode,
+                       prompt_init=prompt_init or sampled_vocab())
+
+
+@gin.configurable("classification_head", module="methods")
+def classification_head(inner: MethodSpec = gin.REQUIRED,
+                        labels: Optional[Sequence[str]] = None) -> MethodSpec:
+    """A linear head on the mean-pooled encoder around ``inner`` (``@methods.prompt_tuning()``,
+    ``@methods.deep_prompts()``); ``labels`` default to the task's label words."""
+    if not isinstance(inner, MethodSpec):
+        raise ValueError(f"methods.classification_head.inner must be a method, e.g. "
+                         f"@methods.prompt_tuning(); got {inner!r}")
+    return method_spec("classification_head", prompt_positions=inner.prompt_length, inner=inner,
+                       labels=None if labels is None else tuple(labels))
+
+
 # ------------------------------------------------------------------------- registrations ----
 gin.external_configurable(get_config, name="get_config", module="t5")
 gin.external_configurable(optim.adafactor, name="adafactor", module="optim")
@@ -227,6 +251,8 @@ REGISTERED = {
     "methods.model_tuning": model_tuning,
     "methods.bias_tuning": bias_tuning,
     "methods.p_tuning": p_tuning,
+    "methods.deep_prompts": deep_prompts,
+    "methods.classification_head": classification_head,
     "prompts.class_labels": class_labels,
     "prompts.sampled_vocab": sampled_vocab,
     "prompts.random_uniform": random_uniform,

@@ -126,6 +126,13 @@ def p_tuning_template(v: Any) -> Optional[str]:
     return None
 
 
+def label_list(v: Any) -> Optional[str]:
+    """``methods.classification_head.labels``: two or more distinct non-empty strings."""
+    ok = (isinstance(v, (list, tuple)) and len(v) >= 2 and len(set(v)) == len(v)
+          and all(text(w) is None for w in v))
+    return None if ok else "a list of two or more distinct label words"
+
+
 CHECKS: Dict[str, Check] = {
     # the run
     "train.model_dir": text,
@@ -161,6 +168,9 @@ CHECKS: Dict[str, Check] = {
     "methods.p_tuning.encoder": one_of("lstm", "mlp", "none"),
     "methods.p_tuning.encoder_hidden": optional(positive_int),
     "methods.p_tuning.population": positive_int,
+    "methods.deep_prompts.prompt_length": positive_int,
+    "methods.deep_prompts.prompt_mode": one_of(*prompt_inputs.COMBINE_MODES),
+    "methods.classification_head.labels": optional(label_list),
     "prompts.class_labels.population": positive_int,
     "prompts.sampled_vocab.population": positive_int,
     "prompts.random_uniform.scale": positive_float,

@@ -21,6 +21,8 @@ MODULES: Dict[str, str] = {
     "model_tuning": "prompt_t5x.methods.model_tuning",
     "bias_tuning": "prompt_t5x.methods.bias_tuning",
     "p_tuning": "prompt_t5x.methods.p_tuning",
+    "deep_prompts": "prompt_t5x.methods.deep_prompts",
+    "classification_head": "prompt_t5x.methods.classification_head",
 }
 
 
