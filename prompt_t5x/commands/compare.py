@@ -53,6 +53,8 @@ LOG = "logs"
 # A summary line of ``prompt-t5x train``'s stdout: the step it trained to.
 _TRAINED = re.compile(r"^trained \S+ on \S+ to step (\d+)( \(resumed from)?")
 _ERROR = re.compile(r"^prompt-t5x train: (?:error: )?(.*)$")
+# train's first line: "<kind>: 1,234 trainable parameters (...)" (run_train.trainable_summary)
+_COUNT = re.compile(r"^\S+: ([\d,]+) trainable parameters")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +117,7 @@ class Plan:
     model_dir: str
     argv: List[str]       # flags of ``prompt-t5x train``
     run: Any              # run_train.RunConfig, parsed from ``argv``
-    trainable: int
+    trainable: Optional[int]   # None until the run says (a head needs the task's labels)
 
     @property
     def command(self) -> str:
@@ -164,13 +166,23 @@ def plan(cfg: CompareConfig, search_paths: Sequence[str] = ()) -> List[Plan]:
             run = gin_cli.call(run_train.train_config)
         except UsageError as e:
             raise UsageError(f"compare.runs[{label!r}]: {e}") from None
-        plans.append(Plan(label, run.model_dir, argv, run,
-                          run.method.trainable_parameters(run.model)))
+        plans.append(Plan(label, run.model_dir, argv, run, _trainable(run)))
     tasks = sorted({p.run.task for p in plans})
     if len(tasks) > 1:
         raise UsageError(f"compare: the methods train on different tasks {tasks}; bind TASK "
                          "in compare.shared, not per method")
     return plans
+
+
+def _trainable(run) -> Optional[int]:
+    """The method's trainable count before it runs; None when building it needs the task's
+    label words and the task is not a generated one (its run prints the count: ``_COUNT``)."""
+    from prompt_t5x.data import synthetic
+    labels = list(synthetic.LABELS) if run.task in synthetic.TASKS else None
+    try:
+        return run.method.trainable_parameters(run.model, label_words=labels)
+    except ValueError:
+        return None
 
 
 # ----------------------------------------------------------------------------- running ----
@@ -215,6 +227,9 @@ def run_child(p: Plan, log_path: str, log=print) -> Dict[str, Any]:
                 m = _TRAINED.match(line)
                 if m:
                     out["last_step"], out["resumed"] = int(m.group(1)), bool(m.group(2))
+                m = _COUNT.match(line)
+                if m:
+                    out["trainable"] = int(m.group(1).replace(",", ""))
                 m = _ERROR.match(line)
                 if m:
                     out["error"] = m.group(1)
@@ -240,6 +255,7 @@ def row_of(p: Plan, result: Mapping[str, Any]) -> Dict[str, Any]:
         if os.path.exists(os.path.join(p.model_dir, "best.json")) else {}
     value = best.get("value")
     code = result["code"]
+    trainable = result.get("trainable") or p.trainable   # what the run itself printed
     status = "ok" if code == 0 else f"failed (exit {code})" + (
         f": {result['error']}" if result.get("error") else "")
     return {"method": p.label, "kind": run.method.kind, "task": run.task,
@@ -247,8 +263,9 @@ def row_of(p: Plan, result: Mapping[str, Any]) -> Dict[str, Any]:
             "best_value": math.nan if value is None or code != 0 else float(value),
             "best_step": best.get("step") if code == 0 else None,
             "last_step": result.get("last_step"), "train_steps": run.loop.train_steps,
-            "trainable_parameters": p.trainable, "model_parameters": run.model.num_params,
-            "trainable_percent": 100.0 * p.trainable / run.model.num_params,
+            "trainable_parameters": trainable, "model_parameters": run.model.num_params,
+            "trainable_percent": math.nan if trainable is None
+            else 100.0 * trainable / run.model.num_params,
             "seconds": round(result["seconds"], 1),
             "peak_rss_bytes": result["peak_rss_bytes"],
             "device_peak_bytes": result.get("device_peak_bytes"),
@@ -270,7 +287,8 @@ def run_all(cfg: CompareConfig, plans: Sequence[Plan], log=print) -> List[Dict[s
             log(f"[compare] {p.label}: finished earlier with the same command; not re-run")
             rows[p.label] = done
             continue
-        log(f"[compare] {p.label} ({p.run.method.kind}, {p.trainable:,} trainable) on "
+        count = "?" if p.trainable is None else f"{p.trainable:,}"
+        log(f"[compare] {p.label} ({p.run.method.kind}, {count} trainable) on "
             f"{p.run.task} -> {p.model_dir}")
         result = run_child(p, os.path.join(cfg.output_dir, LOG,
                                            scaling._slug(p.label) + ".log"), log)

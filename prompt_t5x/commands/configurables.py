@@ -152,22 +152,27 @@ class MethodSpec:
         return registry.build(model, {"kind": self.kind, **dict(self.settings)},
                               label_words=label_words, encode=encode)
 
-    def trainable_parameters(self, config: t5_lib.T5Config) -> int:
-        """How many numbers are trained (the x-axis companion of the scaling plot)."""
+    def trainable_parameters(self, config: t5_lib.T5Config,
+                             label_words: Optional[Sequence[str]] = None) -> int:
+        """How many numbers are trained (the x-axis companion of the scaling plot);
+        ``label_words``: the task's, for methods whose size depends on them (a head)."""
         if self.kind == "prompt_tuning":
             return self.prompt_length * config.emb_dim
         if self.kind == "model_tuning":
             return config.num_params
         import jax
-        method = self.build(t5_lib.T5(config), encode=_shape_only_encode)
+        method = self.build(t5_lib.T5(config), label_words=label_words,
+                            encode=_shape_only_encode)
         shapes = jax.eval_shape(method.init_trainable, jax.random.PRNGKey(0),
                                 t5_lib.param_shapes(config))
         return interface.count_parameters(shapes)
 
 
 def _shape_only_encode(text: str) -> Sequence[int]:
-    """Stands in for a vocabulary when only the trainable shapes are wanted."""
-    return [1] * max(1, len(text.split()))
+    """Stands in for a vocabulary when only the trainable shapes are wanted: one id per word,
+    distinct words (e.g. label words) distinct ids, never 0 (padding) or 1 (EOS)."""
+    import zlib
+    return [2 + zlib.crc32(w.encode("utf-8")) % 30000 for w in text.split()] or [2]
 
 
 def method_spec(kind: str, *, prompt_positions: int = 0, **settings) -> MethodSpec:
