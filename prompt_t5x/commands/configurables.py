@@ -7,6 +7,8 @@ Names as they appear in gin files:
   optim.adafactor        ``prompt_t5x.training.optim.adafactor`` (T5X Adafactor; lr 0.3 by default)
   methods.prompt_tuning  prompt_length, prompt_mode, prompt_init  -> a ``MethodSpec``
   methods.model_tuning   every weight trainable (the paper's baseline) -> a ``MethodSpec``
+  methods.prefix_tuning  key/value prefixes per attention layer (prefix-tuning, P-tuning v2)
+  optim.adamw            optax's AdamW (prefix-tuning's and P-tuning v2's optimizer)
   prompts.class_labels / prompts.sampled_vocab / prompts.random_uniform / prompts.from_file
                          prompt initialisers -> a ``PromptInitSpec``
 
@@ -22,6 +24,7 @@ import difflib
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import gin
+import optax
 
 from prompt_t5x.checkpoints import frozen_sources
 from prompt_t5x.methods import interface, prompt_init
@@ -183,9 +186,31 @@ def model_tuning() -> MethodSpec:
     return MethodSpec("model_tuning")
 
 
+@gin.configurable("prefix_tuning", module="methods")
+def prefix_tuning(prefix_length: int = 10,
+                  parts: Sequence[str] = ("encoder", "decoder_self", "decoder_cross"),
+                  reparameterization: str = "mlp", mlp_hidden: int = 512,
+                  prefix_dropout: float = 0.0, init: Optional[str] = None,
+                  init_scale: float = 1.0,
+                  init_text: Optional[str] = None, prefix_bias: str = "zero",
+                  peft_layout: bool = False) -> MethodSpec:
+    """``prompt_t5x.methods.prefix_tuning``; ``init_text`` (init 'text') is encoded with the
+    run's vocabulary when the method is built; ``init`` defaults to 'text' when it is given,
+    else 'random'. Prefixes add no encoder positions."""
+    init = init or ("text" if init_text is not None else "random")
+    settings = dict(prefix_length=prefix_length, parts=tuple(parts),
+                    reparameterization=reparameterization, mlp_hidden=mlp_hidden,
+                    prefix_dropout=prefix_dropout, init=init, init_scale=init_scale,
+                    prefix_bias=prefix_bias, peft_layout=peft_layout)
+    if init_text is not None:
+        settings["init_text"] = init_text
+    return method_spec("prefix_tuning", prompt_positions=0, **settings)
+
+
 # ------------------------------------------------------------------------- registrations ----
 gin.external_configurable(get_config, name="get_config", module="t5")
 gin.external_configurable(optim.adafactor, name="adafactor", module="optim")
+gin.external_configurable(optax.adamw, name="adamw", module="optim")
 
 # Every configurable name and its function, for "did you mean" hints on typos (see gin_cli).
 REGISTERED = {
@@ -193,6 +218,8 @@ REGISTERED = {
     "optim.adafactor": optim.adafactor,
     "methods.prompt_tuning": prompt_tuning,
     "methods.model_tuning": model_tuning,
+    "methods.prefix_tuning": prefix_tuning,
+    "optim.adamw": optax.adamw,
     "prompts.class_labels": class_labels,
     "prompts.sampled_vocab": sampled_vocab,
     "prompts.random_uniform": random_uniform,

@@ -19,6 +19,7 @@ from prompt_t5x.model.t5 import T5
 MODULES: Dict[str, str] = {
     "prompt_tuning": "prompt_t5x.methods.prompt_tuning",
     "model_tuning": "prompt_t5x.methods.model_tuning",
+    "prefix_tuning": "prompt_t5x.methods.prefix_tuning",
 }
 
 
