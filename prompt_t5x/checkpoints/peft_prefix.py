@@ -16,7 +16,8 @@ tests/test_peft_prefix.py):
   silently dropped**, and nothing reaches the encoder. Only decoder self-attention is prefixed.
 - So decoder layer ``j`` uses rows ``(4j) mod 2L`` (key) and ``(4j + 1) mod 2L`` (value): for even
   ``L``, layers ``j`` and ``j + L/2`` **share one prefix**, and the rows ``4j + 2, 4j + 3`` are
-  trained by nothing (they only fed the dropped cross cache).
+  trained by nothing (they only fed the dropped cross cache). For odd ``L`` no two layers share
+  and every row is used (one layer's "cross" rows are another layer's self-attention rows).
 - The prefix is a past cache, so T5's relative position bias treats it as ``P`` real tokens
   before the decoder inputs: our ``prefix_bias='leading'``.
 

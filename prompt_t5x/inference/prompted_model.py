@@ -157,9 +157,8 @@ def _method_source(sources: Sequence[str], step: Optional[int]) -> Optional[Dict
     """A source of a method other than prompt tuning (a training model dir or an exported
     method file), as {method_config, trainable, model_config, manifest, info}; None for prompt
     sources, which take the prompt (and ensemble) path."""
-    from prompt_t5x.checkpoints import method_export, train_checkpoints
+    from prompt_t5x.checkpoints import method_export, peft_prefix, train_checkpoints
     from prompt_t5x.methods.interface import unflatten_tables
-    from prompt_t5x.checkpoints import peft_prefix
     found = []
     for source in sources:
         if "://" not in source and os.path.isdir(source) and peft_prefix.is_prefix_adapter(source):

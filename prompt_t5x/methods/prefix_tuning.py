@@ -35,7 +35,7 @@ Where this differs from the papers (GPT-2/BART with learned absolute positions):
   ``checkpoints/peft_prefix``). Cross-attention has no position bias either way.
 - Li & Liang prefix every layer's activations of both stacks; here each part is switchable.
 - ``peft_layout=True`` trains only what a Hugging Face PEFT prefix adapter can hold (decoder
-  self-attention, layers j and j + L/2 sharing one table), so the run exports with
+  self-attention, layers j and j + L/2 sharing one table when L is even), so the run exports with
   ``prompt-t5x export RUN --format peft``.
 """
 
@@ -111,7 +111,7 @@ class PrefixTuning(Method):
 
     def _shared_rows(self):
         """peft_layout: decoder layer j trains the table of the first layer PEFT gives the
-        same key row (``checkpoints/peft_prefix.py``: j and j + L/2 share); -> index [L]."""
+        same key row (``checkpoints/peft_prefix.py``: j and j + L/2 for even L); -> index [L]."""
         layers = self.model.config.num_decoder_layers
         first: Dict[int, int] = {}
         rows = [first.setdefault((4 * j) % (2 * layers), len(first)) for j in range(layers)]
