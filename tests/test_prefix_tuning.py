@@ -4,10 +4,10 @@ contract on both parameterisations, the initialisers, prefix dropout, and the CL
 import json
 
 import jax
+import method_contract as contract
 import numpy as np
 import pytest
 
-import method_contract as contract
 from prompt_t5x.checkpoints import method_export
 from prompt_t5x.commands import cli
 from prompt_t5x.methods import registry
