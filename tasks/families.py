@@ -3,9 +3,11 @@
 A ``Family`` says everything that is the same whichever source the data comes from (TFDS or local
 files): the raw record schema, the text-to-text format, label words, postprocessor and metrics.
 ``register_variants`` adds, for one source, the standard task plus its "taskless" variant (the
-dataset-name prefix removed) and its "task index" variant (a task id token first, for
-multi-task prompts). ``TASK_INFO`` records, per registered task name, its family and variant, so
-the CLI and rank classification can find label words without parsing task names.
+dataset-name prefix removed), its "null" variant (``null_<task>``: the fields alone, no task name
+and no ``"<field>:"`` template words: the null prompts of Logan IV et al., 2022, used with bias
+tuning) and its "task index" variant (a task id token first, for multi-task prompts).
+``TASK_INFO`` records, per registered task name, its family and variant, so the CLI and rank
+classification can find label words without parsing task names.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class TaskInfo:
     """What we know about one registered task beyond SeqIO's own fields."""
     name: str
     family: Optional[Family]          # None for LM tasks
-    variant: str                      # 'standard' | 'taskless' | 'task_index'
+    variant: str                      # 'standard' | 'taskless' | 'null' | 'task_index'
     source: str                       # 'tfds' | 'local'
     task_index: Optional[int] = None
     local_files: Optional[Mapping[str, str]] = None
@@ -94,11 +96,14 @@ def _token_preprocessors(task_index: Optional[int]) -> list:
 def register_variants(family: Family, source: seqio.DataSource, *, name: str, source_kind: str,
                       task_index: int, vocab_path: Optional[str] = None,
                       local_files: Optional[Mapping[str, str]] = None) -> Tuple[str, ...]:
-    """Register ``name`` plus ``taskless_<name>`` and ``<name>_task_index``; return the names."""
+    """Register ``name`` plus ``taskless_<name>``, ``null_<name>`` and ``<name>_task_index``;
+    return the names."""
     features = vocab_lib.output_features(vocab_path)
     variants = (
         (name, "standard", [family.text_preprocessor], None),
         (f"taskless_{name}", "taskless", [family.text_preprocessor, prep.drop_task_name], None),
+        (f"null_{name}", "null", [family.text_preprocessor, functools.partial(
+            prep.null_prompt, template_words=tuple(family.schema))], None),
         (f"{name}_task_index", "task_index", [family.text_preprocessor], task_index),
     )
     for task_name, variant, text_steps, index in variants:

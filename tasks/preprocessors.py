@@ -12,6 +12,7 @@ Every preprocessor keeps the fields the postprocessors need for metrics (``idx``
 
 from __future__ import annotations
 
+import re
 from typing import Mapping, Optional, Sequence
 
 import seqio
@@ -167,6 +168,23 @@ def drop_task_name(dataset: tf.data.Dataset) -> tf.data.Dataset:
     def convert(x):
         x = dict(x)
         x["inputs"] = tf.strings.regex_replace(x["inputs"], r"^[^ ]* ", "", replace_global=False)
+        return x
+    return dataset.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def null_prompt(dataset: tf.data.Dataset, template_words: Sequence[str]) -> tf.data.Dataset:
+    """"Null prompt" variant (Logan IV et al., 2022): the task's fields joined with no template
+    at all: the task name and every ``"<word>:"`` of ``template_words`` (the family's field
+    names) removed, ``"rte hypothesis: H premise: P"`` -> ``"H P"``. A field value that itself
+    contains ``"premise: "`` would lose that word too (rare in these datasets; accepted)."""
+    words = "|".join(re.escape(w) for w in sorted(template_words, key=len, reverse=True))
+
+    def convert(x):
+        x = dict(x)
+        text = tf.strings.regex_replace(x["inputs"], r"^[^ ]* ", "", replace_global=False)
+        if words:
+            text = tf.strings.regex_replace(text, rf"(^| )(?:{words}): ", r"\1")
+        x["inputs"] = text
         return x
     return dataset.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
 

@@ -71,12 +71,25 @@ def make_batch(seed: int = 0, batch: int = 8, length: int = 7, targets: int = 3,
                 decoder_loss_weights=np.ones((batch, targets), np.float32))
 
 
+def template_batch_fn(placeholder_id: int, positions=(0, 1, 3)):
+    """A ``make_batch`` with ``placeholder_id`` at ``positions`` of every row and nowhere else:
+    batches for a template method (P-tuning), whose prompt rows replace placeholder tokens."""
+    def batch_fn(seed: int = 0, **kw):
+        batch = make_batch(seed, **kw)
+        tokens = batch["encoder_input_tokens"]
+        tokens[tokens == placeholder_id] = 2
+        tokens[:, list(positions)] = placeholder_id
+        return batch
+    return batch_fn
+
+
 def _leaves_with_paths(tree):
     return jax.tree_util.tree_flatten_with_path(tree)[0]
 
 
 def check_trains_only_its_parameters(method: interface.Method, frozen, *, steps: int = 3,
-                                     learning_rate: float = 0.3, initial_trainable=None):
+                                     learning_rate: float = 0.3, initial_trainable=None,
+                                     batch_fn=make_batch):
     """Returns the final train state."""
     before = jax.tree_util.tree_map(lambda x: np.array(x, copy=True), frozen)
     optimizer = optim.adafactor(learning_rate=learning_rate)
@@ -86,7 +99,7 @@ def check_trains_only_its_parameters(method: interface.Method, frozen, *, steps:
     step = train.make_train_step(method, optimizer, donate=False)
     losses = []
     for i in range(steps):
-        state, metrics = step(state, frozen, make_batch(i))
+        state, metrics = step(state, frozen, batch_fn(i))
         losses.append(float(metrics["loss"]))
     assert all(np.isfinite(losses)), losses
     for (path, a), (_, b) in zip(_leaves_with_paths(before), _leaves_with_paths(frozen)):
@@ -112,14 +125,15 @@ def _dot_output_shapes(jaxpr) -> list:
     return shapes
 
 
-def check_no_frozen_kernel_gradient(method: interface.Method, frozen, trainable=None):
+def check_no_frozen_kernel_gradient(method: interface.Method, frozen, trainable=None,
+                                    batch_fn=make_batch):
     """No matmul output of the traced step has the shape of a T5 2-D kernel (a method's own
     parameters must not have such a shape: the 'test' T5's dims are distinct from them)."""
     optimizer = optim.adafactor(learning_rate=0.3)
     state = train.create_train_state(method, optimizer, frozen, jax.random.PRNGKey(1),
                                      trainable)
     step = train.train_step_fn(method, optimizer)
-    jaxpr = jax.make_jaxpr(step)(state, frozen, make_batch(0)).jaxpr
+    jaxpr = jax.make_jaxpr(step)(state, frozen, batch_fn(0)).jaxpr
     # Every 2-D kernel of the T5 (model tuning, whose frozen tree is empty, must fail this).
     kernels = {tuple(x.shape) for x in jax.tree_util.tree_leaves(
         t5.param_shapes(method.model.config)) if len(x.shape) == 2}
@@ -130,11 +144,12 @@ def check_no_frozen_kernel_gradient(method: interface.Method, frozen, trainable=
 
 
 def check_mesh_matches_one_device(method: interface.Method, frozen, meshes=("1x8", "2x4", "4x2"),
-                                  *, rtol: float = 1e-5, atol: float = 1e-6):
+                                  *, rtol: float = 1e-5, atol: float = 1e-6,
+                                  batch_fn=make_batch):
     """One step on each mesh equals the one-device (1x1) step: loss, gradient norm, state.
     Build ``method`` on ``mesh_config()`` (the meshes split its heads and vocabulary)."""
     optimizer = optim.adafactor(learning_rate=0.3)
-    batch = make_batch(0)
+    batch = batch_fn(0)
 
     def one_step(text):
         mesh_config = sharding_lib.MeshConfig.parse(text)
@@ -163,24 +178,27 @@ def check_mesh_matches_one_device(method: interface.Method, frozen, meshes=("1x8
                                        err_msg=f"{jax.tree_util.keystr(path)} on {text}")
 
 
-def _driver(model_dir, out, method_config, *extra, cache_dir):
+def _driver(model_dir, out, method_config, *extra, cache_dir, encoder_layers=1):
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     return subprocess.Popen([sys.executable, DRIVER, str(model_dir), "--steps", "6",
                              "--save_every", "2", "--out", str(out),
-                             "--method", json.dumps(method_config), *extra],
+                             "--method", json.dumps(method_config),
+                             "--encoder_layers", str(encoder_layers), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
 
 
-def check_sigkill_resume_is_exact(method_config: dict, tmp_path):
-    """The driver's 'test' T5 has dropout 0.1 and one layer per stack; ``method_config`` is a
-    registry config (``{'kind': ..., ...}``) whose init needs no vocabulary."""
+def check_sigkill_resume_is_exact(method_config: dict, tmp_path, *, encoder_layers: int = 1):
+    """The driver's 'test' T5 has dropout 0.1 and one layer per stack (``encoder_layers`` for
+    methods that need more); ``method_config`` is a registry config (``{'kind': ..., ...}``)
+    whose init needs no vocabulary."""
     cache = tmp_path / "jax_cache"
+    layers = {"encoder_layers": encoder_layers}
     ref = _driver(tmp_path / "uninterrupted", tmp_path / "ref.npz", method_config,
-                  cache_dir=cache)
+                  cache_dir=cache, **layers)
     assert ref.wait(timeout=300) == 0, ref.stdout.read()
     victim = _driver(tmp_path / "killed", tmp_path / "killed.npz", method_config,
-                     "--step_delay", "0.5", cache_dir=cache)
+                     "--step_delay", "0.5", cache_dir=cache, **layers)
     for line in victim.stdout:
         if line.strip() == "step 3":
             victim.send_signal(signal.SIGKILL)
@@ -188,7 +206,7 @@ def check_sigkill_resume_is_exact(method_config: dict, tmp_path):
     victim.wait(timeout=60)
     assert victim.returncode == -signal.SIGKILL
     resumed = _driver(tmp_path / "killed", tmp_path / "killed.npz", method_config,
-                      cache_dir=cache)
+                      cache_dir=cache, **layers)
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     assert out.splitlines()[0] in ("resumed from 2", "resumed from 4"), out
@@ -198,8 +216,9 @@ def check_sigkill_resume_is_exact(method_config: dict, tmp_path):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)   # bit-exact
 
 
-def check_cached_decoding(method: interface.Method, frozen, trainable, *, length: int = 5):
-    tokens = make_batch(3, batch=4)["encoder_input_tokens"]
+def check_cached_decoding(method: interface.Method, frozen, trainable, *, length: int = 5,
+                          batch_fn=make_batch):
+    tokens = batch_fn(3, batch=4)["encoder_input_tokens"]
     spec = decoding.DecodeSpec("greedy", max_decode_len=length, eos_id=None)
     cached = decoding.decode_jit(method, frozen, trainable, tokens, spec)
     ref_tokens, ref_scores = decoding.greedy_decode_uncached(method, frozen, trainable, tokens,
@@ -213,10 +232,10 @@ def check_cached_decoding(method: interface.Method, frozen, trainable, *, length
 
 
 def check_config_round_trip(method: interface.Method, frozen, trainable: Any,
-                            atol: float = 1e-5):
+                            atol: float = 1e-5, batch_fn=make_batch):
     """The method rebuilt from its JSON config, and its exported inference form, give the
     logits of the original."""
-    batch = make_batch(5)
+    batch = batch_fn(5)
     want = np.asarray(method.logits(frozen, trainable, batch))
     config = json.loads(json.dumps(method.method_config()))
     rebuilt = registry.build(method.model, config)

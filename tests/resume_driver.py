@@ -47,9 +47,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--step_delay", type=float, default=0.0)
     parser.add_argument("--method", default=None, help="a registry method config (JSON)")
+    parser.add_argument("--encoder_layers", type=int, default=1,
+                        help="encoder layers of the 'test' T5 (deep prompts need 2)")
     args = parser.parse_args(argv)
 
-    config = t5.get_config("test", dropout_rate=0.1, num_encoder_layers=1, num_decoder_layers=1)
+    config = t5.get_config("test", dropout_rate=0.1, num_encoder_layers=args.encoder_layers,
+                          num_decoder_layers=1)
     frozen = t5.init_params(config, jax.random.PRNGKey(0))
     if args.method:
         method = registry.build(t5.T5(config), json.loads(args.method))

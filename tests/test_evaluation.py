@@ -226,6 +226,18 @@ def test_offline_train_eval_infer_on_the_generated_task(tmp_path, capsys):
         record = json.loads(open(os.path.join(
             out, "synthetic_contains_validation_metrics.json")).read())
         accuracies[mode] = record["metrics"]["accuracy"]
+    # The run exported as its method (.safetensors + JSON config) evaluates the same.
+    exported = str(tmp_path / "prompt.safetensors")
+    assert cli.main(["export", run, "--out", exported]) == 0
+    out = str(tmp_path / "eval_exported")
+    assert cli.main(["eval", "--gin_file=runs/eval.gin", f"--gin.PROMPT='{exported}'",
+                     "--gin.CHECKPOINT='quickstart'", f"--gin.OUTPUT_DIR={out}",
+                     "--gin.MODE='rank'"] + common) == 0
+    record = json.loads(open(os.path.join(
+        out, "synthetic_contains_validation_metrics.json")).read())
+    assert record["metrics"]["accuracy"] == pytest.approx(accuracies["rank"])
+    assert record["method"] == {"kind": "prompt_tuning", "prompt_length": 8,
+                                "prompt_mode": "prepend"}
     # eval scores the loop's own validation set: the same accuracy as the loop's best step
     assert accuracies["rank"] == pytest.approx(best["metrics"]["accuracy"])
     assert accuracies["rank"] >= 95.0 and accuracies["decode"] >= 95.0

@@ -61,7 +61,7 @@ def test_bench_on_cpu_measures_its_own_peak(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------- 9 ----
-@pytest.mark.parametrize("command", ["train", "eval", "infer", "scaling"])
+@pytest.mark.parametrize("command", ["train", "eval", "infer", "scaling", "compare"])
 def test_gin_commands_help_reads_like_t5x(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main([command, "--help"])

@@ -2,9 +2,9 @@
 each other method's test file runs the same checks on itself."""
 
 import jax
+import method_contract as contract
 import pytest
 
-import method_contract as contract
 from prompt_t5x.methods import prompt_init, registry
 from prompt_t5x.methods.prompt_tuning import PromptTuning
 from prompt_t5x.model import t5

@@ -340,6 +340,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = protocol.build_parser().parse_args(argv)
     protocol.validate(args)
+    if args.method:   # another method's train step against prompt tuning's, as ratios
+        from prompt_t5x.bench import method_bench
+        return method_bench.main(args, random_frozen, compiled_memory)
     if args.peer:
         # Each child has printed its own block; print only what compares them.
         result = side_by_side.run(args, argv)

@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "of this command's CPU affinity (default: all of them) and its thread "
                         "pools sized N; ours and the peer are pinned alike")
     p.add_argument("--seed", type=int, default=0, help="of the random weights and batches")
+    p.add_argument("--method", default=None, metavar="KIND",
+                   help="time this method's train step (a methods.registry kind) against prompt "
+                        "tuning at --prompt_len, alternated, and print the ratio "
+                        "(prompt_t5x.bench.method_bench)")
+    p.add_argument("--method_config", default="{}", metavar="JSON",
+                   help="with --method: its settings, e.g. '{\"prefix_length\": 8}'")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="with --method: alternated rounds of --steps timed calls per method")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="ours only: trace --steps more calls of each phase into DIR/PHASE and "

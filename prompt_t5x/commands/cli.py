@@ -41,6 +41,8 @@ COMMANDS: Dict[str, Tuple[str, str, str]] = {
              "AOT per-device memory/FLOPs of the sharded train step."),
     "scaling": ("prompt_t5x.commands.scaling", "main",
                 "Prompt/model tuning over model sizes -> scaling.csv + scaling.png."),
+    "compare": ("prompt_t5x.commands.compare", "main",
+                "Several tuning methods on one task -> compare.csv/.md/.png (metric, cost)."),
     "show-task": ("prompt_t5x.commands.task_cli", "show_task_main",
                   "Print preprocessed examples of a task (strings and token ids)."),
     "eval": ("prompt_t5x.commands.evaluate_cmd", "eval_main",

@@ -81,6 +81,9 @@ def enable(path: str) -> str:
 def configure(command: str, argv: Sequence[str]) -> List[str]:
     """Apply the cache flags for ``command``; the rest of ``argv`` for the command itself."""
     rest, path = take_flags(argv)
-    if path is not None and command not in UNCACHED_COMMANDS:
+    if path is None:
+        # Off for the command's child processes too (compare trains each method in one).
+        os.environ[ENV_SWITCH] = "0"
+    elif command not in UNCACHED_COMMANDS:
         enable(path)
     return rest

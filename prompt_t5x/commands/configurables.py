@@ -5,8 +5,14 @@ Names as they appear in gin files:
   t5.get_config          size ('small' ... 'xxl', 'tiny', or 'from_checkpoint' with its
                          ``checkpoint``) plus any ``T5Config`` field override
   optim.adafactor        ``prompt_t5x.training.optim.adafactor`` (T5X Adafactor; lr 0.3 by default)
+  optim.adam             ``optax.adam`` (P-tuning's optimizer)
   methods.prompt_tuning  prompt_length, prompt_mode, prompt_init  -> a ``MethodSpec``
   methods.model_tuning   every weight trainable (the paper's baseline) -> a ``MethodSpec``
+  methods.bias_tuning    biases, norm_scales: BitFit-style added biases (+ RMSNorm scale
+                         deltas), ``prompt_t5x.methods.bias_tuning`` -> a ``MethodSpec``
+  methods.p_tuning       template, pseudo_token_id, encoder, encoder_hidden -> a ``MethodSpec``
+  methods.deep_prompts   prompt_length, prompt_mode, prompt_init (VPT-deep) -> a ``MethodSpec``
+  methods.classification_head  inner (a method), labels -> a ``MethodSpec``
   methods.prefix_tuning  key/value prefixes per attention layer (prefix-tuning, P-tuning v2)
   optim.adamw            optax's AdamW (prefix-tuning's and P-tuning v2's optimizer)
   prompts.class_labels / prompts.sampled_vocab / prompts.random_uniform / prompts.from_file
@@ -186,6 +192,52 @@ def model_tuning() -> MethodSpec:
     return MethodSpec("model_tuning")
 
 
+@gin.configurable("bias_tuning", module="methods")
+def bias_tuning(biases: Sequence[str] = ("query", "value", "out", "wi_0", "wi_1", "wo"),
+                norm_scales: bool = True) -> MethodSpec:
+    """Bias tuning (Logan IV et al., 2022; ``prompt_t5x.methods.bias_tuning``): no encoder
+    positions added (its null prompts are a task format, ``null_<task>``)."""
+    if not biases and not norm_scales:   # each value alone is fine (gin_checks); both is not
+        raise ValueError("methods.bias_tuning trains nothing with biases=[] and "
+                         "norm_scales=False: choose biases or set norm_scales=True")
+    return method_spec("bias_tuning", prompt_positions=0, biases=tuple(biases),
+                       norm_scales=norm_scales)
+
+
+@gin.configurable("p_tuning", module="methods")
+def p_tuning(template: Any = gin.REQUIRED, pseudo_token_id: Optional[int] = None,
+             encoder: str = "lstm", encoder_hidden: Optional[int] = None,
+             population: int = 5000) -> MethodSpec:
+    """P-tuning (``prompt_t5x.methods.p_tuning``): ``template`` is one string for the run's task
+    or a {task: template} dict; the pseudo tokens sit inside the inputs (no added positions)."""
+    return method_spec("p_tuning", prompt_positions=0,
+                       template=dict(template) if isinstance(template, dict) else template,
+                       pseudo_token_id=pseudo_token_id, encoder=encoder,
+                       encoder_hidden=encoder_hidden, population=population)
+
+
+@gin.configurable("deep_prompts", module="methods")
+def deep_prompts(prompt_length: int = 100, prompt_mode: str = "prepend",
+                 prompt_init: Optional[PromptInitSpec] = None) -> MethodSpec:
+    """VPT-deep / P-tuning v2 deep prompts (``methods.deep_prompts``); every layer's rows start
+    from ``prompt_init`` (default: sampled vocabulary)."""
+    return method_spec("deep_prompts", prompt_positions=prompt_length,
+                       prompt_length=prompt_length, prompt_mode=prompt_mode,
+                       prompt_init=prompt_init or sampled_vocab())
+
+
+@gin.configurable("classification_head", module="methods")
+def classification_head(inner: MethodSpec = gin.REQUIRED,
+                        labels: Optional[Sequence[str]] = None) -> MethodSpec:
+    """A linear head on the mean-pooled encoder around ``inner`` (``@methods.prompt_tuning()``,
+    ``@methods.deep_prompts()``); ``labels`` default to the task's label words."""
+    if not isinstance(inner, MethodSpec):
+        raise ValueError(f"methods.classification_head.inner must be a method, e.g. "
+                         f"@methods.prompt_tuning(); got {inner!r}")
+    return method_spec("classification_head", prompt_positions=inner.prompt_length, inner=inner,
+                       labels=None if labels is None else tuple(labels))
+
+
 @gin.configurable("prefix_tuning", module="methods")
 def prefix_tuning(prefix_length: int = 10,
                   parts: Sequence[str] = ("encoder", "decoder_self", "decoder_cross"),
@@ -210,14 +262,21 @@ def prefix_tuning(prefix_length: int = 10,
 # ------------------------------------------------------------------------- registrations ----
 gin.external_configurable(get_config, name="get_config", module="t5")
 gin.external_configurable(optim.adafactor, name="adafactor", module="optim")
+# Adam: P-tuning's optimizer (runs/p_tuning.gin); optax's own, trained state is its moments.
+gin.external_configurable(optax.adam, name="adam", module="optim")
 gin.external_configurable(optax.adamw, name="adamw", module="optim")
 
 # Every configurable name and its function, for "did you mean" hints on typos (see gin_cli).
 REGISTERED = {
     "t5.get_config": get_config,
     "optim.adafactor": optim.adafactor,
+    "optim.adam": optax.adam,
     "methods.prompt_tuning": prompt_tuning,
     "methods.model_tuning": model_tuning,
+    "methods.bias_tuning": bias_tuning,
+    "methods.p_tuning": p_tuning,
+    "methods.deep_prompts": deep_prompts,
+    "methods.classification_head": classification_head,
     "methods.prefix_tuning": prefix_tuning,
     "optim.adamw": optax.adamw,
     "prompts.class_labels": class_labels,

@@ -23,8 +23,10 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 import gin
 
 from prompt_t5x.base.errors import UsageError
+from prompt_t5x.methods.bias_tuning import BIAS_TARGETS
 from prompt_t5x.model import prompt_inputs
 from prompt_t5x.model import t5 as t5_lib
+from prompt_t5x.training import factor_rules as rules_lib
 
 # A check returns None when the value is fine, else what the value must be (for the message).
 Check = Callable[[Any], Optional[str]]
@@ -82,6 +84,21 @@ def one_of(*choices: Any) -> Check:
     return choice_check
 
 
+def bias_targets(v: Any) -> Optional[str]:
+    """``methods.bias_tuning.biases``: distinct names of dense layers that can get a bias."""
+    wanted = ("a list of distinct names from " + ", ".join(repr(b) for b in BIAS_TARGETS))
+    if not isinstance(v, (list, tuple)) or not all(isinstance(b, str) for b in v):
+        return wanted
+    return None if set(v) <= set(BIAS_TARGETS) and len(set(v)) == len(v) else wanted
+
+
+def factor_rules(v: Any) -> Optional[str]:
+    """``optim.adafactor.factor_rules``: ``{pattern: factoring}`` that parses."""
+    try:
+        rules_lib.parse(v)
+    except ValueError as e:
+        return f"a dict {{pattern: factoring}} of valid rules ({e})"
+    return None
 def prefix_parts(v: Any) -> Optional[str]:
     parts = ("encoder", "decoder_self", "decoder_cross")
     if (isinstance(v, (list, tuple)) and v and all(p in parts for p in v)
@@ -96,6 +113,30 @@ def lengths(v: Any) -> Optional[str]:
     if not isinstance(v, dict) or set(v) != {"inputs", "targets"}:
         return wanted
     return None if all(_is_int(x) and x > 0 for x in v.values()) else wanted
+
+
+def p_tuning_template(v: Any) -> Optional[str]:
+    """``methods.p_tuning.template``: one template string or a {task: template} dict."""
+    from prompt_t5x.methods import templates
+    wanted = ("a template with pseudo tokens [P] / [P*n] and {field} names (e.g. "
+              "'[P*3] {sentence} [P*3]'), or a {task: template} dict")
+    try:
+        if isinstance(v, dict) and all(isinstance(k, str) for k in v):
+            templates.all_templates(v)
+        elif isinstance(v, str):
+            templates.Template.parse(v)
+        else:
+            return wanted
+    except templates.TemplateError:
+        return wanted
+    return None
+
+
+def label_list(v: Any) -> Optional[str]:
+    """``methods.classification_head.labels``: two or more distinct non-empty strings."""
+    ok = (isinstance(v, (list, tuple)) and len(v) >= 2 and len(set(v)) == len(v)
+          and all(text(w) is None for w in v))
+    return None if ok else "a list of two or more distinct label words"
 
 
 CHECKS: Dict[str, Check] = {
@@ -128,6 +169,14 @@ CHECKS: Dict[str, Check] = {
     # the method and its prompt
     "methods.prompt_tuning.prompt_length": positive_int,
     "methods.prompt_tuning.prompt_mode": one_of(*prompt_inputs.COMBINE_MODES),
+    "methods.p_tuning.template": p_tuning_template,
+    "methods.p_tuning.pseudo_token_id": optional(positive_int),
+    "methods.p_tuning.encoder": one_of("lstm", "mlp", "none"),
+    "methods.p_tuning.encoder_hidden": optional(positive_int),
+    "methods.p_tuning.population": positive_int,
+    "methods.deep_prompts.prompt_length": positive_int,
+    "methods.deep_prompts.prompt_mode": one_of(*prompt_inputs.COMBINE_MODES),
+    "methods.classification_head.labels": optional(label_list),
     "methods.prefix_tuning.prefix_length": positive_int,
     "methods.prefix_tuning.parts": prefix_parts,
     "methods.prefix_tuning.reparameterization": one_of("direct", "mlp"),
@@ -145,7 +194,11 @@ CHECKS: Dict[str, Check] = {
     "prompts.random_uniform.scale": positive_float,
     "prompts.random_uniform.symmetric": boolean,
     "prompts.from_file.path": text,
+    "methods.bias_tuning.biases": bias_targets,
+    "methods.bias_tuning.norm_scales": boolean,
     # the optimizer (a learning-rate schedule given as a reference is the schedule's business)
+    "optim.adafactor.factor_rules": optional(factor_rules),
+    "optim.adam.learning_rate": positive_float,
     "optim.adafactor.learning_rate": positive_float,
     "optim.adafactor.decay_rate": positive_float,
     "optim.adafactor.initial_step": non_negative_int,

@@ -226,7 +226,8 @@ def translate_gin_error(e: BaseException) -> UsageError:
 # Modules whose import registers gin configurables used by the files in gin/ (TF-free).
 # (``evaluate`` / ``infer`` are registered by their command module, not by inference/.)
 CONFIGURABLE_MODULES = ["prompt_t5x.commands.configurables", "prompt_t5x.commands.run_train",
-                        "prompt_t5x.commands.scaling", "prompt_t5x.commands.evaluate_cmd"]
+                        "prompt_t5x.commands.scaling", "prompt_t5x.commands.evaluate_cmd",
+                        "prompt_t5x.commands.compare"]
 
 
 def register_configurables() -> None:
@@ -331,6 +332,9 @@ def call(fn, *args, **kwargs):
     """Call a gin configurable, turning gin's missing-binding errors into UsageError."""
     try:
         return fn(*args, **kwargs)
+    except UsageError as e:
+        # A configurable's own check: gin appended its "In call to configurable" lines to it.
+        raise UsageError(str(e).split("\n  In call to configurable")[0].strip()) from None
     except ValueError as e:
         # Raised while gin builds the configuration objects (a bad size, field, mode, ...):
         # a configuration error. gin appends "In call to configurable ..." lines; drop them.

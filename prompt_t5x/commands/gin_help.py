@@ -32,6 +32,7 @@ HELP = {
         files=MODEL_FILES + (
             ("runs/prompt_tuning.gin", "the paper's recipe: prompt 100, class-label init, lr 0.3"),
             ("runs/model_tuning.gin", "the model-tuning baseline (every weight trained)"),
+            ("runs/bias_tuning.gin", "bias tuning with null prompts (TASK=null_<task>)"),
             ("prompts/{sampled_vocab,random_uniform,from_file}.gin",
              "another prompt init (after the run file)")),
         knobs="MODEL_DIR and TASK (required; 'prompt-t5x tasks' lists tasks), CHECKPOINT, "
@@ -74,6 +75,19 @@ HELP = {
               "EVAL_EVERY",
         example="prompt-t5x scaling --gin_file=runs/scaling.gin "
                 "--gin.OUTPUT_DIR=/tmp/prompt_t5x_scaling"),
+    "compare": dict(
+        summary="Several tuning methods on one task, each trained by its own run gin file (its "
+                "paper recipe) with the shared settings and its own overrides on top, each in "
+                "its own process; then compare.csv, compare.md and compare.png: best validation "
+                "metric against trainable parameters, train time and peak memory per method. "
+                "Run again, finished methods are not re-run.",
+        files=(("runs/compare.gin", "the default: prompt and model tuning of the bundled tiny "
+                                    "T5 on a generated task, offline on CPU in minutes"),),
+        knobs="OUTPUT_DIR, METHODS (labels of compare.runs), MODEL_GIN, CHECKPOINT, TASK, "
+              "DATA_DIR, VOCABULARY, TRAIN_STEPS, BATCH_SIZE, INPUTS_LENGTH, TARGETS_LENGTH, "
+              "EVAL_EVERY, CHANCE; one method's entry, e.g. --gin.PROMPT_TUNING=\"['runs/"
+              "prompt_tuning.gin', 'PROMPT_LENGTH = 20']\"",
+        example="prompt-t5x compare --gin.OUTPUT_DIR=/tmp/prompt_t5x_compare"),
 }
 
 

@@ -183,13 +183,15 @@ def run_sweep(cfg: ScalingConfig, gin_text: str = "", log=print) -> List[Dict[st
     return rows
 
 
-def write_csv(rows: Sequence[Mapping[str, Any]], path: str) -> None:
+def write_csv(rows: Sequence[Mapping[str, Any]], path: str,
+              fields: Sequence[str] = CSV_FIELDS) -> None:
+    """Rows -> CSV (``fields`` in order), replaced atomically: a kill never leaves half a file."""
     tmp = path + ".tmp"
     with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=list(fields))
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: row.get(k) for k in CSV_FIELDS})
+            writer.writerow({k: row.get(k) for k in fields})
     os.replace(tmp, path)
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from prompt_t5x.base.errors import UsageError
 from prompt_t5x.data import metrics as metrics_lib
 from prompt_t5x.data import synthetic
+from prompt_t5x.methods import templates
 from prompt_t5x.parallel import distributed
 
 WHOLE = distributed.DataShard(0, 1)   # one process: the whole global batch
@@ -104,7 +105,9 @@ class SyntheticData:
     splits = ("train", "validation")
 
     def __init__(self, name: str, inputs_length: int, targets_length: int, batch_size: int,
-                 seed: int = 0, eval_examples: int = SYNTHETIC_EVAL_EXAMPLES):
+                 seed: int = 0, eval_examples: int = SYNTHETIC_EVAL_EXAMPLES,
+                 template: Optional[templates.InputTemplate] = None,
+                 model_vocab_size: Optional[int] = None):
         if name not in synthetic.TASKS:
             raise UsageError(f"unknown generated task {name!r}; choose from "
                              f"{', '.join(synthetic.TASKS)}")
@@ -121,6 +124,13 @@ class SyntheticData:
         self.vocab_size = synthetic.VOCAB_SIZE
         self.vocabulary = None
         self.decode_for_metrics = False   # label words: rank classification covers it
+        # P-tuning: the template over the one field, 'inputs' (the symbols), within L - 1 + EOS.
+        self._encode_inputs = None
+        if template is not None:
+            render = template.renderer(name, ["inputs"], synthetic.encode, len(synthetic.WORDS),
+                                       model_vocab_size)
+            render.check_fits(inputs_length - 1)
+            self._encode_inputs = lambda record: render(record, inputs_length - 1)
         per_skill = -(-eval_examples // len(self.skills))
         self._eval_records = [r for k, s in enumerate(self.skills)
                               for r in synthetic.examples(s, per_skill, 1_000_003 + k,
@@ -135,6 +145,9 @@ class SyntheticData:
         order = np.random.RandomState([self.seed, position]).permutation(len(records))
         return [records[i] for i in order[:self.batch_size]]
 
+    def _batch(self, records) -> Dict[str, np.ndarray]:
+        return synthetic.to_batch(records, *self.lengths, encode_inputs=self._encode_inputs)
+
     def train_examples(self, position: int = 0) -> List[Dict[str, str]]:
         """The records of global training batch ``position`` ({'inputs', 'targets'} text)."""
         return self._records(position)
@@ -144,12 +157,12 @@ class SyntheticData:
         """Global batch ``n`` is a pure function of (task, seed, n); each host keeps its
         ``shard`` of it, so N hosts together train on exactly one process's batches."""
         return _PositionedStream(self.name, self.seed, position,
-                                 lambda n: synthetic.to_batch(self._records(n), *self.lengths),
+                                 lambda n: self._batch(self._records(n)),
                                  shard)
 
     def eval_batches(self) -> List[Dict[str, np.ndarray]]:
         recs = self._eval_records
-        full = [synthetic.to_batch(recs[i:i + self.batch_size], *self.lengths)
+        full = [self._batch(recs[i:i + self.batch_size])
                 for i in range(0, len(recs), self.batch_size)]
         return pad_eval_batches(full, self.batch_size)
 
@@ -169,7 +182,8 @@ class SeqioData:
     def __init__(self, name: str, inputs_length: int, targets_length: int, batch_size: int,
                  prompt_length: int, seed: int = 0, train_split: str = "train",
                  eval_split: str = "validation", vocabulary: Optional[str] = None,
-                 data_dir: Optional[str] = None, task_modules: Sequence[str] = ()):
+                 data_dir: Optional[str] = None, task_modules: Sequence[str] = (),
+                 template: Optional[templates.InputTemplate] = None):
         from prompt_t5x.data import seqio_bridge, task_registry  # SeqIO: only for SeqIO tasks
         self._data = seqio_bridge
         self.provider = task_registry.open_task(name, (train_split, eval_split),
@@ -177,7 +191,7 @@ class SeqioData:
                                                 task_modules=task_modules)
         try:
             self.spec = seqio_bridge.BatchSpec(inputs_length, targets_length, batch_size,
-                                       prompt_length=prompt_length)
+                                       prompt_length=prompt_length, template=template)
         except ValueError as e:
             raise UsageError(str(e)) from None
         self.name, self.seed = name, seed
@@ -241,11 +255,14 @@ def train_stream(source, mesh=None) -> TrainStream:
 
 
 def open_data(run, prompt_length: int):
-    """The data backend for ``run`` (a ``run_train.RunConfig``); UsageError on bad names."""
+    """The data backend for ``run`` (a ``run_train.RunConfig``); UsageError on bad names. A
+    method with a ``template`` setting (P-tuning) has its template rendered into the inputs."""
+    template = templates.input_template(dict(run.method.settings), run.model.vocab_size)
     if run.task in synthetic.TASKS:
         return SyntheticData(run.task, run.inputs_length, run.targets_length, run.batch_size,
-                             seed=run.seed)
+                             seed=run.seed, template=template,
+                             model_vocab_size=run.model.vocab_size)
     return SeqioData(run.task, run.inputs_length, run.targets_length, run.batch_size,
                      prompt_length, seed=run.seed, train_split=run.train_split,
                      eval_split=run.eval_split, vocabulary=run.vocabulary,
-                     data_dir=run.data_dir, task_modules=run.task_modules)
+                     data_dir=run.data_dir, task_modules=run.task_modules, template=template)

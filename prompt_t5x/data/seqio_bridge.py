@@ -29,6 +29,10 @@ given), the order of ``eval_examples``, so predictions can be put back in order 
 Packing (several examples per row) is refused when a prompt is used: the prompt would be
 prepended once per row, so all but the first packed example would see no prompt of their own.
 
+Templates. ``BatchSpec.template`` (P-tuning, ``prompt_t5x.methods.templates``) swaps a task's
+``inputs`` for its template over the raw fields (``tasks/templated.py``): the pseudo tokens are
+placeholder ids inside the L input tokens, so ``prompt_length`` stays 0.
+
 This module imports TensorFlow/SeqIO; the core never imports it.
 """
 
@@ -96,6 +100,8 @@ class BatchSpec:
     batch_size: int           # global batch size (all hosts)
     prompt_length: int = 0    # P: added by the model; the encoder sees L + P
     pack: bool = False
+    # P-tuning: a ``methods.templates.InputTemplate`` rendered into the inputs (within L).
+    template: Optional[Any] = None
 
     def __post_init__(self):
         for name in ("inputs_length", "targets_length", "batch_size"):
@@ -108,6 +114,9 @@ class BatchSpec:
                 "packing is not supported with a prompt: the prompt is prepended once per row, "
                 "so every packed example after the first would be read without its prompt. "
                 "Set pack=False (the default) for prompt tuning.")
+        if self.pack and self.template is not None:
+            raise DataError("packing is not supported with a P-tuning template: the j-th "
+                            "placeholder of a row would be counted across packed examples.")
 
     @property
     def encoder_length(self) -> int:
@@ -167,6 +176,9 @@ def _task_dataset(provider, spec: BatchSpec, split: str, *, shuffle: bool, seed:
     check_split(provider, split)
     try:
         vocab.check_provider_vocab(provider)
+        if spec.template is not None:   # P-tuning: the template replaces the task's inputs
+            from tasks import templated
+            provider = templated.templated_task(provider, spec.template, spec.inputs_length)
         # try_in_mem_cache=False: SeqIO's in-memory cache would pin a whole split in RAM per
         # process and bypasses tfds mocks in tests; sources here are streamed.
         return provider.get_dataset(spec.task_feature_lengths, split=split, shuffle=shuffle,

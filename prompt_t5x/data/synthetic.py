@@ -12,12 +12,16 @@ skill is near chance (50%). A tiny T5 pretrained on all skills, each marked by a
 token (``contains: c k p ...``), is the frozen model of the quickstart; prompt tuning then sees
 the inputs *without* the marker and has to learn a prompt that selects the skill.
 
+The unmarked ``synthetic_<skill>`` tasks are *null prompts* in the sense of Logan IV et al.
+(2022): the input is the fields alone, with no template words and no task name (what the
+``null_<task>`` variants of the SeqIO tasks are; bias tuning trains on them).
+
 Nothing here is third-party data: every example is drawn from a seeded numpy generator.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -84,13 +88,17 @@ def examples(skill: str, n: int, seed: int, with_marker: bool) -> List[Dict[str,
 
 
 def to_batch(records: Sequence[Dict[str, str]], input_length: int = 13,
-             target_length: int = 2) -> Dict[str, np.ndarray]:
-    """Records -> a SeqIO-style encoder-decoder batch (EOS appended, padded with 0)."""
+             target_length: int = 2,
+             encode_inputs: Optional[Callable[[Dict[str, str]], List[int]]] = None
+             ) -> Dict[str, np.ndarray]:
+    """Records -> a SeqIO-style encoder-decoder batch (EOS appended, padded with 0).
+    ``encode_inputs`` (record -> ids without EOS) replaces ``encode(record['inputs'])``, e.g.
+    to render a P-tuning template."""
     n = len(records)
     enc = np.zeros((n, input_length), np.int32)
     tgt = np.zeros((n, target_length), np.int32)
     for i, r in enumerate(records):
-        ids = encode(r["inputs"]) + [EOS]
+        ids = (encode(r["inputs"]) if encode_inputs is None else list(encode_inputs(r))) + [EOS]
         if len(ids) > input_length:
             raise ValueError(f"example {i} has {len(ids)} input tokens > {input_length}")
         enc[i, :len(ids)] = ids

@@ -37,7 +37,7 @@ MIN_TEMPERATURE = 1e-4
 STRATEGIES = ("greedy", "sample", "beam")
 # Method.model_inputs keys that only the encoder consumes; every other key (e.g. 'prefixes')
 # is passed to the decoder too.
-_ENCODER_ONLY_INPUTS = ("prompt", "prompt_mode", "deep_prompts")
+_ENCODER_ONLY_INPUTS = ("prompt", "prompt_mode", "deep_prompts", "prompt_token_id")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,7 @@ from prompt_t5x.base import storage
 from prompt_t5x.base.errors import UsageError
 from prompt_t5x.data import run_data, synthetic
 from prompt_t5x.inference import decoding, ensemble, prompted_model
+from prompt_t5x.methods import templates
 from prompt_t5x.model import t5 as t5_lib
 
 MODES = ("auto", "decode", "rank")
@@ -130,15 +131,21 @@ class SyntheticSource:
     validation examples the training loop scores, so eval reproduces its accuracy."""
 
     def __init__(self, cfg: EvalConfig):
+        self._cfg = cfg
         self._data = run_data.SyntheticData(cfg.task, cfg.inputs_length, cfg.targets_length,
                                             cfg.batch_size, seed=cfg.seed)
         self.label_words = list(self._data.label_words)
         self.vocabulary = _WordVocabulary(synthetic.encode, synthetic.decode)
 
     def batches_and_examples(self, spec):
+        data = self._data
+        if spec.template is not None:   # P-tuning: the run's template over the inputs
+            cfg = self._cfg
+            data = run_data.SyntheticData(cfg.task, cfg.inputs_length, cfg.targets_length,
+                                          cfg.batch_size, seed=cfg.seed, template=spec.template)
         examples = [{**e, "inputs_pretokenized": e["inputs"], "targets_pretokenized": e["targets"]}
-                    for e in self._data.eval_examples()]
-        return self._data.eval_batches(), examples
+                    for e in data.eval_examples()]
+        return data.eval_batches(), examples
 
     def metrics(self, examples, predictions) -> Dict[str, float]:
         return {k: float(v) for k, v in self._data.compute_metrics(examples, predictions).items()}
@@ -192,7 +199,9 @@ def predict(cfg: EvalConfig, loaded: prompted_model.Loaded, source) -> Predictio
     if mode == "decode" and cfg.ensemble_rule == "sum" and len(cfg.prompts) > 1:
         raise UsageError("ensemble_rule='sum' sums label scores: it needs mode='rank'")
     spec = seqio_bridge.BatchSpec(cfg.inputs_length, cfg.targets_length, cfg.batch_size,
-                          prompt_length=loaded.method.prompt_positions)
+                          prompt_length=loaded.method.prompt_positions,
+                          template=templates.input_template(
+                              loaded.method.config(), loaded.method.model.config.vocab_size))
     batches, examples = source.batches_and_examples(spec)
     batches = run_data.limit_examples(batches, cfg.max_examples)
     labels = None

@@ -154,9 +154,10 @@ def load(sources: Sequence[str], *, checkpoint: Optional[str] = None,
 
 
 def _method_source(sources: Sequence[str], step: Optional[int]) -> Optional[Dict[str, Any]]:
-    """A source of a method other than prompt tuning (a training model dir or an exported
-    method file), as {method_config, trainable, model_config, manifest, info}; None for prompt
-    sources, which take the prompt (and ensemble) path."""
+    """A trained state run as its method: an exported method file (any kind), a PEFT prefix
+    adapter, or a training model dir of a method other than prompt tuning; as {method_config,
+    trainable, model_config, manifest, info}. None for prompt sources (.npy, PEFT prompt
+    adapters, prompt-tuning run dirs), which take the prompt (and ensemble) path."""
     from prompt_t5x.checkpoints import method_export, peft_prefix, train_checkpoints
     from prompt_t5x.methods.interface import unflatten_tables
     found = []
@@ -176,8 +177,6 @@ def _method_source(sources: Sequence[str], step: Optional[int]) -> Optional[Dict
                 tables, method_config, model_config = method_export.read_method_file(source)
             except (method_export.MethodExportError, OSError, ValueError) as e:
                 raise UsageError(f"prompt {source!r}: {e}") from None
-            if method_config.get("kind") == "prompt_tuning":
-                continue
             found.append(dict(method_config=method_config, trainable=unflatten_tables(tables),
                               model_config=model_config, manifest=None,
                               info={"source": source, "kind": "exported method", "step": None}))

@@ -82,9 +82,13 @@ def _tile_labels(labels: Dict[str, jax.Array], batch_size: int) -> Dict[str, jax
 def label_scores(method, frozen: PyTree, trainable: PyTree, encoder_input_tokens: jax.Array,
                  labels: Dict[str, jax.Array], *, length_normalize: bool = False,
                  share_encoder: bool = True) -> jax.Array:
-    """Scores [B, C]: (mean if ``length_normalize`` else sum) target log-prob of each label."""
+    """Scores [B, C]: (mean if ``length_normalize`` else sum) target log-prob of each label,
+    or the method's own class scores (``Method.label_scores``, e.g. a classification head)."""
     batch_size = encoder_input_tokens.shape[0]
     num_labels = labels["decoder_target_tokens"].shape[0]
+    own = method.label_scores(frozen, trainable, encoder_input_tokens, num_labels)
+    if own is not None:
+        return own
     tiled = _tile_labels(labels, batch_size)
     if share_encoder:
         variables = method.variables(frozen, trainable)

@@ -14,9 +14,19 @@ is enough to rebuild it (``prompt_t5x.methods.registry``):
   the trained state computes);
 - ``export(trainable)`` gives the inference form: flat named tables plus the config of the method
   that runs them (e.g. prefix-tuning's MLP collapses to the direct key/value table);
-- ``logical_axes(trainable)`` names every trainable axis (the rules keep them replicated);
+- ``logical_axes(trainable)`` names every trainable axis (the rules keep them replicated); the
+  names also choose Adafactor's factoring (``prompt_t5x.training.factor_rules``: a leading
+  ``'layers'`` axis is factored per layer);
 - ``prompt_positions`` is how many positions the method adds to every encoder input, which the
   data pipeline subtracts from the input length.
+
+Two hooks let a method change what is optimised and how classes are predicted without a new
+train step (every method goes through them; the defaults are the language model's):
+
+- ``loss_sums`` is the train step's and validation's loss: by default the teacher-forced
+  cross entropy of ``logits`` (``methods.token_loss``);
+- ``label_scores`` scores a task's C labels itself (e.g. a classification head); by default it
+  returns None and rank classification scores each label word's likelihood under the LM.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from prompt_t5x.methods import token_loss
 from prompt_t5x.model.t5 import T5
 
 PyTree = Any
@@ -94,6 +105,22 @@ class Method:
         return self.model.apply(self.variables(frozen, trainable), batch,
                                 enable_dropout=enable_dropout, rngs=rngs,
                                 **self.model_inputs(trainable))
+
+    def loss_sums(self, frozen: PyTree, trainable: PyTree, batch: Mapping[str, jax.Array], *,
+                  enable_dropout: bool = False, rng: Optional[jax.Array] = None,
+                  z_loss: float = 0.0) -> Tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """(loss sum, z-loss sum, correct count, weight) of a batch; the train step optimises
+        ``(loss + z) / weight``. Default: the LM cross entropy over the target tokens."""
+        logits = self.logits(frozen, trainable, batch, enable_dropout=enable_dropout, rng=rng)
+        return token_loss.cross_entropy_sums(logits, batch["decoder_target_tokens"],
+                                             token_loss.loss_weights(batch), z_loss)
+
+    def label_scores(self, frozen: PyTree, trainable: PyTree, encoder_input_tokens: jax.Array,
+                     num_labels: int) -> Optional[jax.Array]:
+        """Scores [B, C] of the task's labels (in its label order) when the method classifies
+        by itself; None (the default): rank classification scores the label words under the
+        LM (``inference.rank_classification``)."""
+        return None
 
     @property
     def prompt_positions(self) -> int:

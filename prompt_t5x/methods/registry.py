@@ -19,6 +19,10 @@ from prompt_t5x.model.t5 import T5
 MODULES: Dict[str, str] = {
     "prompt_tuning": "prompt_t5x.methods.prompt_tuning",
     "model_tuning": "prompt_t5x.methods.model_tuning",
+    "bias_tuning": "prompt_t5x.methods.bias_tuning",
+    "p_tuning": "prompt_t5x.methods.p_tuning",
+    "deep_prompts": "prompt_t5x.methods.deep_prompts",
+    "classification_head": "prompt_t5x.methods.classification_head",
     "prefix_tuning": "prompt_t5x.methods.prefix_tuning",
 }
 

@@ -31,7 +31,12 @@ def _param(module: nn.Module, name: str, init, shape, axes, param_dtype):
 
 
 class RMSNorm(nn.Module):
-    """T5 layer norm: scale only, no mean subtraction, statistics in float32."""
+    """T5 layer norm: scale only, no mean subtraction, statistics in float32.
+
+    A ``scale_delta`` [embed] is added to the frozen ``scale`` only when the params handed to
+    flax carry one (bias tuning overlays it; ``prompt_t5x.methods.bias_tuning``): init never
+    creates it, so the T5X tree is unchanged and a model without it traces as before.
+    """
 
     eps: float
     dtype: Any
@@ -41,13 +46,20 @@ class RMSNorm(nn.Module):
     def __call__(self, x: Array) -> Array:
         scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",),
                        self.param_dtype)
+        scale = scale.astype(jnp.float32)
+        if self.has_variable("params", "scale_delta"):
+            scale = scale + self.get_variable("params", "scale_delta").astype(jnp.float32)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+        return (y * scale).astype(self.dtype)
 
 
 class Kernel(nn.Module):
-    """A bias-free projection whose single parameter is the 2-D ``kernel`` [in, out]."""
+    """A bias-free projection whose single parameter is the 2-D ``kernel`` [in, out].
+
+    T5 1.1 has no biases; a ``bias`` [out] is added only when the params handed to flax carry
+    one (bias tuning overlays it): init never creates it, and without it nothing is traced.
+    """
 
     features: int
     axes: Tuple[str, str]
@@ -59,7 +71,10 @@ class Kernel(nn.Module):
     def __call__(self, x: Array) -> Array:
         kernel = _param(self, "kernel", self.init, (x.shape[-1], self.features), self.axes,
                         self.param_dtype)
-        return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.has_variable("params", "bias"):
+            y = y + self.get_variable("params", "bias").astype(self.dtype)
+        return y
 
 
 def split_heads(x: Array, config: T5Config) -> Array:

@@ -10,6 +10,11 @@ into the embedded sequence at a per-row position ``k_b``:
 
 The encoder length grows from L to L + P; prompt positions are always visible in the mask. How a
 prompt is *initialised* is a method's business (``prompt_t5x.methods.prompt_init``).
+
+A fourth mode, ``template`` (P-tuning, ``prompt_t5x.methods.p_tuning``), inserts nothing: the
+inputs already hold one placeholder token id per pseudo token (``methods.templates``), and
+``place_at_placeholders`` overwrites the j-th placeholder of each row with prompt row j, so the
+length stays L.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 COMBINE_MODES = ("prepend", "after_bos", "before_eos")
+TEMPLATE_MODE = "template"   # placeholders in the tokens (place_at_placeholders), not inserted
 
 
 
@@ -75,6 +81,33 @@ def combine_prompt(embedded: Array, mask: Array, prompt: Array, mode: str = "pre
     new_mask = jnp.where(is_prompt, True, jnp.take_along_axis(mask, token_src, axis=1))
     index = jnp.where(is_prompt, prompt_src, -1)
     return combined, new_mask, index
+
+
+def place_at_placeholders(embedded: Array, tokens: Array, prompt: Array, placeholder_id: int
+                          ) -> Tuple[Array, Array]:
+    """The ``template`` mode: prompt row j replaces the j-th ``placeholder_id`` token of a row.
+
+    Args:
+      embedded: [B, L, D] embedded input tokens.
+      tokens: [B, L] int token ids (the placeholders among them).
+      prompt: [P, D] shared or [B, P, D] per-example prompt rows.
+    Returns:
+      (embedded [B, L, D] with the placeholders replaced, prompt_index [B, L] int32: the row
+      0..P-1 at a placeholder, -1 elsewhere). A row with more than P placeholders reuses the
+      last prompt row for the extra ones (the data renders at most P).
+    """
+    batch, _, dim = embedded.shape
+    if prompt.ndim == 2:
+        prompt = jnp.broadcast_to(prompt[None], (batch,) + prompt.shape)
+    if prompt.ndim != 3 or prompt.shape[0] != batch or prompt.shape[2] != dim:
+        raise ValueError(f"prompt shape {prompt.shape} does not fit embedded inputs {embedded.shape}"
+                         " (expected [P, D] or [B, P, D] with the model's D)")
+    is_placeholder = tokens == placeholder_id                                    # [B, L]
+    row = jnp.clip(jnp.cumsum(is_placeholder.astype(jnp.int32), axis=1) - 1, 0,
+                   prompt.shape[1] - 1)
+    rows = jnp.take_along_axis(prompt.astype(embedded.dtype), row[..., None], axis=1)
+    combined = jnp.where(is_placeholder[..., None], rows, embedded)
+    return combined, jnp.where(is_placeholder, row, -1).astype(jnp.int32)
 
 
 def replace_prompt_positions(hidden: Array, layer_prompt: Array, prompt_index: Array) -> Array:

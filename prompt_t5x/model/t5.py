@@ -290,12 +290,21 @@ class T5(nn.Module):
     def encode(self, encoder_input_tokens: Array, prompt: Optional[Array] = None,
                prompt_mode: str = "prepend", enable_dropout: bool = False,
                prefixes=None, deep_prompts: Optional[Array] = None,
+               prompt_token_id: Optional[int] = None,
                prefix_bias: str = "zero") -> Tuple[Array, Array]:
-        """Tokens [B, L] (+ prompt [P, D] or [B, P, D]) -> (encoded [B, L+P, D], mask [B, L+P])."""
+        """Tokens [B, L] (+ prompt [P, D] or [B, P, D]) -> (encoded [B, L+P, D], mask [B, L+P]).
+
+        ``prompt_mode='template'`` (P-tuning) adds no positions: prompt row j replaces the j-th
+        ``prompt_token_id`` among the tokens (``prompt_inputs.place_at_placeholders``)."""
         mask = encoder_input_tokens > 0
         x = self.token_embedder(encoder_input_tokens)
         prompt_positions = None
-        if prompt is not None:
+        if prompt is not None and prompt_mode == prompt_inputs.TEMPLATE_MODE:
+            if prompt_token_id is None:
+                raise ValueError("prompt_mode='template' needs the placeholder prompt_token_id")
+            x, prompt_positions = prompt_inputs.place_at_placeholders(
+                x, encoder_input_tokens, prompt.astype(x.dtype), prompt_token_id)
+        elif prompt is not None:
             x, mask, prompt_positions = prompt_inputs.combine_prompt(
                 x, mask, prompt.astype(x.dtype), prompt_mode)
         elif deep_prompts is not None:
@@ -347,11 +356,12 @@ class T5(nn.Module):
     def __call__(self, batch: Mapping[str, Array], prompt: Optional[Array] = None,
                  prompt_mode: str = "prepend", enable_dropout: bool = False,
                  prefixes=None, deep_prompts: Optional[Array] = None,
+                 prompt_token_id: Optional[int] = None,
                  prefix_bias: str = "zero") -> Array:
         """Teacher-forced logits float32 [B, T, vocab] for a SeqIO encoder-decoder batch."""
         encoded, mask = self.encode(batch["encoder_input_tokens"], prompt, prompt_mode,
                                     enable_dropout, prefixes=prefixes, deep_prompts=deep_prompts,
-                                    prefix_bias=prefix_bias)
+                                    prompt_token_id=prompt_token_id, prefix_bias=prefix_bias)
         return self.decode(encoded, mask, batch["decoder_input_tokens"],
                            batch.get("decoder_target_tokens"), enable_dropout, prefixes=prefixes,
                            prefix_bias=prefix_bias)

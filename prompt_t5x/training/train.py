@@ -17,6 +17,10 @@ import optax
 
 from prompt_t5x.methods.interface import Method
 
+# Re-exported: the LM loss now lives with the methods (the default ``Method.loss_sums``).
+from prompt_t5x.methods.token_loss import cross_entropy_sums  # noqa: F401
+from prompt_t5x.training import optim
+
 PyTree = Any
 Batch = Mapping[str, jax.Array]
 Metrics = Dict[str, jax.Array]
@@ -37,38 +41,10 @@ def create_train_state(method: Method, optimizer: optax.GradientTransformation, 
     init_rng, rng = jax.random.split(rng)
     if trainable is None:
         trainable = method.init_trainable(init_rng, frozen)
+    # The method's axis names choose how Adafactor factors its parameters (factor_rules).
+    optimizer = optim.with_logical_axes(optimizer, method.logical_axes(trainable))
     return TrainState(step=jnp.asarray(step, jnp.int32), params=trainable,
                       opt_state=optimizer.init(trainable), rng=rng)
-
-
-def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
-                       z_loss: float) -> Tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Weighted sums over [B, T]: (cross-entropy, z-loss term, correct tokens, weight).
-
-    logits [B, T, V] float32, targets [B, T] int, weights [B, T]. The z-loss ``z * log(Z)^2``
-    (T5X/PaLM) keeps the softmax normaliser near 1 and is part of the optimised loss.
-    """
-    logits = logits.astype(jnp.float32)
-    weights = weights.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    ce = log_z - target_logit
-    z_term = z_loss * jnp.square(log_z)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    # Selected, not multiplied: a non-finite value at a weight-0 position (a filler row that a
-    # kernel leaves undefined) must not turn the sums into NaN.
-    live = weights > 0
-
-    def weighted_sum(x):
-        return jnp.sum(jnp.where(live, x * weights, 0.0))
-
-    return weighted_sum(ce), weighted_sum(z_term), weighted_sum(correct), jnp.sum(weights)
-
-
-def _loss_weights(batch: Batch) -> jax.Array:
-    if "decoder_loss_weights" in batch:
-        return batch["decoder_loss_weights"]
-    return (batch["decoder_target_tokens"] > 0).astype(jnp.float32)
 
 
 def _split_microbatches(batch: Batch, n: int) -> Batch:
@@ -89,14 +65,15 @@ def train_step_fn(method: Method, optimizer: optax.GradientTransformation, *,
                   ) -> Callable[[TrainState, PyTree, Batch], Tuple[TrainState, Metrics]]:
     """The pure (unjitted) step; ``make_train_step`` jits it, ``sharding`` adds shardings.
 
-    The loss is the mean over target tokens (weights summed over the whole batch, across
-    microbatches), so gradient accumulation gives the same gradient as one big batch.
+    The loss is ``method.loss_sums`` (the LM cross entropy unless the method says otherwise)
+    divided by its weight (target tokens summed over the whole batch, across microbatches), so
+    gradient accumulation gives the same gradient as one big batch.
     """
 
     def sums(trainable, frozen, batch, rng):
-        logits = method.logits(frozen, trainable, batch, enable_dropout=enable_dropout, rng=rng)
-        ce, zl, correct, weight = cross_entropy_sums(
-            logits, batch["decoder_target_tokens"], _loss_weights(batch), z_loss)
+        ce, zl, correct, weight = method.loss_sums(frozen, trainable, batch,
+                                                   enable_dropout=enable_dropout, rng=rng,
+                                                   z_loss=z_loss)
         return ce + zl, (ce, zl, correct, weight)
 
     grad_fn = jax.grad(sums, has_aux=True)
@@ -120,7 +97,8 @@ def train_step_fn(method: Method, optimizer: optax.GradientTransformation, *,
                 body, (zeros, jnp.zeros((), jnp.int32)), micro)
         denom = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        bound = optim.with_logical_axes(optimizer, method.logical_axes(state.params))
+        updates, opt_state = bound.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": (ce + zl) / denom, "z_loss": zl / denom,
                    # teacher-forced, in percent like validation's (data.metrics): not the
@@ -149,9 +127,8 @@ def eval_sums_fn(method: Method, *, z_loss: float = 1e-4):
     """Pure ``(trainable, frozen, batch) -> sums`` for teacher-forced evaluation (no dropout)."""
 
     def sums(trainable, frozen, batch):
-        logits = method.logits(frozen, trainable, batch, enable_dropout=False)
-        ce, zl, correct, weight = cross_entropy_sums(
-            logits, batch["decoder_target_tokens"], _loss_weights(batch), z_loss)
+        ce, zl, correct, weight = method.loss_sums(frozen, trainable, batch,
+                                                   enable_dropout=False, z_loss=z_loss)
         return {"loss_sum": ce + zl, "correct": correct, "tokens": weight}
 
     return sums
