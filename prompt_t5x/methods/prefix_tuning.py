@@ -56,7 +56,9 @@ from prompt_t5x.model.t5 import T5
 
 PARTS = prefix_init.PARTS
 REPARAMETERIZATIONS = ("direct", "mlp")
-_DIRECT_AXES = PartitionSpec("prefix_layers", "prefix", "prefix_heads", "prefix_kv")
+# 'layers' first: Adafactor factors each layer's [P, heads*head_dim] on its own
+# (training/factor_rules.py DEFAULT_FACTOR_RULES), as T5X would a per-layer matrix.
+_DIRECT_AXES = PartitionSpec("layers", "prefix", "heads", "kv")
 _MLP_AXES = {"embedding": PartitionSpec("prefix", "prefix_embed"),
              "hidden": {"kernel": PartitionSpec("prefix_embed", "prefix_mlp"),
                         "bias": PartitionSpec("prefix_mlp")},
@@ -217,7 +219,8 @@ class PrefixTuning(Method):
         return cls(model, **config)
 
     def logical_axes(self, trainable):
-        """Own axis names, which no rule maps: prefixes stay replicated (they are tiny)."""
+        """Direct tables [layers, P, heads, head_dim] name their axes as the optimizer's factor
+        rules expect; the MLP's have own names. The train state keeps prefixes replicated."""
         if self.reparameterization == "direct":
             return {part: {"key": _DIRECT_AXES, "value": _DIRECT_AXES} for part in self.parts}
         return {part: _MLP_AXES for part in self.parts}
