@@ -13,6 +13,8 @@ Names as they appear in gin files:
   methods.p_tuning       template, pseudo_token_id, encoder, encoder_hidden -> a ``MethodSpec``
   methods.deep_prompts   prompt_length, prompt_mode, prompt_init (VPT-deep) -> a ``MethodSpec``
   methods.classification_head  inner (a method), labels -> a ``MethodSpec``
+  methods.prefix_tuning  key/value prefixes per attention layer (prefix-tuning, P-tuning v2)
+  optim.adamw            optax's AdamW (prefix-tuning's and P-tuning v2's optimizer)
   prompts.class_labels / prompts.sampled_vocab / prompts.random_uniform / prompts.from_file
                          prompt initialisers -> a ``PromptInitSpec``
 
@@ -241,11 +243,33 @@ def classification_head(inner: MethodSpec = gin.REQUIRED,
                        labels=None if labels is None else tuple(labels))
 
 
+@gin.configurable("prefix_tuning", module="methods")
+def prefix_tuning(prefix_length: int = 10,
+                  parts: Sequence[str] = ("encoder", "decoder_self", "decoder_cross"),
+                  reparameterization: str = "mlp", mlp_hidden: int = 512,
+                  prefix_dropout: float = 0.0, init: Optional[str] = None,
+                  init_scale: float = 1.0,
+                  init_text: Optional[str] = None, prefix_bias: str = "zero",
+                  peft_layout: bool = False) -> MethodSpec:
+    """``prompt_t5x.methods.prefix_tuning``; ``init_text`` (init 'text') is encoded with the
+    run's vocabulary when the method is built; ``init`` defaults to 'text' when it is given,
+    else 'random'. Prefixes add no encoder positions."""
+    init = init or ("text" if init_text is not None else "random")
+    settings = dict(prefix_length=prefix_length, parts=tuple(parts),
+                    reparameterization=reparameterization, mlp_hidden=mlp_hidden,
+                    prefix_dropout=prefix_dropout, init=init, init_scale=init_scale,
+                    prefix_bias=prefix_bias, peft_layout=peft_layout)
+    if init_text is not None:
+        settings["init_text"] = init_text
+    return method_spec("prefix_tuning", prompt_positions=0, **settings)
+
+
 # ------------------------------------------------------------------------- registrations ----
 gin.external_configurable(get_config, name="get_config", module="t5")
 gin.external_configurable(optim.adafactor, name="adafactor", module="optim")
 # Adam: P-tuning's optimizer (runs/p_tuning.gin); optax's own, trained state is its moments.
 gin.external_configurable(optax.adam, name="adam", module="optim")
+gin.external_configurable(optax.adamw, name="adamw", module="optim")
 
 # Every configurable name and its function, for "did you mean" hints on typos (see gin_cli).
 REGISTERED = {
@@ -258,6 +282,8 @@ REGISTERED = {
     "methods.p_tuning": p_tuning,
     "methods.deep_prompts": deep_prompts,
     "methods.classification_head": classification_head,
+    "methods.prefix_tuning": prefix_tuning,
+    "optim.adamw": optax.adamw,
     "prompts.class_labels": class_labels,
     "prompts.sampled_vocab": sampled_vocab,
     "prompts.random_uniform": random_uniform,

@@ -9,7 +9,7 @@ import argparse
 import os
 
 from prompt_t5x.base.errors import UsageError
-from prompt_t5x.checkpoints import method_export, prompt_export, train_checkpoints
+from prompt_t5x.checkpoints import method_export, peft_prefix, prompt_export, train_checkpoints
 
 
 def main(argv) -> int:
@@ -24,7 +24,8 @@ def main(argv) -> int:
     parser.add_argument("--format", choices=("npy", "peft"), default=None,
                         help="output format (default: npy if --out ends in .npy, else peft); "
                              "--out x.safetensors (or any run of a method other than prompt "
-                             "tuning) writes the method's inference tables + JSON config")
+                             "tuning) writes the method's inference tables + JSON config; "
+                             "--format peft of a prefix-tuning run: a PEFT prefix adapter")
     parser.add_argument("--step", type=int, default=None,
                         help="training step to export (default: latest)")
     parser.add_argument("--base_model", default=None,
@@ -34,6 +35,14 @@ def main(argv) -> int:
                              "is never lost by a repeated command)")
     args = parser.parse_args(argv)
     _refuse_existing(args.out, args.overwrite)
+    if args.format == "peft" and _run_kind(args) == "prefix_tuning":
+        try:
+            shape = peft_prefix.export_run(args.source, args.out, step=args.step,
+                                           base_model_name_or_path=args.base_model)
+        except (peft_prefix.PeftPrefixError, method_export.MethodExportError) as e:
+            raise UsageError(str(e)) from e
+        print(f"wrote PEFT prefix adapter (decoder self-attention {list(shape)}) to {args.out}")
+        return 0
     if _method_export_wanted(args):
         try:
             tables, method_config = method_export.export_method(args.source, args.out,
@@ -72,13 +81,19 @@ def _method_export_wanted(args) -> bool:
         return False
     if args.out.endswith(".safetensors"):
         return True
+    kind = _run_kind(args)
+    return kind is not None and kind != "prompt_tuning"
+
+
+def _run_kind(args):
+    """The method kind of a training run ``args.source`` (None: not a run dir)."""
     model_dir = train_checkpoints.find_model_dir(args.source) \
         if os.path.isdir(args.source) else None
     if model_dir is None:
-        return False
+        return None
     try:
         manifest = train_checkpoints.TrainCheckpointer(model_dir, read_only=True).read_manifest(
             args.step)
     except train_checkpoints.TrainCheckpointError as e:
         raise UsageError(f"{args.source}: {e}") from None
-    return method_export.manifest_method_config(manifest)["kind"] != "prompt_tuning"
+    return method_export.manifest_method_config(manifest)["kind"]

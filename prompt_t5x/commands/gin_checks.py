@@ -99,6 +99,12 @@ def factor_rules(v: Any) -> Optional[str]:
     except ValueError as e:
         return f"a dict {{pattern: factoring}} of valid rules ({e})"
     return None
+def prefix_parts(v: Any) -> Optional[str]:
+    parts = ("encoder", "decoder_self", "decoder_cross")
+    if (isinstance(v, (list, tuple)) and v and all(p in parts for p in v)
+            and len(set(v)) == len(v)):
+        return None
+    return f"a non-empty list of distinct parts from {list(parts)}"
 
 
 def lengths(v: Any) -> Optional[str]:
@@ -171,6 +177,18 @@ CHECKS: Dict[str, Check] = {
     "methods.deep_prompts.prompt_length": positive_int,
     "methods.deep_prompts.prompt_mode": one_of(*prompt_inputs.COMBINE_MODES),
     "methods.classification_head.labels": optional(label_list),
+    "methods.prefix_tuning.prefix_length": positive_int,
+    "methods.prefix_tuning.parts": prefix_parts,
+    "methods.prefix_tuning.reparameterization": one_of("direct", "mlp"),
+    "methods.prefix_tuning.mlp_hidden": positive_int,
+    "methods.prefix_tuning.prefix_dropout": fraction,
+    "methods.prefix_tuning.init": optional(one_of("random", "zero", "text")),
+    "methods.prefix_tuning.init_scale": positive_float,
+    "methods.prefix_tuning.init_text": optional(text),
+    "methods.prefix_tuning.prefix_bias": one_of(*t5_lib.PREFIX_BIAS),
+    "methods.prefix_tuning.peft_layout": boolean,
+    "optim.adamw.learning_rate": positive_float,
+    "optim.adamw.weight_decay": non_negative_float,
     "prompts.class_labels.population": positive_int,
     "prompts.sampled_vocab.population": positive_int,
     "prompts.random_uniform.scale": positive_float,

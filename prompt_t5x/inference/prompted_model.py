@@ -154,14 +154,24 @@ def load(sources: Sequence[str], *, checkpoint: Optional[str] = None,
 
 
 def _method_source(sources: Sequence[str], step: Optional[int]) -> Optional[Dict[str, Any]]:
-    """A trained state run as its method: an exported method file (any kind), or a training
-    model dir of a method other than prompt tuning; as {method_config, trainable, model_config,
-    manifest, info}. None for prompt sources (.npy, PEFT prompt adapters, prompt-tuning run
-    dirs), which take the prompt (and ensemble) path."""
-    from prompt_t5x.checkpoints import method_export, train_checkpoints
+    """A trained state run as its method: an exported method file (any kind), a PEFT prefix
+    adapter, or a training model dir of a method other than prompt tuning; as {method_config,
+    trainable, model_config, manifest, info}. None for prompt sources (.npy, PEFT prompt
+    adapters, prompt-tuning run dirs), which take the prompt (and ensemble) path."""
+    from prompt_t5x.checkpoints import method_export, peft_prefix, train_checkpoints
     from prompt_t5x.methods.interface import unflatten_tables
     found = []
     for source in sources:
+        if "://" not in source and os.path.isdir(source) and peft_prefix.is_prefix_adapter(source):
+            try:
+                tables, method_config = peft_prefix.read_adapter(source)
+            except (peft_prefix.PeftPrefixError, OSError, ValueError, KeyError) as e:
+                raise UsageError(f"prompt {source!r}: {e}") from None
+            found.append(dict(method_config=method_config, trainable=unflatten_tables(tables),
+                              model_config=None, manifest=None,
+                              info={"source": source, "kind": "PEFT prefix adapter",
+                                    "step": None}))
+            continue
         if "://" not in source and method_export.is_method_file(source):
             try:
                 tables, method_config, model_config = method_export.read_method_file(source)
@@ -206,6 +216,12 @@ def _load_method(found: Dict[str, Any], *, checkpoint: Optional[str],
     except registry.UnknownMethodError as e:
         raise UsageError(f"prompt {found['info']['source']!r}: {e}") from None
     trainable = jax.device_put(jax.tree_util.tree_map(np.asarray, found["trainable"]))
+    if found["info"]["kind"] == "PEFT prefix adapter":
+        # The adapter says its own sizes; the frozen model (--gin.CHECKPOINT) must have them.
+        want = jax.eval_shape(method.init_trainable, jax.random.PRNGKey(0), frozen)
+        if jax.tree_util.tree_map(np.shape, want) != jax.tree_util.tree_map(np.shape, trainable):
+            raise UsageError(f"prompt {found['info']['source']!r}: the adapter's prefix shapes "
+                             "do not fit the frozen model's decoder (layers, heads, head_dim)")
     return Loaded(method, jax.device_put(frozen), None, [found["info"]], checkpoint, trainable)
 
 

@@ -23,6 +23,7 @@ MODULES: Dict[str, str] = {
     "p_tuning": "prompt_t5x.methods.p_tuning",
     "deep_prompts": "prompt_t5x.methods.deep_prompts",
     "classification_head": "prompt_t5x.methods.classification_head",
+    "prefix_tuning": "prompt_t5x.methods.prefix_tuning",
 }
 
 

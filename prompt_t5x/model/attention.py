@@ -138,10 +138,12 @@ def cudnn_arguments(q: jax.Array, k: jax.Array, bias: Optional[jax.Array],
 def attend(q, k, v, bias: Optional[jax.Array] = None, mask: Optional[Mask] = None, *,
            impl: str = "einsum", dropout_rate: float = 0.0,
            dropout_rng: Optional[jax.Array] = None, dtype=jnp.float32) -> jax.Array:
-    """q [B, Q, H, Dh], k/v [B, K, H, Dh], bias [1, H, Q, K - prefix] float32 -> [B, Q, H, Dh]."""
+    """q [B, Q, H, Dh], k/v [B, K, H, Dh], bias [1, H, Q, K - prefix] (or [1, H, Q, K])
+    float32 -> [B, Q, H, Dh]."""
     use_dropout = dropout_rng is not None and dropout_rate > 0
-    if bias is not None and mask is not None and mask.prefix:
-        # Prefix keys get no position bias.
+    if bias is not None and mask is not None and mask.prefix and bias.shape[-1] != k.shape[1]:
+        # Prefix keys get no position bias (unless the bias has their columns already:
+        # t5 prefix_bias='leading').
         bias = jnp.pad(bias, ((0, 0), (0, 0), (0, 0), (mask.prefix, 0)))
     if impl == "cudnn" and not use_dropout:
         return jax.nn.dot_product_attention(

@@ -8,6 +8,9 @@ separate tree (see ``prompt_t5x.methods``).
 Per-layer inputs for the methods beyond prompt tuning are part of the call signature already:
 ``prefixes`` (trainable key/value prefixes for every attention layer: prefix-tuning, P-tuning v2)
 and ``deep_prompts`` (replace the prompt positions at the input of every encoder layer).
+``prefix_bias`` says which relative-position bias prefix keys take in self-attention: 'zero'
+(none; the default) or 'leading' (that of ``P`` tokens placed before the sequence, whose own
+positions shift by ``P``: what Hugging Face T5 computes for a prefix given as past key/values).
 """
 
 from __future__ import annotations
@@ -162,10 +165,27 @@ def _remat_decoder_layer(cfg):
                     static_argnums=(7, 8))
 
 
+PREFIX_BIAS = ("zero", "leading")
+
+
+def _self_bias(relpos, query_positions, key_count: int, prefixes, key: str, prefix_bias: str):
+    """Self-attention bias ``[1, H, Q, K]``, or ``[1, H, Q, P + K]`` when the ``key`` prefix of
+    length P takes 'leading' positions (queries and keys shift by P, prefix keys sit at 0..P-1;
+    ``attention.attend`` pads a bias without prefix columns with zeros)."""
+    if prefix_bias not in PREFIX_BIAS:
+        raise ValueError(f"prefix_bias={prefix_bias!r}; choose from {PREFIX_BIAS}")
+    if prefix_bias == "leading" and prefixes and prefixes.get(key) is not None:
+        length = prefixes[key][0].shape[-3]          # k: [layers, (B,) P, H, Dh]
+        return relpos(query_positions + length, np.arange(length + key_count))
+    return relpos(query_positions, np.arange(key_count))
+
+
 def _prefix_for(prefixes: Optional[Mapping[str, Tuple[Array, Array]]], key: str, layer: int):
     if not prefixes or prefixes.get(key) is None:
         return None
     k, v = prefixes[key]
+    if k.ndim == 4:   # shared by the batch: [layers, P, H, Dh] -> this layer's [1, P, H, Dh]
+        return k[layer][None], v[layer][None]
     return k[layer], v[layer]
 
 
@@ -175,7 +195,7 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x: Array, mask: Array, deterministic: bool,
                  prefixes=None, deep_prompts: Optional[Array] = None,
-                 prompt_positions: Optional[Array] = None) -> Array:
+                 prompt_positions: Optional[Array] = None, prefix_bias: str = "zero") -> Array:
         """x [B, L, D] embedded inputs (prompt included), mask [B, L] -> encoded [B, L, D].
 
         ``deep_prompts`` [layers, P, D] or [layers, B, P, D] replace the hidden states at the
@@ -188,7 +208,8 @@ class Encoder(nn.Module):
         # [1, H, L, L]: shared by the batch; padding stays a separate key mask. (T5X masks
         # padded queries too; that changes only the outputs at padded positions, which every
         # consumer masks, and HF T5, the parity reference, masks keys only.)
-        bias = RelativePositionBias(cfg, bidirectional=True, name="relpos_bias")(positions, positions)
+        bias = _self_bias(RelativePositionBias(cfg, bidirectional=True, name="relpos_bias"),
+                          positions, length, prefixes, "encoder", prefix_bias)
         key_mask = attn_lib.Mask(key_valid=mask)
         x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
         layer_cls = _remat_encoder_layer(cfg)
@@ -208,7 +229,8 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, y: Array, encoded: Array, decoder_valid: Optional[Array],
                  encoder_mask: Array, deterministic: bool, decode: bool = False, prefixes=None,
-                 cross_kv: Optional[Tuple[Array, Array]] = None) -> Array:
+                 cross_kv: Optional[Tuple[Array, Array]] = None,
+                 prefix_bias: str = "zero") -> Array:
         """y [B, T, D] embedded decoder inputs -> logits float32 [B, T, vocab].
 
         decoder_valid [B, T] (None: all valid) masks padded decoder positions as queries and keys;
@@ -224,13 +246,15 @@ class Decoder(nn.Module):
             position.value = step + 1
             cache_len = self.variables["cache"]["layers_0"]["self_attention"]["cached_key"].shape[1]
             keys = jnp.arange(cache_len)
-            self_bias = relpos(jnp.reshape(step, (1,)), keys)
+            self_bias = _self_bias(relpos, jnp.reshape(step, (1,)), cache_len, prefixes,
+                                   "decoder_self", prefix_bias)
             self_mask = attn_lib.Mask(key_valid=(keys <= step)[None, :])
         else:
             if decode:  # the initialising call creates the step counter
                 self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
             positions = np.arange(y.shape[1])
-            self_bias = relpos(positions, positions)
+            self_bias = _self_bias(relpos, positions, y.shape[1], prefixes, "decoder_self",
+                                   prefix_bias)
             self_mask = attn_lib.Mask(query_valid=decoder_valid, key_valid=decoder_valid,
                                       causal=True)
         cross_mask = attn_lib.Mask(query_valid=decoder_valid, key_valid=encoder_mask)
@@ -266,7 +290,8 @@ class T5(nn.Module):
     def encode(self, encoder_input_tokens: Array, prompt: Optional[Array] = None,
                prompt_mode: str = "prepend", enable_dropout: bool = False,
                prefixes=None, deep_prompts: Optional[Array] = None,
-               prompt_token_id: Optional[int] = None) -> Tuple[Array, Array]:
+               prompt_token_id: Optional[int] = None,
+               prefix_bias: str = "zero") -> Tuple[Array, Array]:
         """Tokens [B, L] (+ prompt [P, D] or [B, P, D]) -> (encoded [B, L+P, D], mask [B, L+P]).
 
         ``prompt_mode='template'`` (P-tuning) adds no positions: prompt row j replaces the j-th
@@ -286,13 +311,14 @@ class T5(nn.Module):
             raise ValueError("deep_prompts need a prompt (the positions they replace)")
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         encoded = self.encoder(x, mask, not enable_dropout, prefixes=prefixes,
-                               deep_prompts=deep_prompts, prompt_positions=prompt_positions)
+                               deep_prompts=deep_prompts, prompt_positions=prompt_positions,
+                               prefix_bias=prefix_bias)
         return encoded, mask
 
     def decode(self, encoded: Array, encoder_mask: Array, decoder_input_tokens: Array,
                decoder_target_tokens: Optional[Array] = None, enable_dropout: bool = False,
                decode: bool = False, prefixes=None,
-               cross_kv: Optional[Tuple[Array, Array]] = None) -> Array:
+               cross_kv: Optional[Tuple[Array, Array]] = None, prefix_bias: str = "zero") -> Array:
         """encoded [B, L, D], encoder_mask [B, L], decoder_input_tokens [B, T] -> logits [B, T, V].
 
         Masks follow T5X: decoder keys and queries where the *target* is padding are masked (the
@@ -306,7 +332,8 @@ class T5(nn.Module):
         if not decode and decoder_target_tokens is not None:
             valid = decoder_target_tokens > 0
         return self.decoder(y, encoded, valid, encoder_mask, not enable_dropout,
-                            decode=decode, prefixes=prefixes, cross_kv=cross_kv)
+                            decode=decode, prefixes=prefixes, cross_kv=cross_kv,
+                            prefix_bias=prefix_bias)
 
     def cross_attention_kv(self, encoded: Array) -> Tuple[Array, Array]:
         """Every decoder layer's cross-attention keys and values, each [layers, B, L, H, Dh].
@@ -329,13 +356,15 @@ class T5(nn.Module):
     def __call__(self, batch: Mapping[str, Array], prompt: Optional[Array] = None,
                  prompt_mode: str = "prepend", enable_dropout: bool = False,
                  prefixes=None, deep_prompts: Optional[Array] = None,
-                 prompt_token_id: Optional[int] = None) -> Array:
+                 prompt_token_id: Optional[int] = None,
+                 prefix_bias: str = "zero") -> Array:
         """Teacher-forced logits float32 [B, T, vocab] for a SeqIO encoder-decoder batch."""
         encoded, mask = self.encode(batch["encoder_input_tokens"], prompt, prompt_mode,
                                     enable_dropout, prefixes=prefixes, deep_prompts=deep_prompts,
-                                    prompt_token_id=prompt_token_id)
+                                    prompt_token_id=prompt_token_id, prefix_bias=prefix_bias)
         return self.decode(encoded, mask, batch["decoder_input_tokens"],
-                           batch.get("decoder_target_tokens"), enable_dropout, prefixes=prefixes)
+                           batch.get("decoder_target_tokens"), enable_dropout, prefixes=prefixes,
+                           prefix_bias=prefix_bias)
 
 
 def dummy_batch(batch_size: int = 1, input_len: int = 4, target_len: int = 2) -> Dict[str, Array]:
