@@ -14,7 +14,8 @@ FAST = ["--gin.TRAIN_STEPS=2", "--gin.EVAL_EVERY=2", "--gin.BATCH_SIZE=8"]
 
 def test_compare_runs_each_method_and_resumes(tmp_path, capsys):
     out = tmp_path / "cmp"
-    argv = ["compare", f"--gin.OUTPUT_DIR={out}", *FAST]
+    argv = ["compare", f"--gin.OUTPUT_DIR={out}", *FAST,
+            "--gin.METHODS=['prompt_tuning', 'model_tuning']"]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "| prompt_tuning | prompt_tuning | 512 |" in printed
@@ -69,11 +70,23 @@ def test_a_method_override_wins_over_the_shared_settings(tmp_path):
     assert not tmp_path.joinpath("model_tuning").exists()         # planning writes nothing
 
 
+def test_the_default_compares_every_method_of_the_registry(tmp_path):
+    """Every registered kind has its row in the default, and every row plans (its run file,
+    the shared settings and its overrides parse and pass the gin checks), nothing trained."""
+    from prompt_t5x.methods import registry
+    gin_cli.parse(gin_cli.split_argv([f"--gin.OUTPUT_DIR={tmp_path}"]),
+                  default_files=["runs/compare.gin"])
+    plans = compare.plan(gin_cli.call(compare.compare_config))
+    assert {p.run.method.kind for p in plans} == set(registry.MODULES)
+    assert all(p.trainable and p.trainable > 0 for p in plans)
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("flags, message", [
     # The second method's mistake stops the command before the first trains.
     (["--gin.MODEL_TUNING=['runs/model_tuning.gin', 'PROMPT_LENGTH = 8']"],
      "compare.runs['model_tuning']: --gin.PROMPT_LENGTH sets a macro that no gin file uses"),
-    (["--gin.METHODS=['prefix_tuning']"], "compare.methods=['prefix_tuning']: pick labels"),
+    (["--gin.METHODS=['nope']"], "compare.methods=['nope']: pick labels"),
     (["--gin.MODEL_TUNING=['LEARNING_RATE = 0.01']"], "give a list with the method's run gin"),
 ])
 def test_configuration_mistakes_are_one_line_and_write_nothing(tmp_path, capsys, flags,
@@ -131,6 +144,8 @@ def test_a_real_task_on_a_t5x_checkpoint_plans_from_its_weights(tmp_path, fixtur
     assert model.vocab_size == 32128 and plans["model_tuning"].run.model == model
     assert plans["prompt_tuning"].trainable == 8 * model.emb_dim
     assert plans["model_tuning"].trainable == model.num_params
+    # A head's size needs the task's labels: its count comes from its run's own first line.
+    assert plans["classification_head"].trainable is None
     assert plans["prompt_tuning"].run.checkpoint == str(ckpt)
     assert f"--gin.CHECKPOINT={ckpt}" in plans["model_tuning"].argv
 

@@ -181,7 +181,7 @@ def _trainable(run) -> Optional[int]:
     labels = list(synthetic.LABELS) if run.task in synthetic.TASKS else None
     try:
         return run.method.trainable_parameters(run.model, label_words=labels)
-    except ValueError:
+    except (ValueError, UsageError):   # a head without its task's labels
         return None
 
 
