@@ -209,3 +209,24 @@ def test_gin_mistake_is_one_line_exit_2(binding, needle, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err
     assert not run.exists()
+
+
+def test_rematerialised_layers_give_the_same_gradient(frozen):
+    """Prefixes pass through rematerialised layers (PEFT's prefix-tuning refuses gradient
+    checkpointing): with full remat the loss and the prefix gradient equal the plain ones."""
+    batch = contract.make_batch(4)
+
+    def loss_and_grad(remat_policy):
+        method = _method(LI_LIANG, contract.tiny_config(remat_policy=remat_policy))
+        trainable = method.init_trainable(jax.random.PRNGKey(2), frozen)
+
+        def loss(tr):
+            total, z, _, weight = method.loss_sums(frozen, tr, batch)
+            return (total + z) / weight
+        return jax.value_and_grad(loss)(trainable)
+
+    (plain, plain_grad), (remat, remat_grad) = loss_and_grad("none"), loss_and_grad("full")
+    np.testing.assert_allclose(remat, plain, rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(plain_grad), jax.tree_util.tree_leaves(remat_grad)):
+        assert np.abs(np.asarray(a)).max() > 0
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
