@@ -29,6 +29,7 @@ def test_parse_pieces_counts_and_fields():
     ("[P] {inputs} }", "unbalanced"),
     ("[P] {inputs} [P*x]", r"write pseudo tokens as \[P\] or \[P\*n\]"),
     ("  ", "non-empty"),
+    ("{inputs} [P] {inputs}", "appears twice"),
 ])
 def test_malformed_templates_are_one_line_errors(text, needle):
     with pytest.raises(templates.TemplateError, match=needle):

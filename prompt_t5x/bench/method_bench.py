@@ -5,8 +5,8 @@
 
 Both methods are built through ``prompt_t5x.methods.registry`` (the method from ``--method`` and
 ``--method_config``; prompt tuning with ``--prompt_len`` vectors, P) on the same random frozen T5
-and the same random batches: the same input tokens (``encoder_len - prompt_len`` of them, as
-prompt tuning at P sees), each method adding its own encoder positions (``prompt_positions``:
+and batches of the same shapes from one seeded generator (``encoder_len - prompt_len`` input
+tokens, as prompt tuning at P sees), each method adding its own encoder positions (``prompt_positions``:
 P for prompt tuning, 0 for model tuning). Both steps are ``train.make_train_step`` with the same
 ``optim.adafactor()``, so what differs is the method alone: its forward/backward and the size of
 the state the optimizer updates.

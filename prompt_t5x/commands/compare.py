@@ -166,7 +166,11 @@ def plan(cfg: CompareConfig, search_paths: Sequence[str] = ()) -> List[Plan]:
             run = gin_cli.call(run_train.train_config)
         except UsageError as e:
             raise UsageError(f"compare.runs[{label!r}]: {e}") from None
-        plans.append(Plan(label, run.model_dir, argv, run, _trainable(run)))
+        try:   # builds the method: its own checks of its settings run before anything trains
+            trainable = _trainable(run)
+        except UsageError as e:
+            raise UsageError(f"compare.runs[{label!r}]: {e}") from None
+        plans.append(Plan(label, run.model_dir, argv, run, trainable))
     tasks = sorted({p.run.task for p in plans})
     if len(tasks) > 1:
         raise UsageError(f"compare: the methods train on different tasks {tasks}; bind TASK "
@@ -178,10 +182,11 @@ def _trainable(run) -> Optional[int]:
     """The method's trainable count before it runs; None when building it needs the task's
     label words and the task is not a generated one (its run prints the count: ``_COUNT``)."""
     from prompt_t5x.data import synthetic
-    labels = list(synthetic.LABELS) if run.task in synthetic.TASKS else None
+    if run.task in synthetic.TASKS:   # labels known: any refusal is the settings' own
+        return run.method.trainable_parameters(run.model, label_words=list(synthetic.LABELS))
     try:
-        return run.method.trainable_parameters(run.model, label_words=labels)
-    except (ValueError, UsageError):   # a head without its task's labels
+        return run.method.trainable_parameters(run.model)
+    except UsageError:   # e.g. a head, whose size needs the task's labels: its run says
         return None
 
 

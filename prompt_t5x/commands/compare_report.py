@@ -68,6 +68,16 @@ def peak_memory(row: Mapping[str, Any]) -> str:
     return "-"
 
 
+def _count(value) -> str:
+    """A trainable count, or '-' where the run died before it said (a head's needs its task)."""
+    return "-" if value is None or value == "" else f"{int(value):,}"
+
+
+def _percent(value) -> str:
+    return "-" if value is None or value == "" or math.isnan(float(value)) \
+        else f"{float(value):.3g}%"
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]], chance: Optional[float] = None) -> str:
     metric = rows[0]["metric"] if rows else "metric"
     tasks = ", ".join(dict.fromkeys(str(r["task"]) for r in rows))
@@ -77,8 +87,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], chance: Optional[float] = 
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['kind']} | {int(r['trainable_parameters']):,} | "
-            f"{float(r['trainable_percent']):.3g}% | {_value(r)} | "
+            f"| {r['method']} | {r['kind']} | {_count(r['trainable_parameters'])} | "
+            f"{_percent(r['trainable_percent'])} | {_value(r)} | "
             f"{'-' if r.get('best_step') is None else r['best_step']} | "
             f"{'-' if r.get('last_step') is None else r['last_step']} | "
             f"{float(r['seconds']):.0f} s | {peak_memory(r)} | {r['status']} |")
@@ -115,8 +125,8 @@ def plot(rows: Sequence[Mapping[str, Any]], path: str, *, title: Optional[str] =
     markers = "osD^v<>ph*"
     for i, r in enumerate(rows):
         value = float(r["best_value"])
-        if math.isnan(value):   # a failed method has no point; its bars still show
-            continue
+        if math.isnan(value) or not r["trainable_parameters"]:
+            continue   # a failed (or uncounted) method has no point; its bars still show
         ax.plot([r["trainable_parameters"]], [value], marker=markers[i % len(markers)],
                 markersize=9, linestyle="none", color=f"C{i}", label=r["method"])
         ax.annotate(r["method"], (r["trainable_parameters"], value), textcoords="offset points",
@@ -124,7 +134,7 @@ def plot(rows: Sequence[Mapping[str, Any]], path: str, *, title: Optional[str] =
     if chance is not None:
         ax.axhline(chance, color="gray", linestyle="--", linewidth=1.2,
                    label=f"chance ({chance:g}{'%' if metrics_lib.is_percent(metric) else ''})")
-    counts = [int(r["trainable_parameters"]) for r in rows]
+    counts = [int(r["trainable_parameters"]) for r in rows if r["trainable_parameters"]] or [1]
     ax.set_xscale("log")
     ax.set_xlim(min(counts) / 3, max(counts) * 12)   # room for the last label
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: scaling._human(v)))

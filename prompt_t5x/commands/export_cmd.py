@@ -35,7 +35,14 @@ def main(argv) -> int:
                              "is never lost by a repeated command)")
     args = parser.parse_args(argv)
     _refuse_existing(args.out, args.overwrite)
-    if args.format == "peft" and _run_kind(args) == "prefix_tuning":
+    kind = _run_kind(args)
+    if args.format == "peft" and kind not in (None, "prompt_tuning", "prefix_tuning"):
+        raise UsageError(f"{args.source} is a {kind} run, which has no PEFT form: export it "
+                         "with --out x.safetensors (its tables + JSON config)")
+    if args.format is not None and args.out.endswith(".safetensors"):
+        raise UsageError(f"--format {args.format} but --out {args.out} is a .safetensors "
+                         "path: drop --format (or pick an output of that format)")
+    if args.format == "peft" and kind == "prefix_tuning":
         try:
             shape = peft_prefix.export_run(args.source, args.out, step=args.step,
                                            base_model_name_or_path=args.base_model)

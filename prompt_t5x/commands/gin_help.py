@@ -81,7 +81,7 @@ HELP = {
                 "its own process; then compare.csv, compare.md and compare.png: best validation "
                 "metric against trainable parameters, train time and peak memory per method. "
                 "Run again, finished methods are not re-run.",
-        files=(("runs/compare.gin", "the default: prompt and model tuning of the bundled tiny "
+        files=(("runs/compare.gin", "the default: every method on the bundled tiny "
                                     "T5 on a generated task, offline on CPU in minutes"),),
         knobs="OUTPUT_DIR, METHODS (labels of compare.runs), MODEL_GIN, CHECKPOINT, TASK, "
               "DATA_DIR, VOCABULARY, TRAIN_STEPS, BATCH_SIZE, INPUTS_LENGTH, TARGETS_LENGTH, "

@@ -218,6 +218,8 @@ def execute(run: RunConfig, *, gin_config: str = "") -> LoopResult:
         raise UsageError(f"task {run.task!r} has a vocabulary of {source.vocab_size} ids but "
                          f"the model's vocab_size is {run.model.vocab_size}: pick a model gin "
                          "file / t5.get_config.vocab_size that matches the task's vocabulary.")
+    # The method is built (its settings checked) before any weight is loaded or file written.
+    method = run.method.build(t5_lib.T5(run.model), source.label_words, source.encode)
     mesh, rules = build_mesh(run)
     created = not os.path.exists(run.model_dir)
     # One writer per model dir (run_lock.py): refused here, before anything is loaded.
@@ -225,7 +227,7 @@ def execute(run: RunConfig, *, gin_config: str = "") -> LoopResult:
     try:
         if lock is not None:
             write_errors.preflight(run.model_dir)   # killed writers' leftovers; a full disk
-        return _train(run, kind, source, gin_config, mesh, rules)
+        return _train(run, kind, source, method, gin_config, mesh, rules)
     except ResumeError as e:
         raise UsageError(str(e)) from None
     except BaseException as error:
@@ -244,13 +246,11 @@ def execute(run: RunConfig, *, gin_config: str = "") -> LoopResult:
             lock.release()
 
 
-def _train(run: RunConfig, kind: str, source, gin_config: str, mesh=None,
+def _train(run: RunConfig, kind: str, source, method, gin_config: str, mesh=None,
            rules=None) -> LoopResult:
     from prompt_t5x.training import validation
     params = frozen_sources.load_sharded_frozen_params(run.checkpoint, run.model, run.seed, kind,
                                                        mesh, rules)
-    model = t5_lib.T5(run.model)
-    method = run.method.build(model, source.label_words, source.encode)
     initial_trainable = None
     frozen = params
     if run.method.kind == "model_tuning":
@@ -278,8 +278,9 @@ def _train(run: RunConfig, kind: str, source, gin_config: str, mesh=None,
                     model_config=run.model, frozen_checkpoint=run.checkpoint,
                     gin_config=gin_config, mesh=mesh, rules=rules,
                     run_info={"seed": run.seed, "method": run.method.kind,
-                              "prompt_length": run.method.prompt_length,
-                              "prompt_mode": run.method.prompt_mode})
+                              **({"prompt_length": run.method.prompt_length,
+                                  "prompt_mode": run.method.prompt_mode}
+                                 if run.method.kind == "prompt_tuning" else {})})
 
 
 def trainable_summary(method, config: t5_lib.T5Config) -> str:

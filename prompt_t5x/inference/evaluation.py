@@ -205,6 +205,10 @@ def predict(cfg: EvalConfig, loaded: prompted_model.Loaded, source) -> Predictio
     batches, examples = source.batches_and_examples(spec)
     batches = run_data.limit_examples(batches, cfg.max_examples)
     labels = None
+    own_labels = getattr(loaded.method, "labels", None)   # a classification head's classes
+    if mode == "rank" and own_labels is not None and tuple(own_labels) != tuple(label_words):
+        raise UsageError(f"the method predicts the labels {list(own_labels)} but task "
+                         f"{cfg.task!r} has {list(label_words)}: evaluate it on its own task")
     if mode == "rank":
         try:
             labels = rank_classification.encode_labels(list(label_words), vocabulary.encode,

@@ -209,19 +209,29 @@ def _load_method(found: Dict[str, Any], *, checkpoint: Optional[str],
     config = model
     if config is None and found["model_config"]:
         config = t5_lib.T5Config.from_dict(found["model_config"])
-    frozen, config, checkpoint = load_frozen(checkpoint, found["manifest"], config=config,
-                                             seed=seed)
+    source = found["info"]["source"]
+    if found["method_config"].get("kind") == "model_tuning" and config is not None:
+        # The run holds every weight: no frozen checkpoint to load (nor to be reachable).
+        frozen, checkpoint = {}, None
+    else:
+        frozen, config, checkpoint = load_frozen(checkpoint, found["manifest"], config=config,
+                                                 seed=seed)
     try:
         method = _registry_method(config, _freeze(found["method_config"]))
     except registry.UnknownMethodError as e:
-        raise UsageError(f"prompt {found['info']['source']!r}: {e}") from None
+        raise UsageError(f"prompt {source!r}: {e}") from None
+    except UsageError as e:   # its settings do not fit this model (e.g. a placeholder id)
+        raise UsageError(f"prompt {source!r}: {e}") from None
     trainable = jax.device_put(jax.tree_util.tree_map(np.asarray, found["trainable"]))
-    if found["info"]["kind"] == "PEFT prefix adapter":
-        # The adapter says its own sizes; the frozen model (--gin.CHECKPOINT) must have them.
-        want = jax.eval_shape(method.init_trainable, jax.random.PRNGKey(0), frozen)
-        if jax.tree_util.tree_map(np.shape, want) != jax.tree_util.tree_map(np.shape, trainable):
-            raise UsageError(f"prompt {found['info']['source']!r}: the adapter's prefix shapes "
-                             "do not fit the frozen model's decoder (layers, heads, head_dim)")
+    # The state's shapes must be what this method on this frozen model trains (a run or file
+    # of another model size would otherwise fail inside the compiled model).
+    want = t5_lib.param_shapes(config) if method.kind == "model_tuning" else \
+        jax.eval_shape(method.init_trainable, jax.random.PRNGKey(0), frozen)
+    if jax.tree_util.tree_map(np.shape, want) != jax.tree_util.tree_map(np.shape, trainable):
+        raise UsageError(f"prompt {source!r}: its {method.kind} state's shapes do not fit the "
+                         f"frozen model ({config.num_encoder_layers}+{config.num_decoder_layers} "
+                         f"layers, d_model {config.emb_dim}): evaluate it on the T5 it was "
+                         "trained on")
     return Loaded(method, jax.device_put(frozen), None, [found["info"]], checkpoint, trainable)
 
 

@@ -75,6 +75,11 @@ class ClassificationHead(Method):
         if self.inner.kind in ("model_tuning", self.kind):
             raise UsageError(f"classification_head wraps a prompt-type method, not "
                              f"{self.inner.kind!r}")
+        parts = getattr(self.inner, "parts", None)
+        if parts is not None and "encoder" not in parts:
+            # The head reads the encoder only: decoder-side prefixes would never be trained.
+            raise UsageError(f"classification_head reads the encoder, but the inner "
+                             f"{self.inner.kind} has no encoder part (parts={list(parts)})")
 
     @property
     def model(self) -> T5:

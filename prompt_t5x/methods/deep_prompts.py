@@ -77,8 +77,9 @@ class DeepPrompts(PromptTuning):
 
     def logical_axes(self, trainable):
         # Replicated like prompt tuning's prompt: a few rows per layer, never worth splitting.
+        # 'layers' first: Adafactor factors each layer's [P, D] on its own (factor_rules).
         return {"prompt": PartitionSpec("prompt", "prompt_embed"),
-                "deep_prompts": PartitionSpec(None, "prompt", "prompt_embed")}
+                "deep_prompts": PartitionSpec("layers", "prompt", "prompt_embed")}
 
     @classmethod
     def from_config(cls, model: T5, config: Mapping[str, Any], *,

@@ -2,7 +2,8 @@
 
 A run directory records ``method.method_config()`` (``{'kind': 'prefix_tuning', ...}``) in its
 training manifest; an exported file carries the same JSON. ``build(model, method_config)`` turns
-it back into the ``Method`` that runs the saved state, so ``eval``/``infer``/``export`` need
+it back into the ``Method`` that runs the saved state (a setting its own checks refuse is a
+``UsageError``: one line, exit 2), so ``eval``/``infer``/``export`` need
 nothing but the file. Method modules are imported on first use (``MODULES``): listing one here
 is all a new method needs to be found.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Dict, Mapping, Type
 
+from prompt_t5x.base.errors import UsageError
 from prompt_t5x.methods.interface import Method
 from prompt_t5x.model.t5 import T5
 
@@ -54,3 +56,7 @@ def build(model: T5, method_config: Mapping[str, Any], **build_context) -> Metho
         return cls.from_config(model, config, **build_context)
     except TypeError as e:   # a setting this version does not know
         raise UnknownMethodError(f"method {kind!r}: bad settings {sorted(config)}: {e}") from None
+    except UnknownMethodError:
+        raise
+    except ValueError as e:   # a method's own check of its settings (__post_init__)
+        raise UsageError(f"method {kind!r}: {e}") from None

@@ -59,6 +59,9 @@ class Template:
             if field is not None:
                 if not field.isidentifier():
                     raise TemplateError(f"template {text!r}: {{{field}}} is not a field name")
+                if ("field", field) in pieces:   # each field has one token budget
+                    raise TemplateError(f"template {text!r}: {{{field}}} appears twice; "
+                                        "name each field once")
                 pieces.append(("field", field))
             else:
                 n = 1 if count is None else int(count)
@@ -234,9 +237,15 @@ class InputTemplate:
 
 
 def input_template(method_settings: Mapping, model_vocab_size: int) -> Optional[InputTemplate]:
-    """A method's template settings (``template``, ``pseudo_token_id``), or None when the method
-    places no pseudo tokens among the inputs."""
+    """A method's template settings (``template``, ``pseudo_token_id``; a wrapper's are its
+    ``inner`` method's), or None when the method places no pseudo tokens among the inputs."""
     setting = method_settings.get("template")
+    inner = method_settings.get("inner")
+    if setting is None and inner is not None:
+        # A wrapper (the classification head) places its inner method's pseudo tokens:
+        # ``inner`` is a gin MethodSpec (its ``settings``) or a saved method config.
+        inner_settings = dict(inner.settings) if hasattr(inner, "settings") else dict(inner)
+        return input_template(inner_settings, model_vocab_size)
     if setting is None:
         return None
     setting = tuple(sorted(setting.items())) if isinstance(setting, Mapping) else setting
