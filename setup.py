@@ -34,7 +34,8 @@ PLOT = ["matplotlib>=3.7"]
 # transformers 5.x ties lm_head to the embedding for every T5 (T5 1.1 is untied), so the
 # reference must be 4.x.
 REFERENCE = ["torch==2.13.0", "transformers>=4.40,<5", "peft>=0.13,<0.22"]
-TEST = ["pytest>=7"] + DATA + PLOT + REFERENCE
+# pytest-xdist: the suite runs on 2 processes (CI has 2 cores; one process leaves one idle).
+TEST = ["pytest>=7", "pytest-xdist>=3.5"] + DATA + PLOT + REFERENCE
 
 setup(
     name="prompt_t5x",

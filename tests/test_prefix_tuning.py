@@ -139,13 +139,16 @@ def test_leading_prefix_is_leading_tokens():
         assert close == equal, bias
 
 
-def test_bad_settings_are_value_errors(frozen):
+def test_bad_settings_are_usage_errors(frozen):
+    """The method's own checks (ValueError) reach a user as one line: registry.build makes
+    them UsageErrors naming the method."""
+    from prompt_t5x.base.errors import UsageError
     for bad, needle in ((dict(parts=["encoder", "decoder"]), "parts"),
                         (dict(reparameterization="lstm"), "reparameterization"),
                         (dict(init="text"), "init_text"),
                         (dict(prefix_bias="left"), "prefix_bias"),
                         (dict(prefix_length=0), "prefix_length")):
-        with pytest.raises(ValueError, match=needle):
+        with pytest.raises(UsageError, match=f"method 'prefix_tuning': .*{needle}"):
             _method({"kind": "prefix_tuning", **bad})
 
 
