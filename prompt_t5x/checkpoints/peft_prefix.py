@@ -34,7 +34,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from prompt_t5x.checkpoints import hf_checkpoint
+from prompt_t5x.checkpoints import hf_checkpoint, prompt_export
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -112,12 +112,7 @@ def write_adapter(directory: str, key: np.ndarray, value: np.ndarray, *, heads: 
         "base_model_name_or_path": base_model_name_or_path, "revision": None,
         "modules_to_save": None, "auto_mapping": None,
     }
-    os.makedirs(directory, exist_ok=True)
-    hf_checkpoint.write_safetensors(os.path.join(directory, ADAPTER_WEIGHTS),
-                                    {PEFT_KEY: table}, metadata={"format": "pt"})
-    with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
-        json.dump(config, f, indent=2)
-    return directory
+    return prompt_export.write_peft_adapter(directory, {PEFT_KEY: table}, config)
 
 
 def is_prefix_adapter(path: str) -> bool:

@@ -37,7 +37,6 @@ def write_peft_prompt_adapter(directory: str, prompt: Any, *,
     prompt = np.asarray(prompt, dtype=np.float32)
     if prompt.ndim != 2:
         raise ExportError(f"a prompt must be 2-D [length, d_model], got shape {prompt.shape}")
-    os.makedirs(directory, exist_ok=True)
     config = {
         "peft_type": "PROMPT_TUNING", "task_type": "SEQ_2_SEQ_LM",
         "num_virtual_tokens": int(prompt.shape[0]), "token_dim": int(prompt.shape[1]),
@@ -48,10 +47,18 @@ def write_peft_prompt_adapter(directory: str, prompt: Any, *,
         "revision": None, "inference_mode": True, "modules_to_save": None,
         "auto_mapping": None,
     }
-    hf_checkpoint.write_safetensors(os.path.join(directory, ADAPTER_WEIGHTS),
-                                    {PEFT_PROMPT_KEY: prompt}, metadata={"format": "pt"})
-    with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
-        json.dump(config, f, indent=2)
+    return write_peft_adapter(directory, {PEFT_PROMPT_KEY: prompt}, config)
+
+
+def write_peft_adapter(directory: str, tensors: Dict[str, np.ndarray],
+                       config: Dict[str, Any]) -> str:
+    """A PEFT adapter directory: ``adapter_model.safetensors`` + ``adapter_config.json``, each
+    written atomically (prompt and prefix adapters alike)."""
+    os.makedirs(directory, exist_ok=True)
+    hf_checkpoint.write_safetensors(os.path.join(directory, ADAPTER_WEIGHTS), tensors,
+                                    metadata={"format": "pt"})
+    storage.write_bytes_atomic(os.path.join(directory, ADAPTER_CONFIG),
+                               json.dumps(config, indent=2).encode("utf-8"))
     return directory
 
 
