@@ -71,6 +71,17 @@ def make_batch(seed: int = 0, batch: int = 8, length: int = 7, targets: int = 3,
                 decoder_loss_weights=np.ones((batch, targets), np.float32))
 
 
+def task_batch_fn(num_tasks: int, batch_fn=make_batch):
+    """``batch_fn`` batches with ``task_ids`` [B] (example b of task b mod ``num_tasks``): the
+    mixed-task batches of a task bank or any method that routes examples by task."""
+    def with_tasks(seed: int = 0, **kw):
+        batch = batch_fn(seed, **kw)
+        rows = batch["encoder_input_tokens"].shape[0]
+        batch[interface.TASK_IDS] = (np.arange(rows) % num_tasks).astype(np.int32)
+        return batch
+    return with_tasks
+
+
 def template_batch_fn(placeholder_id: int, positions=(0, 1, 3)):
     """A ``make_batch`` with ``placeholder_id`` at ``positions`` of every row and nowhere else:
     batches for a template method (P-tuning), whose prompt rows replace placeholder tokens."""
@@ -218,16 +229,19 @@ def check_sigkill_resume_is_exact(method_config: dict, tmp_path, *, encoder_laye
 
 def check_cached_decoding(method: interface.Method, frozen, trainable, *, length: int = 5,
                           batch_fn=make_batch):
-    tokens = batch_fn(3, batch=4)["encoder_input_tokens"]
+    """Cached greedy decoding equals the uncached reference; beam search scores at least as
+    well. A ``batch_fn`` batch with ``task_ids`` routes the decoded examples to their tasks."""
+    batch = batch_fn(3, batch=4)
+    tokens, task_ids = batch["encoder_input_tokens"], batch.get(interface.TASK_IDS)
     spec = decoding.DecodeSpec("greedy", max_decode_len=length, eos_id=None)
-    cached = decoding.decode_jit(method, frozen, trainable, tokens, spec)
-    ref_tokens, ref_scores = decoding.greedy_decode_uncached(method, frozen, trainable, tokens,
-                                                             length, eos_id=None)
+    cached = decoding.decode_jit(method, frozen, trainable, tokens, spec, task_ids=task_ids)
+    ref_tokens, ref_scores = decoding.greedy_decode_uncached(
+        method, frozen, trainable, tokens, length, eos_id=None, task_ids=task_ids)
     np.testing.assert_array_equal(np.asarray(cached.tokens), ref_tokens)
     np.testing.assert_allclose(np.asarray(cached.scores), ref_scores, rtol=1e-5, atol=1e-5)
     beam = decoding.decode_jit(method, frozen, trainable, tokens,
                                decoding.DecodeSpec("beam", max_decode_len=length, beam_size=3,
-                                                   eos_id=None, alpha=0.0))
+                                                   eos_id=None, alpha=0.0), task_ids=task_ids)
     assert np.all(np.asarray(beam.scores) >= ref_scores - 1e-4)
 
 

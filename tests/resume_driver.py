@@ -35,8 +35,10 @@ def batch_for_step(step: int, vocab: int = 101, batch: int = 4, length: int = 7)
     targets = rs.randint(2, vocab, size=(batch, 3)).astype(np.int32)
     targets[:, -1] = 1
     decoder_inputs = np.concatenate([np.zeros((batch, 1), np.int32), targets[:, :-1]], axis=1)
+    # Task ids (rows alternate two tasks): a task bank routes by them, other methods ignore them.
     return dict(encoder_input_tokens=inputs, decoder_input_tokens=decoder_inputs,
-                decoder_target_tokens=targets, decoder_loss_weights=np.ones((batch, 3), np.float32))
+                decoder_target_tokens=targets, decoder_loss_weights=np.ones((batch, 3), np.float32),
+                task_ids=(np.arange(batch) % 2).astype(np.int32))
 
 
 def main(argv=None) -> int:

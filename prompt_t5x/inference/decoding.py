@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prompt_t5x.methods.interface import Method
+from prompt_t5x.methods.interface import TASK_IDS, Method
+from prompt_t5x.model import prompt_inputs
 from prompt_t5x.model.t5 import T5
 
 PyTree = Any
@@ -297,20 +298,34 @@ def beam_search_loop(step: StepFn, cache: PyTree, batch_size: int, spec: DecodeS
 
 # ----------------------------------------------------------------------------- entry points
 
+def example_features(encoder_input_tokens: Array, task_ids: Optional[Array] = None
+                     ) -> Dict[str, Array]:
+    """The ``features`` of ``Method.example_inputs``: tokens [B, L] (+ task ids [B])."""
+    features = {"encoder_input_tokens": jnp.asarray(encoder_input_tokens, jnp.int32)}
+    if task_ids is not None:
+        features[TASK_IDS] = jnp.asarray(task_ids, jnp.int32)
+    return features
+
+
 def decode(method: Method, frozen: PyTree, trainable: PyTree, encoder_input_tokens: Array,
            spec: DecodeSpec = DecodeSpec(), rng: Optional[Array] = None,
-           params: Optional[SearchParams] = None) -> DecodeOutput:
+           params: Optional[SearchParams] = None, task_ids: Optional[Array] = None
+           ) -> DecodeOutput:
     """Decode a batch of encoder inputs [B, L] with the method's (prompted) model.
 
     Traceable with ``method`` and ``spec`` static; ``params`` (default: from ``spec``) carries
-    the numeric settings, which override spec's. ``decode_jit`` is the jitted entry point.
+    the numeric settings, which override spec's. ``task_ids`` [B] route a mixed-task batch's
+    examples to their tasks' states (``Method.example_inputs``). ``decode_jit`` is the jitted
+    entry point.
     """
     if params is None:
         params = search_params(spec)
     model = decoding_model(method.model)
     variables = method.variables(frozen, trainable)
-    encode_kwargs, decode_kwargs = split_model_inputs(method.model_inputs(trainable))
-    encoder_input_tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
+    features = example_features(encoder_input_tokens, task_ids)
+    encoder_input_tokens = features["encoder_input_tokens"]
+    encode_kwargs, decode_kwargs = split_model_inputs(
+        method.example_inputs(frozen, trainable, features))
     encoded, mask = model.apply(variables, encoder_input_tokens, method=T5.encode,
                                 **encode_kwargs)
     batch = encoded.shape[0]
@@ -322,6 +337,7 @@ def decode(method: Method, frozen: PyTree, trainable: PyTree, encoder_input_toke
         encoded = jnp.repeat(encoded, spec.beam_size, axis=0)
         mask = jnp.repeat(mask, spec.beam_size, axis=0)
         cross_kv = tuple(jnp.repeat(x, spec.beam_size, axis=1) for x in cross_kv)
+        decode_kwargs = prompt_inputs.repeat_examples(decode_kwargs, spec.beam_size)
     decode_kwargs = {**decode_kwargs, "cross_kv": cross_kv}
     cache = init_cache(model, variables, encoded, mask, spec.max_decode_len, decode_kwargs)
     step = make_step_fn(model, variables, encoded, mask, decode_kwargs)
@@ -337,21 +353,24 @@ _decode_jitted = jax.jit(decode, static_argnames=("method", "spec"))
 
 
 def decode_jit(method: Method, frozen: PyTree, trainable: PyTree, encoder_input_tokens: Array,
-               spec: DecodeSpec = DecodeSpec(), rng: Optional[Array] = None) -> DecodeOutput:
+               spec: DecodeSpec = DecodeSpec(), rng: Optional[Array] = None,
+               task_ids: Optional[Array] = None) -> DecodeOutput:
     """Jitted ``decode``: compiled once per (method, strategy, length, beam size, shapes); the
     temperature, top-k/top-p, alpha and EOS id are runtime values."""
     return _decode_jitted(method, frozen, trainable, encoder_input_tokens, static_part(spec),
-                          rng, search_params(spec))
+                          rng, search_params(spec), task_ids)
 
 
 @functools.partial(jax.jit, static_argnames=("method",))
 def _uncached_logits(method: Method, frozen: PyTree, trainable: PyTree,
-                     encoder_input_tokens: Array, decoder_input_tokens: Array) -> Array:
+                     encoder_input_tokens: Array, decoder_input_tokens: Array,
+                     task_ids: Optional[Array] = None) -> Array:
     """Encoder + full decoder without cache -> logits [B, T, V]; causal, so position t only
     depends on decoder inputs <= t (no target-padding mask: every position is real)."""
     model = decoding_model(method.model)
     variables = method.variables(frozen, trainable)
-    encode_kwargs, decode_kwargs = split_model_inputs(method.model_inputs(trainable))
+    encode_kwargs, decode_kwargs = split_model_inputs(method.example_inputs(
+        frozen, trainable, example_features(encoder_input_tokens, task_ids)))
     encoded, mask = model.apply(variables, encoder_input_tokens, method=T5.encode,
                                 **encode_kwargs)
     return model.apply(variables, encoded, mask, decoder_input_tokens, method=T5.decode,
@@ -360,7 +379,8 @@ def _uncached_logits(method: Method, frozen: PyTree, trainable: PyTree,
 
 def greedy_decode_uncached(method: Method, frozen: PyTree, trainable: PyTree,
                            encoder_input_tokens: Array, max_decode_len: int,
-                           eos_id: Optional[int] = 1) -> Tuple[np.ndarray, np.ndarray]:
+                           eos_id: Optional[int] = 1, task_ids: Optional[Array] = None
+                           ) -> Tuple[np.ndarray, np.ndarray]:
     """Reference greedy decoder: the whole model over all T positions at every step, no cache.
 
     Returns (tokens int32 [B, T], log-prob sums float32 [B]) like ``sample_loop``.
@@ -375,7 +395,7 @@ def greedy_decode_uncached(method: Method, frozen: PyTree, trainable: PyTree,
             break
         inputs = np.concatenate([np.zeros((batch, 1), np.int32), tokens[:, :-1]], axis=1)
         logits = _uncached_logits(method, frozen, trainable, encoder_input_tokens,
-                                  jnp.asarray(inputs))[:, t]
+                                  jnp.asarray(inputs), task_ids)[:, t]
         nxt = np.asarray(jnp.argmax(logits, axis=-1), np.int32)
         lp = np.asarray(jax.nn.log_softmax(logits))[np.arange(batch), nxt]
         nxt = np.where(ended, 0, nxt)

@@ -125,18 +125,20 @@ def ensemble_label_scores(method: Method, frozen: PyTree, prompts, encoder_input
 
 def method_decode(method: Method, frozen: PyTree, trainable: PyTree, encoder_input_tokens,
                   spec: decoding.DecodeSpec = decoding.DecodeSpec(),
-                  rng: Optional[Array] = None) -> decoding.DecodeOutput:
+                  rng: Optional[Array] = None, task_ids=None) -> decoding.DecodeOutput:
     """``decoding.decode_jit`` with the prompt axis of the ensemble outputs (N = 1), so a method
-    other than prompt tuning goes through the same evaluation code."""
+    other than prompt tuning goes through the same evaluation code. ``task_ids`` [B] route a
+    mixed-task batch (a task bank's examples to their tasks' states)."""
     out = decoding.decode_jit(method, frozen, trainable,
-                              jnp.asarray(encoder_input_tokens, jnp.int32), spec, rng)
+                              jnp.asarray(encoder_input_tokens, jnp.int32), spec, rng, task_ids)
     return jax.tree_util.tree_map(lambda x: x[None], out)
 
 
 def _method_label_scores(method, frozen, trainable, encoder_input_tokens, labels,
-                         length_normalize):
+                         length_normalize, task_ids=None):
     return rank_classification.label_scores(method, frozen, trainable, encoder_input_tokens,
-                                            labels, length_normalize=length_normalize)[None]
+                                            labels, length_normalize=length_normalize,
+                                            task_ids=task_ids)[None]
 
 
 _method_label_scores_jit = jax.jit(_method_label_scores,
@@ -145,14 +147,15 @@ _method_label_scores_jit = jax.jit(_method_label_scores,
 
 def method_label_scores(method: Method, frozen: PyTree, trainable: PyTree, encoder_input_tokens,
                         label_batch: rank_classification.LabelBatch, *,
-                        length_normalize: bool = False) -> Array:
-    """Rank-classification scores [1, B, C] of one trained state of any method."""
+                        length_normalize: bool = False, task_ids=None) -> Array:
+    """Rank-classification scores [1, B, C] of one trained state of any method (``task_ids``
+    [B]: see ``method_decode``)."""
     labels = {"decoder_target_tokens": jnp.asarray(label_batch.decoder_target_tokens),
               "decoder_input_tokens": jnp.asarray(label_batch.decoder_input_tokens),
               "decoder_loss_weights": jnp.asarray(label_batch.decoder_loss_weights)}
     return _method_label_scores_jit(method, frozen, trainable,
                                     jnp.asarray(encoder_input_tokens, jnp.int32), labels,
-                                    length_normalize)
+                                    length_normalize, task_ids)
 
 
 # ----------------------------------------------------------------------------- combining

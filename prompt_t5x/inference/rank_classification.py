@@ -17,7 +17,7 @@ Pure jax/numpy: no TensorFlow, so the core, the benchmark and eval loops can all
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,8 @@ import numpy as np
 
 from prompt_t5x.base.errors import InputError
 from prompt_t5x.inference import decoding
+from prompt_t5x.methods.interface import TASK_IDS
+from prompt_t5x.model import prompt_inputs
 from prompt_t5x.model.t5 import T5
 
 PyTree = Any
@@ -81,9 +83,11 @@ def _tile_labels(labels: Dict[str, jax.Array], batch_size: int) -> Dict[str, jax
 
 def label_scores(method, frozen: PyTree, trainable: PyTree, encoder_input_tokens: jax.Array,
                  labels: Dict[str, jax.Array], *, length_normalize: bool = False,
-                 share_encoder: bool = True) -> jax.Array:
+                 share_encoder: bool = True, task_ids: Optional[jax.Array] = None
+                 ) -> jax.Array:
     """Scores [B, C]: (mean if ``length_normalize`` else sum) target log-prob of each label,
-    or the method's own class scores (``Method.label_scores``, e.g. a classification head)."""
+    or the method's own class scores (``Method.label_scores``, e.g. a classification head).
+    ``task_ids`` [B] route a mixed-task batch (``Method.example_inputs``)."""
     batch_size = encoder_input_tokens.shape[0]
     num_labels = labels["decoder_target_tokens"].shape[0]
     own = method.label_scores(frozen, trainable, encoder_input_tokens, num_labels)
@@ -92,17 +96,21 @@ def label_scores(method, frozen: PyTree, trainable: PyTree, encoder_input_tokens
     tiled = _tile_labels(labels, batch_size)
     if share_encoder:
         variables = method.variables(frozen, trainable)
-        encode_extra, decode_extra = decoding.split_model_inputs(method.model_inputs(trainable))
+        encode_extra, decode_extra = decoding.split_model_inputs(method.example_inputs(
+            frozen, trainable, decoding.example_features(encoder_input_tokens, task_ids)))
         encoded, mask = method.model.apply(variables, encoder_input_tokens, method=T5.encode,
                                            **encode_extra)
         encoded = jnp.repeat(encoded, num_labels, axis=0)     # [B*C, L+P, D]
         mask = jnp.repeat(mask, num_labels, axis=0)           # [B*C, L+P]
+        decode_extra = prompt_inputs.repeat_examples(decode_extra, num_labels)
         logits = method.model.apply(variables, encoded, mask, tiled["decoder_input_tokens"],
                                     tiled["decoder_target_tokens"], method=T5.decode,
                                     **decode_extra)
     else:
         batch = dict(tiled)
         batch["encoder_input_tokens"] = jnp.repeat(encoder_input_tokens, num_labels, axis=0)
+        if task_ids is not None:
+            batch[TASK_IDS] = jnp.repeat(jnp.asarray(task_ids, jnp.int32), num_labels, axis=0)
         logits = method.logits(frozen, trainable, batch)
     token_lp = _token_log_probs(logits, tiled["decoder_target_tokens"])
     weights = tiled["decoder_loss_weights"]
@@ -114,14 +122,15 @@ def label_scores(method, frozen: PyTree, trainable: PyTree, encoder_input_tokens
 
 def rank_classifier_fn(method, label_batch: LabelBatch, *, length_normalize: bool = False,
                        share_encoder: bool = True):
-    """Pure ``classify(frozen, trainable, encoder_input_tokens [B, L]) -> (scores [B, C],
-    predicted label index [B])``, to jit (or partition over a mesh). The labels stay numpy:
-    constants of the traced program, never arrays committed to one device."""
+    """Pure ``classify(frozen, trainable, encoder_input_tokens [B, L], task_ids [B] | None)
+    -> (scores [B, C], predicted label index [B])``, to jit (or partition over a mesh). The
+    labels stay numpy: constants of the traced program, never arrays committed to one device."""
     labels = {k: np.asarray(v) for k, v in dataclasses.asdict(label_batch).items()}
 
-    def classify(frozen, trainable, encoder_input_tokens):
+    def classify(frozen, trainable, encoder_input_tokens, task_ids=None):
         scores = label_scores(method, frozen, trainable, encoder_input_tokens, labels,
-                              length_normalize=length_normalize, share_encoder=share_encoder)
+                              length_normalize=length_normalize, share_encoder=share_encoder,
+                              task_ids=task_ids)
         return scores, jnp.argmax(scores, axis=-1)
     return classify
 

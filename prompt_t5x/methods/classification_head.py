@@ -113,7 +113,8 @@ class ClassificationHead(Method):
     def pooled(self, frozen, trainable, encoder_input_tokens, *, enable_dropout=False,
                rng=None) -> jax.Array:
         """Mean of the prompted encoder output over valid positions: [B, L] -> [B, D]."""
-        inputs = self.inner.model_inputs(trainable["inner"])
+        inputs = self.inner.example_inputs(frozen, trainable["inner"],
+                                           {"encoder_input_tokens": encoder_input_tokens})
         unknown = set(inputs) - _ENCODE_ARGS
         if unknown:
             raise ValueError(f"classification_head: inner inputs {sorted(unknown)} do not "

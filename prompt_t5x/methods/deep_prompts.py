@@ -49,6 +49,7 @@ class DeepPrompts(PromptTuning):
     """VPT-deep / P-tuning v2 deep prompts on the frozen T5 encoder (see module docstring)."""
 
     kind: ClassVar[str] = "deep_prompts"
+    inputs_only: ClassVar[bool] = True
 
     def __post_init__(self):
         super().__post_init__()

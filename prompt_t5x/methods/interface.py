@@ -20,6 +20,17 @@ is enough to rebuild it (``prompt_t5x.methods.registry``):
 - ``prompt_positions`` is how many positions the method adds to every encoder input, which the
   data pipeline subtracts from the input length.
 
+Per-example inputs. ``example_inputs(frozen, trainable, features)`` is what every caller (the
+train step through ``logits``, validation, rank classification, decoding) passes to the model for
+one batch. ``features`` holds the batch's ``encoder_input_tokens`` [B, L] and, in a mixed-task
+batch, ``task_ids`` [B] (``TASK_IDS``: built by the data bridge from each example's task, never a
+Python loop). The default ignores them (``model_inputs(trainable)``: one prompt for the whole
+batch); a task bank gathers each example's task state, and instance-wise methods (IDPG, IPT,
+SPT) compute each example's prompt from its own tokens. Per-example inputs carry the batch axis
+(prompt [B, P, D], deep prompts [layers, B, P, D], prefixes [layers, B, P, H, Dh]); callers that
+replicate rows (beams, rank classification's labels) repeat them with
+``prompt_inputs.repeat_examples``.
+
 Two hooks let a method change what is optimised and how classes are predicted without a new
 train step (every method goes through them; the defaults are the language model's):
 
@@ -41,6 +52,8 @@ from prompt_t5x.methods import token_loss
 from prompt_t5x.model.t5 import T5
 
 PyTree = Any
+# The batch feature that routes every example to its task's state: int32 [B].
+TASK_IDS = "task_ids"
 # Separator of the flat table names of ``export`` ('prefixes/encoder/key').
 TABLE_SEP = "/"
 
@@ -80,6 +93,10 @@ class Method:
     """Interface; see the module docstring."""
 
     kind: ClassVar[str] = ""
+    # True when the trainable state enters the model only through ``model_inputs`` (the frozen
+    # variables are the T5's own): such a method's state can be stacked per task and gathered
+    # per example (``methods.task_bank``).
+    inputs_only: ClassVar[bool] = False
     model: T5
 
     # -- what is trained ------------------------------------------------------------------
@@ -98,13 +115,20 @@ class Method:
         """Extra keyword inputs of ``T5.__call__`` / ``T5.encode`` (e.g. the prompt)."""
         return {}
 
+    def example_inputs(self, frozen: PyTree, trainable: PyTree,
+                       features: Mapping[str, jax.Array]) -> Dict[str, Any]:
+        """Model inputs for one batch (module docstring): ``features`` has
+        ``encoder_input_tokens`` int32 [B, L] and, for a mixed-task batch, ``task_ids`` int32
+        [B]. Default: ``model_inputs(trainable)``, the same for every example."""
+        return self.model_inputs(trainable)
+
     def logits(self, frozen: PyTree, trainable: PyTree, batch: Mapping[str, jax.Array], *,
                enable_dropout: bool = False, rng: Optional[jax.Array] = None) -> jax.Array:
         """Teacher-forced logits float32 [B, T, V]."""
         rngs = {"dropout": rng} if (enable_dropout and rng is not None) else {}
         return self.model.apply(self.variables(frozen, trainable), batch,
                                 enable_dropout=enable_dropout, rngs=rngs,
-                                **self.model_inputs(trainable))
+                                **self.example_inputs(frozen, trainable, batch))
 
     def loss_sums(self, frozen: PyTree, trainable: PyTree, batch: Mapping[str, jax.Array], *,
                   enable_dropout: bool = False, rng: Optional[jax.Array] = None,

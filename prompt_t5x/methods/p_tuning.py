@@ -76,6 +76,7 @@ class PTuning(Method):
     """P-tuning: a prompt encoder's virtual tokens, placed by a template."""
 
     kind: ClassVar[str] = "p_tuning"
+    inputs_only: ClassVar[bool] = True
     model: T5
     template: Union[str, Mapping[str, str]] = "[P*3] {inputs} [P*3]"
     pseudo_token_id: Optional[int] = None      # None: the last embedding row

@@ -71,6 +71,7 @@ class PrefixTuning(Method):
     """Key/value prefixes ``[layers, P, heads, head_dim]`` per switched-on attention part."""
 
     kind: ClassVar[str] = "prefix_tuning"
+    inputs_only: ClassVar[bool] = True
     model: T5
     prefix_length: int = 10
     parts: Tuple[str, ...] = PARTS
@@ -185,7 +186,7 @@ class PrefixTuning(Method):
         return {"prefixes": self.prefix_tables(trainable), "prefix_bias": self.prefix_bias}
 
     def logits(self, frozen, trainable, batch, *, enable_dropout=False, rng=None):
-        inputs = self.model_inputs(trainable)
+        inputs = self.example_inputs(frozen, trainable, batch)
         rngs = {}
         if enable_dropout and rng is not None:
             model_rng, prefix_rng = jax.random.split(rng)

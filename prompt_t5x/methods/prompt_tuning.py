@@ -23,6 +23,7 @@ class PromptTuning(Method):
     """Prompt tuning (Lester et al., 2021): a [P, D] soft prompt; the whole T5 frozen."""
 
     kind: ClassVar[str] = "prompt_tuning"
+    inputs_only: ClassVar[bool] = True
     model: T5
     prompt_length: int = 100
     prompt_mode: str = "prepend"

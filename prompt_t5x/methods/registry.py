@@ -26,6 +26,7 @@ MODULES: Dict[str, str] = {
     "deep_prompts": "prompt_t5x.methods.deep_prompts",
     "classification_head": "prompt_t5x.methods.classification_head",
     "prefix_tuning": "prompt_t5x.methods.prefix_tuning",
+    "multitask_prompts": "prompt_t5x.methods.task_bank",
 }
 
 

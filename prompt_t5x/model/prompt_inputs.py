@@ -19,7 +19,7 @@ length stays L.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -121,3 +121,27 @@ def replace_prompt_positions(hidden: Array, layer_prompt: Array, prompt_index: A
     rows = jnp.take_along_axis(layer_prompt.astype(hidden.dtype),
                                jnp.maximum(prompt_index, 0)[..., None], axis=1)
     return jnp.where((prompt_index >= 0)[..., None], rows, hidden)
+
+
+def repeat_examples(inputs: Mapping[str, Any], times: int) -> Dict[str, Any]:
+    """Model inputs of B examples -> of B * ``times`` rows, row b * times + j = example b.
+
+    For callers that replicate each example's rows (beam search, rank classification's labels)
+    after encoding. Only per-example inputs change: a prompt [B, P, D], deep prompts
+    [layers, B, P, D] and prefixes whose key/value are [layers, B, P, H, Dh]; inputs shared by
+    the batch (prompt [P, D], prefixes [layers, P, H, Dh], settings) pass unchanged.
+    """
+    out = dict(inputs)
+    prompt = out.get("prompt")
+    if prompt is not None and prompt.ndim == 3:
+        out["prompt"] = jnp.repeat(prompt, times, axis=0)
+    deep = out.get("deep_prompts")
+    if deep is not None and deep.ndim == 4:
+        out["deep_prompts"] = jnp.repeat(deep, times, axis=1)
+    prefixes = out.get("prefixes")
+    if prefixes:
+        out["prefixes"] = {
+            part: (None if kv is None else tuple(
+                jnp.repeat(x, times, axis=1) if x.ndim == 5 else x for x in kv))
+            for part, kv in prefixes.items()}
+    return out

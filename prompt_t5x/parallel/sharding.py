@@ -40,7 +40,7 @@ MESH_AXES = ("data", "model")
 
 # Logical names of the trainable prompt [prompt_length, embed]; both replicated on every mesh.
 PROMPT_LOGICAL_AXES = P("prompt", "prompt_embed")
-PROMPT_RULES: Rules = (("prompt", None), ("prompt_embed", None))
+PROMPT_RULES: Rules = (("prompt", None), ("prompt_embed", None), ("tasks", None))
 
 
 def standard_logical_axis_rules(activation_partitioning_dims: int = 1,

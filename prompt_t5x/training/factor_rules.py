@@ -99,6 +99,11 @@ class FactorRule:
 DEFAULT_FACTOR_RULES = (
     FactorRule("axes:layers,*,*", "batch,row,col"),        # deep prompts [layers, P, D]
     FactorRule("axes:layers,*,*,*", "batch,row,col,col"),  # prefixes [layers, P, heads, kv]
+    # A task bank (methods.task_bank) stacks a method's state per task: factored per task.
+    FactorRule("axes:tasks,*", "none"),                              # e.g. an MLP bias [T, h]
+    FactorRule("axes:tasks,*,*", "batch,row,col"),                   # prompts [T, P, D]
+    FactorRule("axes:tasks,layers,*,*", "batch,batch,row,col"),      # deep [T, layers, P, D]
+    FactorRule("axes:tasks,layers,*,*,*", "batch,batch,row,col,col"),  # prefixes
 )
 
 

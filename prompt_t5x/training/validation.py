@@ -31,7 +31,7 @@ import numpy as np
 
 from prompt_t5x.inference import decoding
 from prompt_t5x.inference import rank_classification as rank_lib
-from prompt_t5x.methods.interface import Method
+from prompt_t5x.methods.interface import TASK_IDS, Method
 from prompt_t5x.parallel import partitioning
 from prompt_t5x.parallel import sharding as sharding_lib
 from prompt_t5x.training import train as train_lib
@@ -70,7 +70,7 @@ def make_evaluator(method: Method, frozen: PyTree, batches: Sequence[Batch], *,
     rep, rows = sharding_lib.replicated(mesh), sharding_lib.batch_sharding(mesh)
     eval_step = partitioning.partition(eval_fn, mesh, rules, (rep, frozen_shardings, rows), rep)
     classify = None if classify_fn is None else partitioning.partition(
-        classify_fn, mesh, rules, (frozen_shardings, rep, rows), rep)
+        classify_fn, mesh, rules, (frozen_shardings, rep, rows, rows), rep)
     place = functools.partial(sharding_lib.shard_global_batch, mesh=mesh)
     fetch = sharding_lib.to_host
 
@@ -79,11 +79,12 @@ def make_evaluator(method: Method, frozen: PyTree, batches: Sequence[Batch], *,
         predictions: List[str] = []
         indices: List[int] = []
         for batch in batches:
-            model_batch = place({k: batch[k] for k in MODEL_KEYS})
+            model_batch = place({k: batch[k] for k in MODEL_KEYS + (TASK_IDS,) if k in batch})
             sums = eval_step(trainable, frozen, model_batch)
             mask = np.asarray(batch["example_mask"], bool)
             if classify is not None:
-                _, predicted = classify(frozen, trainable, model_batch["encoder_input_tokens"])
+                _, predicted = classify(frozen, trainable, model_batch["encoder_input_tokens"],
+                                        model_batch.get(TASK_IDS))
                 predictions += rank_lib.predicted_label_words(fetch(predicted),
                                                               list(label_words), mask)
             elif predict is not None and compute_metrics is not None:
@@ -116,9 +117,11 @@ def make_decode_predict(method: Method, frozen: PyTree, vocabulary, spec, mesh=N
     frozen, _ = partitioning.place_on_mesh(frozen, mesh)
 
     def predict(trainable, batch):
-        tokens = sharding_lib.shard_global_batch(
-            {"encoder_input_tokens": batch["encoder_input_tokens"]}, mesh)["encoder_input_tokens"]
+        features = sharding_lib.shard_global_batch(
+            {k: batch[k] for k in ("encoder_input_tokens", TASK_IDS) if k in batch}, mesh)
         with partitioning.partitioning_context(mesh, rules):
-            out = decoding.decode_jit(method, frozen, trainable, tokens, spec)
+            out = decoding.decode_jit(method, frozen, trainable,
+                                      features["encoder_input_tokens"], spec,
+                                      task_ids=features.get(TASK_IDS))
         return [vocabulary.decode(row.tolist()) for row in sharding_lib.to_host(out.tokens)]
     return predict
