@@ -2,6 +2,8 @@
 computes in a batch of its own task, for prompt tuning and per-example prefixes; the method
 contract; rank classification and decoding route by task id; config and export."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import method_contract as contract
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 
 from prompt_t5x.base.errors import UsageError
+from prompt_t5x.commands import cli
 from prompt_t5x.inference import decoding
 from prompt_t5x.inference import rank_classification as rank_lib
 from prompt_t5x.methods import interface, registry
@@ -136,3 +139,44 @@ def test_decoding_routes_by_task(frozen):
         own = decoding.decode_jit(bank.inner, frozen, bank.task_state(state, task),
                                   batch["encoder_input_tokens"][rows], spec)
         np.testing.assert_array_equal(np.asarray(out.tokens)[rows], np.asarray(own.tokens))
+
+
+SKILLS = ["synthetic_first", "synthetic_last", "synthetic_majority", "synthetic_contains"]
+CLI_COMMON = ["--gin.INPUTS_LENGTH=13", "--gin.TARGETS_LENGTH=2"]
+
+
+def test_train_eval_infer_a_mixture_from_the_command_line(tmp_path, capsys):
+    """Train one prompt per task on the generated mixture, then evaluate it per task and on one
+    task of the bank; an unknown task and a bank that is not the mixture are one-line errors."""
+    run = str(tmp_path / "run")
+    train = ["train", "--gin_file=models/quickstart.gin", "--gin_file=runs/multitask_prompts.gin",
+             "--gin.TASK='synthetic_skills'", "--gin.PROMPT_LENGTH=4", "--gin.BATCH_SIZE=8",
+             "--gin.train.max_eval_examples=64"] + CLI_COMMON
+    assert cli.main(train + [f"--gin.MODEL_DIR={run}", f"--gin.TASKS={SKILLS}",
+                             "--gin.TRAIN_STEPS=2", "--gin.EVAL_EVERY=2"]) == 0
+    assert "multitask_prompts: 1,024 trainable parameters" in capsys.readouterr().out  # 4x4x64
+    best = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert "synthetic_first/accuracy" in best["metrics"], best   # validation is per task
+    out = tmp_path / "eval"
+    limit = ["--gin.MAX_EXAMPLES=64"]
+    assert cli.main(["eval", "--gin_file=runs/eval.gin", f"--gin.PROMPT={run}",
+                     "--gin.TASK='synthetic_skills'", f"--gin.OUTPUT_DIR={out}"]
+                    + limit + CLI_COMMON) == 0
+    record = json.loads((out / "synthetic_skills_validation_metrics.json").read_text())
+    assert record["metrics"]["accuracy"] == pytest.approx(best["metrics"]["accuracy"])
+    assert record["metrics"]["synthetic_first/accuracy"] == pytest.approx(
+        best["metrics"]["synthetic_first/accuracy"])
+    assert cli.main(["infer", "--gin_file=runs/infer.gin", f"--gin.PROMPT={run}",
+                     "--gin.TASK='synthetic_last'", f"--gin.OUTPUT_DIR={tmp_path / 'infer'}"]
+                    + limit + CLI_COMMON) == 0
+    capsys.readouterr()
+    rc = cli.main(["infer", "--gin_file=runs/infer.gin", f"--gin.PROMPT={run}",
+                   "--gin.TASK='synthetic_marked'", f"--gin.OUTPUT_DIR={tmp_path / 'bad'}"]
+                  + limit + CLI_COMMON)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "does not know" in err, err
+    assert not (tmp_path / "bad").exists()
+    rc = cli.main(train + [f"--gin.MODEL_DIR={tmp_path / 'run2'}", f"--gin.TASKS={SKILLS[:3]}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "would never train" not in err, err
+    assert "does not know" in err and not (tmp_path / "run2").exists()

@@ -14,6 +14,7 @@ Names as they appear in gin files:
   methods.deep_prompts   prompt_length, prompt_mode, prompt_init (VPT-deep) -> a ``MethodSpec``
   methods.classification_head  inner (a method), labels -> a ``MethodSpec``
   methods.prefix_tuning  key/value prefixes per attention layer (prefix-tuning, P-tuning v2)
+  methods.multitask_prompts  tasks, inner (a method) -> a task bank ``MethodSpec``
   optim.adamw            optax's AdamW (prefix-tuning's and P-tuning v2's optimizer)
   prompts.class_labels / prompts.sampled_vocab / prompts.random_uniform / prompts.from_file
                          prompt initialisers -> a ``PromptInitSpec``
@@ -241,6 +242,19 @@ def classification_head(inner: MethodSpec = gin.REQUIRED,
                          f"@methods.prompt_tuning(); got {inner!r}")
     return method_spec("classification_head", prompt_positions=inner.prompt_length, inner=inner,
                        labels=None if labels is None else tuple(labels))
+
+
+@gin.configurable("multitask_prompts", module="methods")
+def multitask_prompts(tasks: Sequence[str] = gin.REQUIRED,
+                      inner: MethodSpec = gin.REQUIRED) -> MethodSpec:
+    """A task bank (``prompt_t5x.methods.task_bank``): one ``inner`` state
+    (``@methods.prompt_tuning()``, ``@methods.prefix_tuning()``, ...) per task of ``tasks`` (the
+    mixture's task names; the data routes every example to its task's state)."""
+    if not isinstance(inner, MethodSpec):
+        raise ValueError(f"methods.multitask_prompts.inner must be a method, e.g. "
+                         f"@methods.prompt_tuning(); got {inner!r}")
+    return method_spec("multitask_prompts", prompt_positions=inner.prompt_length,
+                       tasks=tuple(tasks), inner=inner)
 
 
 @gin.configurable("prefix_tuning", module="methods")

@@ -139,6 +139,13 @@ def label_list(v: Any) -> Optional[str]:
     return None if ok else "a list of two or more distinct label words"
 
 
+def task_list(v: Any) -> Optional[str]:
+    """``methods.multitask_prompts.tasks``: one or more distinct task names."""
+    ok = (isinstance(v, (list, tuple)) and len(v) >= 1 and len(set(v)) == len(v)
+          and all(text(t) is None for t in v))
+    return None if ok else "a list of one or more distinct task names (the mixture's tasks)"
+
+
 CHECKS: Dict[str, Check] = {
     # the run
     "train.model_dir": text,
@@ -177,6 +184,7 @@ CHECKS: Dict[str, Check] = {
     "methods.deep_prompts.prompt_length": positive_int,
     "methods.deep_prompts.prompt_mode": one_of(*prompt_inputs.COMBINE_MODES),
     "methods.classification_head.labels": optional(label_list),
+    "methods.multitask_prompts.tasks": task_list,
     "methods.prefix_tuning.prefix_length": positive_int,
     "methods.prefix_tuning.parts": prefix_parts,
     "methods.prefix_tuning.reparameterization": one_of("direct", "mlp"),

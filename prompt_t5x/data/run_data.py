@@ -17,13 +17,21 @@ host computes the same metrics.
 Generated tasks (``prompt_t5x.data.synthetic``, no files, no TensorFlow, word vocabulary of
 ``synthetic.VOCAB_SIZE`` ids) are named ``synthetic_<skill>`` (skill marker removed: the
 quickstart's downstream task) and ``synthetic_marked`` (all skills, each marked: the
-"pretraining" mixture the quickstart model was trained on). Batch ``n`` of a stream is a pure
-function of (task, seed, n), so resuming at a position needs no replay.
+"pretraining" mixture the quickstart model was trained on), and ``synthetic_skills`` (the
+unmarked tasks mixed, each example keeping its task). Batch ``n`` of a stream is a pure function
+of (task, seed, n), so resuming at a position needs no replay.
+
+Mixed-task batches. A method with a task bank (its settings name ``tasks``: a task bank, MPT,
+SPT with task prompts) gets ``task_ids`` int32 [B] in every batch: each example's task's index
+in that list (``interface.TASK_IDS``), built here from the task each example comes from, so the
+model routes examples without a Python loop. A task of the data that the bank lacks is a
+UsageError; so is, for training, a bank task that the data never shows (it would never train).
+Validation metrics then come per task too (``<task>/accuracy``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -31,6 +39,7 @@ from prompt_t5x.base.errors import UsageError
 from prompt_t5x.data import metrics as metrics_lib
 from prompt_t5x.data import synthetic
 from prompt_t5x.methods import templates
+from prompt_t5x.methods.interface import TASK_IDS
 from prompt_t5x.parallel import distributed
 
 WHOLE = distributed.DataShard(0, 1)   # one process: the whole global batch
@@ -107,7 +116,8 @@ class SyntheticData:
     def __init__(self, name: str, inputs_length: int, targets_length: int, batch_size: int,
                  seed: int = 0, eval_examples: int = SYNTHETIC_EVAL_EXAMPLES,
                  template: Optional[templates.InputTemplate] = None,
-                 model_vocab_size: Optional[int] = None):
+                 model_vocab_size: Optional[int] = None,
+                 task_names: Optional[Sequence[str]] = None, training: bool = True):
         if name not in synthetic.TASKS:
             raise UsageError(f"unknown generated task {name!r}; choose from "
                              f"{', '.join(synthetic.TASKS)}")
@@ -118,7 +128,13 @@ class SyntheticData:
         self.name, self.seed, self.batch_size = name, seed, batch_size
         self.lengths = (inputs_length, targets_length)
         self.marked = name == synthetic.MARKED_TASK
-        self.skills = synthetic.SKILLS if self.marked else (name[len("synthetic_"):],)
+        mixed = self.marked or name == synthetic.MIXTURE_TASK
+        self.skills = synthetic.SKILLS if mixed else (name[len("synthetic_"):],)
+        # The task each skill's examples belong to (the marked mixture is one task).
+        self.skill_tasks = {s: (name if self.marked else f"synthetic_{s}") for s in self.skills}
+        self.task_names = None if task_names is None else tuple(task_names)
+        if self.task_names is not None:
+            _check_bank(name, sorted(set(self.skill_tasks.values())), self.task_names, training)
         self.label_words = list(synthetic.LABELS)
         self.encode = synthetic.encode
         self.vocab_size = synthetic.VOCAB_SIZE
@@ -132,21 +148,29 @@ class SyntheticData:
             render.check_fits(inputs_length - 1)
             self._encode_inputs = lambda record: render(record, inputs_length - 1)
         per_skill = -(-eval_examples // len(self.skills))
-        self._eval_records = [r for k, s in enumerate(self.skills)
-                              for r in synthetic.examples(s, per_skill, 1_000_003 + k,
-                                                          self.marked)]
+        per_task = [[dict(r, task=self.skill_tasks[s])
+                     for r in synthetic.examples(s, per_skill, 1_000_003 + k, self.marked)]
+                    for k, s in enumerate(self.skills)]
+        if name == synthetic.MIXTURE_TASK:   # interleaved: any first n examples mix the tasks
+            self._eval_records = [r for group in zip(*per_task) for r in group]
+        else:
+            self._eval_records = [r for records in per_task for r in records]
 
     def _records(self, position: int) -> List[Dict[str, str]]:
         # A distinct seed per (stream seed, position, skill): batch n never depends on n-1.
         records = []
         for k, skill in enumerate(self.skills):
-            records += synthetic.examples(skill, self.batch_size, (self.seed * 7_919 + position)
-                                          * 16 + k, self.marked)
+            records += [dict(r, task=self.skill_tasks[skill]) for r in synthetic.examples(
+                skill, self.batch_size, (self.seed * 7_919 + position) * 16 + k, self.marked)]
         order = np.random.RandomState([self.seed, position]).permutation(len(records))
         return [records[i] for i in order[:self.batch_size]]
 
     def _batch(self, records) -> Dict[str, np.ndarray]:
-        return synthetic.to_batch(records, *self.lengths, encode_inputs=self._encode_inputs)
+        batch = synthetic.to_batch(records, *self.lengths, encode_inputs=self._encode_inputs)
+        if self.task_names is not None:
+            batch[TASK_IDS] = np.asarray(
+                [self.task_names.index(r["task"]) for r in records], np.int32)
+        return batch
 
     def train_examples(self, position: int = 0) -> List[Dict[str, str]]:
         """The records of global training batch ``position`` ({'inputs', 'targets'} text)."""
@@ -172,7 +196,39 @@ class SyntheticData:
     @staticmethod
     def compute_metrics(examples: Sequence[Mapping[str, Any]], predictions: Sequence[str]
                         ) -> Dict[str, float]:
-        return metrics_lib.accuracy([e["targets"] for e in examples], list(predictions))
+        """Accuracy; with examples of several tasks also each task's (``<task>/accuracy``)."""
+        return per_task_metrics(examples, predictions, lambda exs, preds: metrics_lib.accuracy(
+            [e["targets"] for e in exs], list(preds)))
+
+
+def per_task_metrics(examples: Sequence[Mapping[str, Any]], predictions: Sequence[str],
+                     compute: Callable[[Sequence, Sequence[str]], Dict[str, float]]
+                     ) -> Dict[str, float]:
+    """``compute`` over all examples and, when they come from several tasks (their ``task``
+    field), over each task's: ``{metric: all, '<task>/<metric>': that task's}``."""
+    results = dict(compute(examples, predictions))
+    tasks = sorted({e["task"] for e in examples if "task" in e})
+    if len(tasks) > 1:
+        for task in tasks:
+            rows = [i for i, e in enumerate(examples) if e.get("task") == task]
+            own = compute([examples[i] for i in rows], [predictions[i] for i in rows])
+            results.update({f"{task}/{k}": v for k, v in own.items()})
+    return results
+
+
+def _check_bank(name: str, data_tasks: Sequence[str], bank: Sequence[str], training: bool):
+    """UsageError unless every task of the data is in the method's task bank (and, to train,
+    every bank task is in the data)."""
+    unknown = [t for t in data_tasks if t not in bank]
+    if unknown:
+        raise UsageError(f"task {name!r} has examples of {unknown}, which the method's task "
+                         f"bank {list(bank)} does not know; add them to the method's tasks or "
+                         "pick a task of the bank")
+    unseen = [t for t in bank if t not in data_tasks]
+    if training and unseen:
+        raise UsageError(f"the method's task bank has {len(bank)} tasks {list(bank)} but "
+                         f"{name!r} has {len(data_tasks)}: {unseen} would never train; make "
+                         "the method's tasks the mixture's tasks")
 
 
 class SeqioData:
@@ -254,14 +310,22 @@ def train_stream(source, mesh=None) -> TrainStream:
     return TrainStream(source, WHOLE if mesh is None else distributed.data_shard(mesh))
 
 
+def bank_tasks(settings: Mapping[str, Any]) -> Optional[Sequence[str]]:
+    """The task names of a method whose state is per task (its ``tasks`` setting), else None."""
+    tasks = settings.get("tasks")
+    return None if not tasks else tuple(tasks)
+
+
 def open_data(run, prompt_length: int):
     """The data backend for ``run`` (a ``run_train.RunConfig``); UsageError on bad names. A
     method with a ``template`` setting (P-tuning) has its template rendered into the inputs."""
-    template = templates.input_template(dict(run.method.settings), run.model.vocab_size)
+    settings = dict(run.method.settings)
+    template = templates.input_template(settings, run.model.vocab_size)
+    task_names = bank_tasks(settings)
     if run.task in synthetic.TASKS:
         return SyntheticData(run.task, run.inputs_length, run.targets_length, run.batch_size,
                              seed=run.seed, template=template,
-                             model_vocab_size=run.model.vocab_size)
+                             model_vocab_size=run.model.vocab_size, task_names=task_names)
     return SeqioData(run.task, run.inputs_length, run.targets_length, run.batch_size,
                      prompt_length, seed=run.seed, train_split=run.train_split,
                      eval_split=run.eval_split, vocabulary=run.vocabulary,

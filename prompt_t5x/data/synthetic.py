@@ -12,6 +12,10 @@ skill is near chance (50%). A tiny T5 pretrained on all skills, each marked by a
 token (``contains: c k p ...``), is the frozen model of the quickstart; prompt tuning then sees
 the inputs *without* the marker and has to learn a prompt that selects the skill.
 
+``synthetic_skills`` mixes the four unmarked tasks (a quarter each): a prompt per task (a task
+bank, ``methods.task_bank``) must learn which skill each example's task asks for, while one
+shared prompt cannot know it from the input. Each example keeps the name of its task.
+
 The unmarked ``synthetic_<skill>`` tasks are *null prompts* in the sense of Logan IV et al.
 (2022): the input is the fields alone, with no template words and no task name (what the
 ``null_<task>`` variants of the SeqIO tasks are; bias tuning trains on them).
@@ -38,7 +42,9 @@ LENGTHS = (7, 9, 11)
 # The generated tasks every command takes by name (no SeqIO): one per skill without its marker,
 # and the marked mixture of all four that the bundled quickstart T5 was pretrained on.
 MARKED_TASK = "synthetic_marked"
-TASKS = tuple(f"synthetic_{s}" for s in SKILLS) + (MARKED_TASK,)
+SKILL_TASKS = tuple(f"synthetic_{s}" for s in SKILLS)
+MIXTURE_TASK = "synthetic_skills"     # the unmarked tasks mixed; examples keep their task
+TASKS = SKILL_TASKS + (MARKED_TASK, MIXTURE_TASK)
 
 
 def encode(text: str) -> List[int]:

@@ -29,7 +29,7 @@ from prompt_t5x.base import storage
 from prompt_t5x.base.errors import UsageError
 from prompt_t5x.data import run_data, synthetic
 from prompt_t5x.inference import decoding, ensemble, prompted_model
-from prompt_t5x.methods import templates
+from prompt_t5x.methods import task_bank, templates
 from prompt_t5x.model import t5 as t5_lib
 
 MODES = ("auto", "decode", "rank")
@@ -215,6 +215,7 @@ def predict(cfg: EvalConfig, loaded: prompted_model.Loaded, source) -> Predictio
                                                        cfg.targets_length)
         except ValueError as e:
             raise UsageError(f"task {cfg.task!r}: {e}") from None
+    route = task_router(loaded.method, examples, cfg.task)
     num = 1 if loaded.prompts is None else loaded.prompts.shape[0]
     per_prompt: List[List[str]] = [[] for _ in range(num)]
     scores: List[List[float]] = [[] for _ in range(num)]
@@ -226,11 +227,12 @@ def predict(cfg: EvalConfig, loaded: prompted_model.Loaded, source) -> Predictio
         if not mask.any():
             continue
         tokens = batch["encoder_input_tokens"]
+        task_ids = route(batch["example_index"])
         if mode == "rank":
             if loaded.prompts is None:
                 s = np.asarray(ensemble.method_label_scores(
                     loaded.method, loaded.frozen, loaded.trainable, tokens, labels,
-                    length_normalize=cfg.length_normalize))[:, mask]      # [1, b, C]
+                    length_normalize=cfg.length_normalize, task_ids=task_ids))[:, mask]
             else:
                 s = np.asarray(ensemble.ensemble_label_scores(
                     loaded.method, loaded.frozen, loaded.prompts, tokens, labels,
@@ -243,7 +245,8 @@ def predict(cfg: EvalConfig, loaded: prompted_model.Loaded, source) -> Predictio
         else:
             if loaded.prompts is None:
                 out = ensemble.method_decode(loaded.method, loaded.frozen, loaded.trainable,
-                                             tokens, cfg.decode, jax.random.fold_in(base_rng, i))
+                                             tokens, cfg.decode, jax.random.fold_in(base_rng, i),
+                                             task_ids=task_ids)
             else:
                 out = ensemble.ensemble_decode(loaded.method, loaded.frozen, loaded.prompts,
                                                tokens, cfg.decode,
@@ -263,6 +266,29 @@ def predict(cfg: EvalConfig, loaded: prompted_model.Loaded, source) -> Predictio
     else:
         combined = ensemble.majority_vote(per_prompt, score_array)
     return Predictions(mode, [examples[j] for j in indices], per_prompt, score_array, combined)
+
+
+def task_router(method, examples: Sequence[Dict[str, Any]], default_task: str
+                ) -> Callable[[np.ndarray], Optional[np.ndarray]]:
+    """``route(example_index [B]) -> task_ids [B]`` (None for a method without per-task
+    state): each example's task (its ``task`` field, else the evaluated task) as an index of the
+    method's ``tasks``. Every example's task is checked here, before anything is computed: one
+    the method does not know is a UsageError."""
+    tasks = getattr(method, "tasks", None)
+    if not tasks:
+        return lambda index: None
+    names = [e.get("task", default_task) if isinstance(e, dict) else default_task
+             for e in examples]
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    try:
+        ids = np.asarray(task_bank.task_index(tasks, names, f"task {default_task!r}"), np.int32)
+    except ValueError as e:
+        raise UsageError(f"{e}: evaluate a task the method was trained on") from None
+
+    def route(example_index):
+        index = np.asarray(example_index)
+        return np.where(index >= 0, ids[np.maximum(index, 0)], 0).astype(np.int32)
+    return route
 
 
 # ----------------------------------------------------------------------------- outputs

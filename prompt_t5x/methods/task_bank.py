@@ -137,13 +137,19 @@ class TaskBank(Method):
         return {"tasks": list(self.tasks), "inner": self.inner.method_config()}
 
     @classmethod
-    def from_config(cls, model, config, **build_context):
+    def from_config(cls, model, config, *, label_words=None, encode=None, **build_context):
+        """``inner``: a method config, or (first build, from gin) a spec with ``build``."""
         from prompt_t5x.methods import registry   # the registry lists this module: no cycle
         config = dict(config)
         inner = config.pop("inner", None)
-        if not isinstance(inner, Mapping):
+        if hasattr(inner, "build"):       # a gin MethodSpec (commands.configurables)
+            inner = inner.build(model, label_words, encode)
+        elif isinstance(inner, Mapping):
+            inner = registry.build(model, inner, label_words=label_words, encode=encode,
+                                   **build_context)
+        else:
             raise ValueError("multitask_prompts needs inner={'kind': ..., ...}")
-        return cls(model, inner=registry.build(model, inner, **build_context), **config)
+        return cls(model, inner=inner, **config)
 
     def logical_axes(self, trainable):
         inner_axes = self.inner.logical_axes(self.task_state(trainable, 0))
