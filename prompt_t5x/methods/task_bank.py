@@ -139,7 +139,9 @@ class TaskBank(Method):
     @classmethod
     def from_config(cls, model, config, *, label_words=None, encode=None, **build_context):
         """``inner``: a method config, or (first build, from gin) a spec with ``build``."""
-        from prompt_t5x.methods import registry   # the registry lists this module: no cycle
+        # The registry lists this module: imported here, not at the top, to avoid a cycle.
+        from prompt_t5x.methods import registry
+
         config = dict(config)
         inner = config.pop("inner", None)
         if hasattr(inner, "build"):       # a gin MethodSpec (commands.configurables)
