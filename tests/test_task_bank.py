@@ -12,8 +12,10 @@ import pytest
 
 from prompt_t5x.base.errors import UsageError
 from prompt_t5x.commands import cli
+from prompt_t5x.data import run_data, synthetic
 from prompt_t5x.inference import decoding
 from prompt_t5x.inference import rank_classification as rank_lib
+from prompt_t5x.inference.predictor import Predictor
 from prompt_t5x.methods import interface, registry
 from prompt_t5x.model import t5
 
@@ -169,6 +171,21 @@ def test_train_eval_infer_a_mixture_from_the_command_line(tmp_path, capsys):
     assert cli.main(["infer", "--gin_file=runs/infer.gin", f"--gin.PROMPT={run}",
                      "--gin.TASK='synthetic_last'", f"--gin.OUTPUT_DIR={tmp_path / 'infer'}"]
                     + limit + CLI_COMMON) == 0
+    rows = [json.loads(line) for line in
+            (tmp_path / "infer" / "synthetic_last_validation_predictions.jsonl").open()]
+    # The serving API: examples of several tasks in one batch, each routed to its task.
+    predictor = Predictor.load(run, encode=synthetic.encode, decode=synthetic.decode,
+                               inputs_length=13, targets_length=2, batch_size=8)
+    last = [{"inputs": r["inputs"], "task": "synthetic_last"} for r in rows[:12]]
+    mixed = run_data.SyntheticData("synthetic_skills", 13, 2, 8).eval_examples()[:12]
+    both = [x for pair in zip(last, mixed) for x in pair]
+    got = predictor.predict(both, labels=list(synthetic.LABELS))
+    assert got[0::2] == [r["prediction"] for r in rows[:12]]
+    assert got[1::2] == predictor.predict(mixed, labels={t: synthetic.LABELS for t in SKILLS})
+    decoded = predictor.predict(both)    # an example's decode does not depend on its batch
+    assert decoded[0::2] == predictor.predict(last) and len(decoded) == 24
+    with pytest.raises(UsageError, match="does not know"):
+        predictor.predict([{"inputs": "a b", "task": "synthetic_marked"}])
     capsys.readouterr()
     rc = cli.main(["infer", "--gin_file=runs/infer.gin", f"--gin.PROMPT={run}",
                    "--gin.TASK='synthetic_marked'", f"--gin.OUTPUT_DIR={tmp_path / 'bad'}"]
