@@ -74,10 +74,16 @@ def test_the_default_compares_every_method_of_the_registry(tmp_path):
     """Every registered kind has its row in the default, and every row plans (its run file,
     the shared settings and its overrides parse and pass the gin checks), nothing trained."""
     from prompt_t5x.methods import registry
-    gin_cli.parse(gin_cli.split_argv([f"--gin.OUTPUT_DIR={tmp_path}"]),
-                  default_files=["runs/compare.gin"])
-    plans = compare.plan(gin_cli.call(compare.compare_config))
-    assert {p.run.method.kind for p in plans} == set(registry.MODULES)
+    kinds = set()
+    for default in ("runs/compare.gin", "runs/compare_multitask.gin"):
+        gin_cli.parse(gin_cli.split_argv([f"--gin.OUTPUT_DIR={tmp_path}", f"--gin_file={default}"]))
+        cfg = gin_cli.call(compare.compare_config)
+        plans = compare.plan(cfg)
+        kinds |= {p.run.method.kind for p in plans}
+    assert kinds == set(registry.MODULES)
+    # the multi-task default: every method on the mixture (but a zero-shot row's own TASK)
+    assert {p.run.task for p in plans if p.label not in cfg.zero_shot} == {"synthetic_skills"}
+    assert not any(tmp_path.iterdir())   # planning writes nothing
     assert all(p.trainable and p.trainable > 0 for p in plans)
     assert not any(tmp_path.iterdir())
 
@@ -117,10 +123,20 @@ def test_report_of_a_failed_method_has_no_point_but_keeps_its_cost(tmp_path):
     ok = dict(row, method="p", best_value=75.0, best_step=4, status="ok",
               trainable_parameters=5, device_peak_bytes=2 ** 20)
     table = compare_report.markdown_table([ok, row], chance=50.0)
-    assert "| m | model_tuning | 10 | 100% | - | - | - | 3 s | 256 MiB (process RSS) |" in table
+    assert "| m | model_tuning | 10 | 100% | - | - | - | - | 3 s | 256 MiB (process RSS) |" in table
     assert "| 75.00% | 4 |" in table and "1 MiB (device)" in table
-    compare_report.write_csv([ok, row], str(tmp_path / "c.csv"))
+    # a mixture's row: a column per task (a row without that task shows '-'), the step time
+    mixed = dict(ok, method="bank", per_task=json.dumps({"t1": 80.0, "t2": 70.0}),
+                 step_seconds=0.012)
+    table = compare_report.markdown_table([mixed, row])
+    assert "accuracy (all tasks) | t1 | t2 | at step" in table
+    assert "| 75.00% | 80.00% | 70.00% | 4 | - | 12 ms |" in table
+    assert "| - | - | - | - | - | - | 3 s |" in table
+    compare_report.write_csv([ok, row, mixed], str(tmp_path / "c.csv"))
     back = compare_report.read_csv(str(tmp_path / "c.csv"))
+    assert compare_report.per_task(back[2]) == {"t1": 80.0, "t2": 70.0}
+    assert back[2]["step_seconds"] == pytest.approx(0.012) and back[0]["per_task"] == ""
+    back = back[:2]
     assert back[1]["best_step"] is None and math.isnan(back[1]["best_value"])
     assert back[0]["device_peak_bytes"] == 2 ** 20
     assert compare_report.default_chance(back) == 50.0

@@ -22,7 +22,11 @@ the child is the method's train time (start-up and compilation included, the sam
 Outputs in ``compare.output_dir``: ``<method>/`` (the run directories), ``logs/<method>.log``,
 ``compare.csv`` (rewritten after every method), ``compare.md`` (a table) and ``compare.png``
 (best validation metric against trainable parameters, log x, one point per method; train time;
-peak memory). Run again, a method whose row is finished with the same command is not re-run;
+peak memory). With a mixture whose validation reports each task's metric (``<task>/<metric>``,
+e.g. ``synthetic_skills``), the table has a column per task; every row has the median time of a
+training step (``metrics.jsonl``'s steps/s, compilation and evaluation excluded). A binding may
+name ``{output_dir}`` (this comparison's directory) to start from an earlier method's run, e.g.
+MPT's teachers. Run again, a method whose row is finished with the same command is not re-run;
 an interrupted one resumes from its last checkpoint (``train``'s resume), and so does one whose
 command changed (its ``resumed`` column says so, its time is this run's): for a fresh comparison
 of changed settings, give a new ``OUTPUT_DIR``. A method whose train
@@ -34,10 +38,12 @@ the command exits 1.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -50,6 +56,7 @@ from prompt_t5x.base.errors import EXIT_STOPPED, StoppedCleanly, UsageError
 from prompt_t5x.commands import compare_report, configurables, gin_cli, gin_help, scaling
 
 LOG = "logs"
+OUTPUT_DIR_FIELD = "{output_dir}"
 # A summary line of ``prompt-t5x train``'s stdout: the step it trained to.
 _TRAINED = re.compile(r"^trained \S+ on \S+ to step (\d+)( \(resumed from)?")
 _ERROR = re.compile(r"^prompt-t5x train: (?:error: )?(.*)$")
@@ -66,6 +73,7 @@ class CompareConfig:
     checkpoint: Optional[str] = None       # None: the model gin file's own CHECKPOINT
     title: Optional[str] = None
     chance: Optional[float] = None
+    zero_shot: Mapping[str, str] = dataclasses.field(default_factory=dict)  # label -> task
 
 
 @gin.configurable("compare")
@@ -74,8 +82,11 @@ def compare_config(output_dir: str = gin.REQUIRED,
                    methods: Optional[Sequence[str]] = None,
                    model_gin_files: Sequence[str] = (), shared: Optional[Mapping[str, Any]] = None,
                    checkpoint: Optional[str] = None, title: Optional[str] = None,
-                   chance: Optional[float] = None) -> CompareConfig:
-    """``methods``: the labels of ``runs`` to run, in this order (None: all of them)."""
+                   chance: Optional[float] = None,
+                   zero_shot: Optional[Mapping[str, str]] = None) -> CompareConfig:
+    """``methods``: the labels of ``runs`` to run, in this order (None: all of them).
+    ``zero_shot``: {label: held-out task} scored after training (``compare_zero_shot``); such
+    a method may bind its own TASK (the mixture without the held-out task)."""
     if not runs:
         raise UsageError("compare.runs is empty: map a method label to its run gin file, e.g. "
                          "{'prompt_tuning': ['runs/prompt_tuning.gin']}")
@@ -98,11 +109,12 @@ def compare_config(output_dir: str = gin.REQUIRED,
     if len(set(slugs)) != len(slugs):
         raise UsageError(f"compare.runs: labels {list(runs)} name the same directory; make "
                          "them differ in more than punctuation or case")
+    zero_shot = {k: str(v) for k, v in dict(zero_shot or {}).items() if k in runs}
     return CompareConfig(os.path.expanduser(str(output_dir)), {k: list(v) for k, v in
                                                                runs.items()},
                          tuple(model_gin_files), dict(shared or {}),
                          None if checkpoint is None else str(checkpoint), title,
-                         None if chance is None else float(chance))
+                         None if chance is None else float(chance), zero_shot)
 
 
 configurables.register("compare", compare_config)
@@ -148,7 +160,10 @@ def train_argv(cfg: CompareConfig, label: str, search_paths: Sequence[str] = ())
     for item in entry:
         if not item.endswith(".gin"):
             name, _, value = item.partition("=")
-            bindings.append((name.strip(), value.strip()))
+            # '{output_dir}' names this comparison's directory: a method may start from an
+            # earlier method's run (MPT's teachers are the per-task prompts' run dir).
+            bindings.append((name.strip(), value.strip().replace(OUTPUT_DIR_FIELD,
+                                                                 cfg.output_dir)))
     # The child's stdout is a pipe into this command's log: no progress bar redraws.
     bindings.append(("train.progress_bar", "False"))
     return argv + [f"--gin.{name}={value}" for name, value in bindings]
@@ -171,7 +186,7 @@ def plan(cfg: CompareConfig, search_paths: Sequence[str] = ()) -> List[Plan]:
         except UsageError as e:
             raise UsageError(f"compare.runs[{label!r}]: {e}") from None
         plans.append(Plan(label, run.model_dir, argv, run, trainable))
-    tasks = sorted({p.run.task for p in plans})
+    tasks = sorted({p.run.task for p in plans if p.label not in cfg.zero_shot})
     if len(tasks) > 1:
         raise UsageError(f"compare: the methods train on different tasks {tasks}; bind TASK "
                          "in compare.shared, not per method")
@@ -183,7 +198,8 @@ def _trainable(run) -> Optional[int]:
     label words and the task is not a generated one (its run prints the count: ``_COUNT``)."""
     from prompt_t5x.data import synthetic
     if run.task in synthetic.TASKS:   # labels known: any refusal is the settings' own
-        return run.method.trainable_parameters(run.model, label_words=list(synthetic.LABELS))
+        return run.method.trainable_parameters(run.model, label_words=list(synthetic.LABELS),
+                                               encode=synthetic.encode)
     try:
         return run.method.trainable_parameters(run.model)
     except UsageError:   # e.g. a head, whose size needs the task's labels: its run says
@@ -261,6 +277,9 @@ def row_of(p: Plan, result: Mapping[str, Any]) -> Dict[str, Any]:
     value = best.get("value")
     code = result["code"]
     trainable = result.get("trainable") or p.trainable   # what the run itself printed
+    metric = run.loop.metric
+    per_task = {k[:-len(metric) - 1]: float(v) for k, v in (best.get("metrics") or {}).items()
+                if k.endswith("/" + metric)} if code == 0 else {}
     status = "ok" if code == 0 else f"failed (exit {code})" + (
         f": {result['error']}" if result.get("error") else "")
     return {"method": p.label, "kind": run.method.kind, "task": run.task,
@@ -272,10 +291,25 @@ def row_of(p: Plan, result: Mapping[str, Any]) -> Dict[str, Any]:
             "trainable_percent": math.nan if trainable is None
             else 100.0 * trainable / run.model.num_params,
             "seconds": round(result["seconds"], 1),
+            "step_seconds": median_step_seconds(p.model_dir) if code == 0 else None,
+            "per_task": json.dumps(per_task, sort_keys=True) if per_task else "",
             "peak_rss_bytes": result["peak_rss_bytes"],
             "device_peak_bytes": result.get("device_peak_bytes"),
             "resumed": bool(result.get("resumed")), "status": status,
             "model_dir": p.model_dir, "command": p.command}
+
+
+def median_step_seconds(model_dir: str) -> Optional[float]:
+    """Median seconds per training step over the logging windows of ``metrics.jsonl``, the
+    first window (compilation) left out when there are others; None without windows."""
+    from prompt_t5x.training import metrics_writer
+    path = os.path.join(model_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    rates = [r["steps_per_second"] for r in metrics_writer.read_jsonl(path)
+             if r.get("split") == "train" and r.get("steps_per_second")]
+    rates = rates[1:] if len(rates) > 1 else rates
+    return None if not rates else float(statistics.median(1.0 / r for r in rates))
 
 
 def run_all(cfg: CompareConfig, plans: Sequence[Plan], log=print) -> List[Dict[str, Any]]:
@@ -337,7 +371,8 @@ def main(argv: List[str]) -> int:
                              "first")
         rows = compare_report.read_csv(csv_path)
     else:
-        rows = run_all(cfg, plan(cfg, gin_args.search_paths))
+        plans = plan(cfg, gin_args.search_paths)
+        rows = run_all(cfg, plans)
     if not rows:
         raise UsageError(f"{csv_path} has no rows to report")
     chance = cfg.chance if cfg.chance is not None else compare_report.default_chance(rows)
@@ -347,6 +382,13 @@ def main(argv: List[str]) -> int:
         written.append(compare_report.plot(rows, os.path.join(cfg.output_dir, "compare.png"),
                                            title=cfg.title, chance=chance))
     print(compare_report.markdown_table(rows, chance=chance))
+    if cfg.zero_shot and not args.plot_only:
+        from prompt_t5x.commands import compare_zero_shot
+        ok = {r["method"] for r in rows if r["status"] == "ok"}
+        held_out = compare_zero_shot.run_zero_shot(
+            cfg.output_dir, {k: v for k, v in cfg.zero_shot.items() if k in ok}, plans)
+        if held_out:
+            print("\nZero-shot on held-out tasks:\n" + compare_zero_shot.markdown_table(held_out))
     print(f"wrote {csv_path}, " + " and ".join(written))
     failed = [r["method"] for r in rows if r["status"] != "ok"]
     if failed:

@@ -9,6 +9,7 @@ against model tuning's whole model), with each method's train time and peak memo
 from __future__ import annotations
 
 import csv
+import json
 import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -18,11 +19,11 @@ from prompt_t5x.data import metrics as metrics_lib
 CSV = "compare.csv"
 CSV_FIELDS = ("method", "kind", "task", "metric", "best_value", "best_step", "last_step",
               "train_steps", "trainable_parameters", "model_parameters", "trainable_percent",
-              "seconds", "peak_rss_bytes", "device_peak_bytes", "resumed", "status",
-              "model_dir", "command")
+              "seconds", "step_seconds", "per_task", "peak_rss_bytes", "device_peak_bytes",
+              "resumed", "status", "model_dir", "command")
 _INTS = ("best_step", "last_step", "train_steps", "trainable_parameters", "model_parameters",
          "peak_rss_bytes", "device_peak_bytes")
-_FLOATS = ("best_value", "trainable_percent", "seconds")
+_FLOATS = ("best_value", "trainable_percent", "seconds", "step_seconds")
 MIB = 2 ** 20
 
 
@@ -39,7 +40,14 @@ def read_csv(path: str) -> List[Dict[str, Any]]:
         for key in _FLOATS:
             row[key] = float(row[key]) if row.get(key) not in ("", None) else math.nan
         row["resumed"] = row.get("resumed") == "True"
+        row["per_task"] = row.get("per_task") or ""
     return rows
+
+
+def per_task(row: Mapping[str, Any]) -> Dict[str, float]:
+    """{task: best-checkpoint metric} of a mixture's row (its ``per_task`` JSON); {} if none."""
+    text = row.get("per_task") or ""
+    return {k: float(v) for k, v in json.loads(text).items()} if text else {}
 
 
 def default_chance(rows: Sequence[Mapping[str, Any]]) -> Optional[float]:
@@ -78,27 +86,44 @@ def _percent(value) -> str:
         else f"{float(value):.3g}%"
 
 
+def _step_time(row: Mapping[str, Any]) -> str:
+    value = row.get("step_seconds")
+    if value is None or value == "" or math.isnan(float(value)):
+        return "-"
+    return f"{1000.0 * float(value):.0f} ms"
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]], chance: Optional[float] = None) -> str:
+    """One row per method; a column per task of a mixture (each row's own best checkpoint)."""
     metric = rows[0]["metric"] if rows else "metric"
     tasks = ", ".join(dict.fromkeys(str(r["task"]) for r in rows))
+    task_columns = list(dict.fromkeys(t for r in rows for t in sorted(per_task(r))))
+    percent = "%" if metrics_lib.is_percent(metric) else ""
+    head = f"best validation {metric}" + (" (all tasks)" if task_columns else "")
     lines = [f"Task: {tasks}" + (f" (chance {chance:g}%)" if chance is not None else ""), "",
-             f"| method | kind | trainable parameters | % of the T5 | best validation {metric} "
-             "| at step | steps | train time | peak memory | status |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             f"| method | kind | trainable parameters | % of the T5 | {head} | "
+             + "".join(f"{t} | " for t in task_columns)
+             + "at step | steps | step time | train time | peak memory | status |",
+             "|---|---|---:|---:|---:|" + "---:|" * len(task_columns)
+             + "---:|---:|---:|---:|---:|---|"]
     for r in rows:
+        own = per_task(r)
+        cells = "".join(f"{own[t]:.2f}{percent} | " if t in own else "- | "
+                        for t in task_columns)
         lines.append(
             f"| {r['method']} | {r['kind']} | {_count(r['trainable_parameters'])} | "
-            f"{_percent(r['trainable_percent'])} | {_value(r)} | "
+            f"{_percent(r['trainable_percent'])} | {_value(r)} | {cells}"
             f"{'-' if r.get('best_step') is None else r['best_step']} | "
-            f"{'-' if r.get('last_step') is None else r['last_step']} | "
+            f"{'-' if r.get('last_step') is None else r['last_step']} | {_step_time(r)} | "
             f"{float(r['seconds']):.0f} s | {peak_memory(r)} | {r['status']} |")
     return "\n".join(lines)
 
 
 def write_markdown(rows: Sequence[Mapping[str, Any]], path: str,
                    chance: Optional[float] = None) -> str:
-    text = ("Train time: wall time of each method's `prompt-t5x train` process (start-up and "
-            "compilation included). Peak memory: the device's peak where the backend reports "
+    text = ("Step time: median seconds of a training step (compilation and evaluation "
+            "excluded). Train time: wall time of each method's `prompt-t5x train` process "
+            "(start-up and compilation included). Peak memory: the device's peak where the backend reports "
             "one, else the process's peak resident set.\n\n"
             + markdown_table(rows, chance) + "\n\nCommands:\n\n"
             + "\n".join(f"- {r['method']}: `{r['command']}`" for r in rows) + "\n")

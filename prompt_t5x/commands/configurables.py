@@ -156,16 +156,18 @@ class MethodSpec:
                               label_words=label_words, encode=encode)
 
     def trainable_parameters(self, config: t5_lib.T5Config,
-                             label_words: Optional[Sequence[str]] = None) -> int:
+                             label_words: Optional[Sequence[str]] = None,
+                             encode: Optional[Encode] = None) -> int:
         """How many numbers are trained (the x-axis companion of the scaling plot);
-        ``label_words``: the task's, for methods whose size depends on them (a head)."""
+        ``label_words``: the task's, for methods whose size depends on them (a head);
+        ``encode``: the task's vocabulary (default: a stand-in giving distinct ids)."""
         if self.kind == "prompt_tuning":
             return self.prompt_length * config.emb_dim
         if self.kind == "model_tuning":
             return config.num_params
         import jax
         method = self.build(t5_lib.T5(config), label_words=label_words,
-                            encode=_shape_only_encode)
+                            encode=encode or _shape_only_encode)
         shapes = jax.eval_shape(method.init_trainable, jax.random.PRNGKey(0),
                                 t5_lib.param_shapes(config))
         return interface.count_parameters(shapes)

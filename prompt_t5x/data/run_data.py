@@ -128,8 +128,10 @@ class SyntheticData:
         self.name, self.seed, self.batch_size = name, seed, batch_size
         self.lengths = (inputs_length, targets_length)
         self.marked = name == synthetic.MARKED_TASK
-        mixed = self.marked or name == synthetic.MIXTURE_TASK
-        self.skills = synthetic.SKILLS if mixed else (name[len("synthetic_"):],)
+        if self.marked or name == synthetic.MIXTURE_TASK:
+            self.skills = synthetic.SKILLS
+        else:
+            self.skills = synthetic.HELD_OUT_MIXTURES.get(name, (name[len("synthetic_"):],))
         # The task each skill's examples belong to (the marked mixture is one task).
         self.skill_tasks = {s: (name if self.marked else f"synthetic_{s}") for s in self.skills}
         self.task_names = None if task_names is None else tuple(task_names)
@@ -151,7 +153,7 @@ class SyntheticData:
         per_task = [[dict(r, task=self.skill_tasks[s])
                      for r in synthetic.examples(s, per_skill, 1_000_003 + k, self.marked)]
                     for k, s in enumerate(self.skills)]
-        if name == synthetic.MIXTURE_TASK:   # interleaved: any first n examples mix the tasks
+        if len(self.skills) > 1 and not self.marked:   # interleaved: any first n mix the tasks
             self._eval_records = [r for group in zip(*per_task) for r in group]
         else:
             self._eval_records = [r for records in per_task for r in records]

@@ -15,6 +15,7 @@ the inputs *without* the marker and has to learn a prompt that selects the skill
 ``synthetic_skills`` mixes the four unmarked tasks (a quarter each): a prompt per task (a task
 bank, ``methods.task_bank``) must learn which skill each example's task asks for, while one
 shared prompt cannot know it from the input. Each example keeps the name of its task.
+``synthetic_skills_but_<skill>`` leaves one skill out (zero-shot transfer to it).
 
 The unmarked ``synthetic_<skill>`` tasks are *null prompts* in the sense of Logan IV et al.
 (2022): the input is the fields alone, with no template words and no task name (what the
@@ -44,7 +45,10 @@ LENGTHS = (7, 9, 11)
 MARKED_TASK = "synthetic_marked"
 SKILL_TASKS = tuple(f"synthetic_{s}" for s in SKILLS)
 MIXTURE_TASK = "synthetic_skills"     # the unmarked tasks mixed; examples keep their task
-TASKS = SKILL_TASKS + (MARKED_TASK, MIXTURE_TASK)
+# The mixture without one skill: train on three, evaluate zero-shot on the held-out one.
+HELD_OUT_MIXTURES = {f"{MIXTURE_TASK}_but_{s}": tuple(t for t in SKILLS if t != s)
+                     for s in SKILLS}
+TASKS = SKILL_TASKS + (MARKED_TASK, MIXTURE_TASK) + tuple(HELD_OUT_MIXTURES)
 
 
 def encode(text: str) -> List[int]:

@@ -322,6 +322,7 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
                 acc = new_acc()
                 window_start, window_steps = time.perf_counter(), 0
             metrics = None
+            pause_start = time.perf_counter()
             if do_eval:
                 values = {k: float(v) for k, v in evaluate(state.params).items()}
                 eval_writer.write(step, values)
@@ -337,6 +338,9 @@ def run_loop(*, method: Method, optimizer: optax.GradientTransformation, frozen:
                     result.stopped_early = True
             if do_ckpt or result.stopped_early:
                 save(state, metrics)
+            # steps/s measures training steps: the window's clock skips evaluation and
+            # checkpoint writes (moving its start forward by their duration).
+            window_start += time.perf_counter() - pause_start
             if stop_here and not result.stopped_early:
                 result.stopped = watch.stopped(step)
             if result.stopped_early or result.stopped:
