@@ -15,7 +15,8 @@ T5X's standard tables (``partitioning.standard_logical_axis_rules`` in t5x) have
 Prompt tuning adds the prompt's own axes, always replicated: the prompt is [100, 4096] at most,
 and replicating it means its update needs no collective beyond the gradient all-reduce. (The
 prompt-tuning paper's code names the prompt ('prompt', 'embed'), which any table that shards
-'embed' would split; ours is named ('prompt', 'prompt_embed') so it stays whole.)
+'embed' would split; ours is named ('prompt', 'prompt_embed') so it stays whole.) A task bank's
+leading 'tasks' axis (``methods.task_bank``) is replicated too.
 
 Mesh axes are created as ``AxisType.Auto``: flax's logical constraints are
 ``with_sharding_constraint`` calls that Explicit axes reject.
