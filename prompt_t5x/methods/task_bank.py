@@ -68,6 +68,11 @@ class TaskBank(Method):
         if type(self.inner).example_inputs is not Method.example_inputs:
             raise ValueError(f"multitask_prompts: {self.inner.kind!r} computes per-example "
                              "inputs itself and cannot be stacked per task")
+        if getattr(self.inner, "prefix_dropout", 0.0):
+            # Prefix dropout lives in prefix-tuning's own logits, which a bank does not call:
+            # refused rather than silently not applied.
+            raise ValueError("multitask_prompts does not apply an inner prefix_dropout; set it "
+                             "to 0")
         tasks = tuple(self.tasks)
         if not tasks:
             raise ValueError("multitask_prompts needs the list of its tasks (tasks=[...])")
