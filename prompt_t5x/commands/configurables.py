@@ -15,6 +15,7 @@ Names as they appear in gin files:
   methods.classification_head  inner (a method), labels -> a ``MethodSpec``
   methods.prefix_tuning  key/value prefixes per attention layer (prefix-tuning, P-tuning v2)
   methods.multitask_prompts  tasks, inner (a method) -> a task bank ``MethodSpec``
+  methods.idpg           instance-dependent prompts from a generator (IDPG)
   optim.adamw            optax's AdamW (prefix-tuning's and P-tuning v2's optimizer)
   prompts.class_labels / prompts.sampled_vocab / prompts.random_uniform / prompts.from_file
                          prompt initialisers -> a ``PromptInitSpec``
@@ -257,6 +258,18 @@ def multitask_prompts(tasks: Sequence[str] = gin.REQUIRED,
                          f"@methods.prompt_tuning(); got {inner!r}")
     return method_spec("multitask_prompts", prompt_positions=inner.prompt_length,
                        tasks=tuple(tasks), inner=inner)
+
+
+@gin.configurable("idpg", module="methods")
+def idpg(prompt_length: int = 5, bottleneck: int = 256, representation: str = "encoder",
+         generator: str = "dense", phm_n: int = 4, layers: str = "input",
+         prompt_mode: str = "prepend") -> MethodSpec:
+    """IDPG (``prompt_t5x.methods.idpg``): a per-example prompt of ``prompt_length`` vectors
+    generated from the frozen T5's representation of the input."""
+    return method_spec("idpg", prompt_positions=prompt_length, prompt_length=prompt_length,
+                       bottleneck=bottleneck, representation=representation,
+                       generator=generator, phm_n=phm_n, layers=layers,
+                       prompt_mode=prompt_mode)
 
 
 @gin.configurable("prefix_tuning", module="methods")
