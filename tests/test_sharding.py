@@ -119,7 +119,8 @@ def test_rules_equal_t5x_standard_rules(dims):
     assert list(sharding.standard_logical_axis_rules(*dims)) == T5X_RULES[dims]
     ours = sharding.logical_axis_rules(*dims, additional_rules=[("expert", "data")])
     assert list(ours) == T5X_RULES[dims] + [("prompt", None), ("prompt_embed", None),
-                                            ("tasks", None), ("expert", "data")]
+                                            ("tasks", None), ("memory", None),
+                                            ("expert", "data")]
 
 
 def test_rules_reject_unsupported_dims():

@@ -16,6 +16,7 @@ Names as they appear in gin files:
   methods.prefix_tuning  key/value prefixes per attention layer (prefix-tuning, P-tuning v2)
   methods.multitask_prompts  tasks, inner (a method) -> a task bank ``MethodSpec``
   methods.idpg           instance-dependent prompts from a generator (IDPG)
+  methods.spt            prompts retrieved from a trainable memory (SPT)
   optim.adamw            optax's AdamW (prefix-tuning's and P-tuning v2's optimizer)
   prompts.class_labels / prompts.sampled_vocab / prompts.random_uniform / prompts.from_file
                          prompt initialisers -> a ``PromptInitSpec``
@@ -270,6 +271,21 @@ def idpg(prompt_length: int = 5, bottleneck: int = 256, representation: str = "e
                        bottleneck=bottleneck, representation=representation,
                        generator=generator, phm_n=phm_n, layers=layers,
                        prompt_mode=prompt_mode)
+
+
+@gin.configurable("spt", module="methods")
+def spt(memory_size: int = 16, prompt_length: int = 10, top_k: int = 2,
+        similarity: str = "cosine", temperature: float = 1.0, combine: str = "weighted",
+        representation: str = "encoder", task_prompt_length: int = 0,
+        tasks: Optional[Sequence[str]] = None, prompt_mode: str = "prepend") -> MethodSpec:
+    """SPT (``prompt_t5x.methods.spt``): prompts retrieved per example from a trainable memory
+    (+ an optional prompt per task of ``tasks``)."""
+    method = dict(memory_size=memory_size, prompt_length=prompt_length, top_k=top_k,
+                  similarity=similarity, temperature=temperature, combine=combine,
+                  representation=representation, task_prompt_length=task_prompt_length,
+                  tasks=tuple(tasks or ()), prompt_mode=prompt_mode)
+    retrieved = prompt_length * (top_k if combine == "concat" else 1)
+    return method_spec("spt", prompt_positions=task_prompt_length + retrieved, **method)
 
 
 @gin.configurable("prefix_tuning", module="methods")

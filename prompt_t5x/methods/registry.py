@@ -28,6 +28,7 @@ MODULES: Dict[str, str] = {
     "prefix_tuning": "prompt_t5x.methods.prefix_tuning",
     "multitask_prompts": "prompt_t5x.methods.task_bank",
     "idpg": "prompt_t5x.methods.idpg",
+    "spt": "prompt_t5x.methods.spt",
 }
 
 

@@ -16,7 +16,7 @@ Prompt tuning adds the prompt's own axes, always replicated: the prompt is [100,
 and replicating it means its update needs no collective beyond the gradient all-reduce. (The
 prompt-tuning paper's code names the prompt ('prompt', 'embed'), which any table that shards
 'embed' would split; ours is named ('prompt', 'prompt_embed') so it stays whole.) A task bank's
-leading 'tasks' axis (``methods.task_bank``) is replicated too.
+leading 'tasks' axis (``methods.task_bank``) and SPT's prompt 'memory' are replicated too.
 
 Mesh axes are created as ``AxisType.Auto``: flax's logical constraints are
 ``with_sharding_constraint`` calls that Explicit axes reject.
@@ -41,7 +41,8 @@ MESH_AXES = ("data", "model")
 
 # Logical names of the trainable prompt [prompt_length, embed]; both replicated on every mesh.
 PROMPT_LOGICAL_AXES = P("prompt", "prompt_embed")
-PROMPT_RULES: Rules = (("prompt", None), ("prompt_embed", None), ("tasks", None))
+PROMPT_RULES: Rules = (("prompt", None), ("prompt_embed", None), ("tasks", None),
+                       ("memory", None))
 
 
 def standard_logical_axis_rules(activation_partitioning_dims: int = 1,

@@ -104,6 +104,7 @@ DEFAULT_FACTOR_RULES = (
     FactorRule("axes:tasks,*,*", "batch,row,col"),                   # prompts [T, P, D]
     FactorRule("axes:tasks,layers,*,*", "batch,batch,row,col"),      # deep [T, layers, P, D]
     FactorRule("axes:tasks,layers,*,*,*", "batch,batch,row,col,col"),  # prefixes
+    FactorRule("axes:memory,*,*", "batch,row,col"),      # SPT's memory of prompts [N, P, D]
 )
 
 
