@@ -17,6 +17,7 @@ Names as they appear in gin files:
   methods.multitask_prompts  tasks, inner (a method) -> a task bank ``MethodSpec``
   methods.idpg           instance-dependent prompts from a generator (IDPG)
   methods.spt            prompts retrieved from a trainable memory (SPT)
+  methods.mpt_source / methods.mpt_target  multitask prompt tuning's two stages (MPT)
   optim.adamw            optax's AdamW (prefix-tuning's and P-tuning v2's optimizer)
   prompts.class_labels / prompts.sampled_vocab / prompts.random_uniform / prompts.from_file
                          prompt initialisers -> a ``PromptInitSpec``
@@ -147,7 +148,9 @@ class MethodSpec:
         return self.kind
 
     def build(self, model: t5_lib.T5, label_words: Optional[Sequence[str]] = None,
-              encode: Optional[Encode] = None) -> interface.Method:
+              encode: Optional[Encode] = None, **context) -> interface.Method:
+        """``context``: further build context of a new run (e.g. MPT's teacher prompts, loaded
+        by ``run_train.build_context``)."""
         if self.kind == "prompt_tuning":
             init = (self.prompt_init or PromptInitSpec("sampled_vocab")).build(label_words, encode)
             return PromptTuning(model, self.prompt_length, self.prompt_mode, init)
@@ -155,7 +158,7 @@ class MethodSpec:
             return ModelTuning(model)
         from prompt_t5x.methods import registry
         return registry.build(model, {"kind": self.kind, **dict(self.settings)},
-                              label_words=label_words, encode=encode)
+                              label_words=label_words, encode=encode, **context)
 
     def trainable_parameters(self, config: t5_lib.T5Config,
                              label_words: Optional[Sequence[str]] = None,
@@ -286,6 +289,28 @@ def spt(memory_size: int = 16, prompt_length: int = 10, top_k: int = 2,
                   tasks=tuple(tasks or ()), prompt_mode=prompt_mode)
     retrieved = prompt_length * (top_k if combine == "concat" else 1)
     return method_spec("spt", prompt_positions=task_prompt_length + retrieved, **method)
+
+
+@gin.configurable("mpt_source", module="methods")
+def mpt_source(tasks: Sequence[str] = gin.REQUIRED, prompt_length: int = 100, rank: int = 1,
+               teachers: Optional[str] = None, kl_weight: float = 1.0, mse_weight: float = 1.0,
+               temperature: float = 1.0, prompt_mode: str = "prepend") -> MethodSpec:
+    """MPT's source stage (``prompt_t5x.methods.mpt``): a shared prompt and rank-``rank``
+    factors per task of ``tasks``, distilled from ``teachers`` (a multitask_prompts run)."""
+    return method_spec("mpt_source", prompt_positions=prompt_length, tasks=tuple(tasks),
+                       prompt_length=prompt_length, rank=rank, teachers=teachers,
+                       kl_weight=kl_weight, mse_weight=mse_weight, temperature=temperature,
+                       prompt_mode=prompt_mode)
+
+
+@gin.configurable("mpt_target", module="methods")
+def mpt_target(tasks: Sequence[str] = gin.REQUIRED, source: Optional[str] = None,
+               prompt_length: int = 100, rank: int = 1, train_shared: bool = False,
+               prompt_mode: str = "prepend") -> MethodSpec:
+    """MPT's target stage: P* from the ``source`` run, new factors per task of ``tasks``."""
+    return method_spec("mpt_target", prompt_positions=prompt_length, tasks=tuple(tasks),
+                       source=source, prompt_length=prompt_length, rank=rank,
+                       train_shared=train_shared, prompt_mode=prompt_mode)
 
 
 @gin.configurable("prefix_tuning", module="methods")

@@ -219,7 +219,8 @@ def execute(run: RunConfig, *, gin_config: str = "") -> LoopResult:
                          f"the model's vocab_size is {run.model.vocab_size}: pick a model gin "
                          "file / t5.get_config.vocab_size that matches the task's vocabulary.")
     # The method is built (its settings checked) before any weight is loaded or file written.
-    method = run.method.build(t5_lib.T5(run.model), source.label_words, source.encode)
+    method = run.method.build(t5_lib.T5(run.model), source.label_words, source.encode,
+                              **build_context(run.method))
     mesh, rules = build_mesh(run)
     created = not os.path.exists(run.model_dir)
     # One writer per model dir (run_lock.py): refused here, before anything is loaded.
@@ -244,6 +245,14 @@ def execute(run: RunConfig, *, gin_config: str = "") -> LoopResult:
     finally:
         if lock is not None:
             lock.release()
+
+
+def build_context(spec: configurables.MethodSpec) -> dict:
+    """What a new run's method needs besides its settings, loaded from the runs it names
+    (``prompted_model.method_build_context``: MPT's teachers, a target stage's source). Bad
+    paths or states are UsageErrors."""
+    from prompt_t5x.inference import prompted_model
+    return prompted_model.method_build_context({"kind": spec.kind, **dict(spec.settings)})
 
 
 def _train(run: RunConfig, kind: str, source, method, gin_config: str, mesh=None,

@@ -217,7 +217,9 @@ def _load_method(found: Dict[str, Any], *, checkpoint: Optional[str],
         frozen, config, checkpoint = load_frozen(checkpoint, found["manifest"], config=config,
                                                  seed=seed)
     try:
-        method = _registry_method(config, _freeze(found["method_config"]))
+        context = method_build_context(found["method_config"])
+        method = (registry.build(t5_lib.T5(config), found["method_config"], **context)
+                  if context else _registry_method(config, _freeze(found["method_config"])))
     except registry.UnknownMethodError as e:
         raise UsageError(f"prompt {source!r}: {e}") from None
     except UsageError as e:   # its settings do not fit this model (e.g. a placeholder id)
@@ -258,3 +260,58 @@ def _registry_method(config: t5_lib.T5Config, frozen_method_config):
     """One method object per (config, method config): jitted functions cache per method."""
     from prompt_t5x.methods import registry
     return registry.build(t5_lib.T5(config), _thaw(frozen_method_config))
+
+
+# ------------------------------------------------- states that build a new method's start
+
+def _trained_state(source: str, what: str) -> Dict[str, Any]:
+    """{method_config, trainable} of a run dir or exported method file (nothing else loaded)."""
+    if "://" not in source and not os.path.exists(source):
+        raise UsageError(f"{what} {source!r} not found: give a run directory or an exported "
+                         ".safetensors file")
+    found = _method_source([source], None)
+    if found is None:
+        raise UsageError(f"{what} {source!r} holds no method state (a prompt-tuning run has one "
+                         "prompt, not one per task: train the teachers with "
+                         "runs/multitask_prompts.gin)")
+    return found
+
+
+def load_task_prompts(source: str, tasks: Sequence[str]) -> np.ndarray:
+    """A ``multitask_prompts`` bank of ``prompt_tuning`` (run dir or export) -> its prompts of
+    ``tasks``, in that order [T, P, D] (MPT's teachers). UsageError for another method or a
+    task the bank lacks."""
+    found = _trained_state(source, "teachers")
+    config = found["method_config"]
+    inner = config.get("inner") or {}
+    if config.get("kind") != "multitask_prompts" or inner.get("kind") != "prompt_tuning":
+        raise UsageError(f"teachers {source!r} is a {config.get('kind')} state; MPT's teachers "
+                         "are a multitask_prompts bank of prompt_tuning (runs/multitask_prompts.gin)")
+    bank = list(config["tasks"])
+    missing = [t for t in tasks if t not in bank]
+    if missing:
+        raise UsageError(f"teachers {source!r} have prompts for {bank}, not for {missing}")
+    prompts = np.asarray(found["trainable"]["prompt"], np.float32)
+    return prompts[[bank.index(t) for t in tasks]]
+
+
+def load_shared_prompt(source: str) -> np.ndarray:
+    """P* [P, D] of an MPT source stage (run dir or export): the target stage's start."""
+    found = _trained_state(source, "MPT source")
+    kind = found["method_config"].get("kind")
+    if kind not in ("mpt_source", "mpt_target"):
+        raise UsageError(f"MPT source {source!r} is a {kind} state, not an MPT run")
+    return np.asarray(found["trainable"]["shared"], np.float32)
+
+
+def method_build_context(method_config: Dict[str, Any]) -> Dict[str, Any]:
+    """What building the method of ``method_config`` needs from the runs it names: MPT's
+    teacher prompts (``teachers``) and a target stage's fixed shared prompt (``source``)."""
+    context: Dict[str, Any] = {}
+    kind = method_config.get("kind")
+    if kind == "mpt_source" and method_config.get("teachers"):
+        context["teacher_prompts"] = load_task_prompts(method_config["teachers"],
+                                                       method_config["tasks"])
+    if kind == "mpt_target" and method_config.get("source"):
+        context["shared_init"] = load_shared_prompt(method_config["source"])
+    return context

@@ -29,6 +29,8 @@ MODULES: Dict[str, str] = {
     "multitask_prompts": "prompt_t5x.methods.task_bank",
     "idpg": "prompt_t5x.methods.idpg",
     "spt": "prompt_t5x.methods.spt",
+    "mpt_source": "prompt_t5x.methods.mpt",
+    "mpt_target": "prompt_t5x.methods.mpt",
 }
 
 
