@@ -177,6 +177,7 @@ def test_both_stages_from_the_command_line(tmp_path, capsys):
                      "--gin.TASK=synthetic_first", f"--gin.OUTPUT_DIR={tmp_path / 'eval'}",
                      "--gin.INPUTS_LENGTH=13", "--gin.TARGETS_LENGTH=2",
                      "--gin.MAX_EXAMPLES=32"]) == 0
+    capsys.readouterr()
     rc = cli.main(["train", "--gin_file=runs/mpt_source.gin", f"--gin.MODEL_DIR={tmp_path / 'x'}",
                    f"--gin.TEACHERS='{source}'"] + common)
     err = capsys.readouterr().err
