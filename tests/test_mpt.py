@@ -130,8 +130,8 @@ def test_target_stage_keeps_the_shared_prompt_fixed(frozen):
     exported = registry.build(method.model, config)
     np.testing.assert_allclose(np.asarray(exported.task_prompts(tables)),
                                np.asarray(method.task_prompts(state.params)), rtol=1e-6)
-    with pytest.raises(ValueError, match="source"):
-        registry.build(method.model, TARGET).init_trainable(jax.random.PRNGKey(0), frozen)
+    with pytest.raises(ValueError, match="source"):   # rebuilt without its source run
+        registry.build(method.model, TARGET).example_inputs(frozen, state.params, MIXED(0))
 
 
 def test_mesh_matches_one_device():

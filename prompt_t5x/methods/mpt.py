@@ -226,7 +226,6 @@ class MPTTarget(MPTSource):
         if not self.train_shared:
             # P* is not trained: it stays out of the state (an optimizer's weight decay would
             # move it) and comes from the source run whenever the method is built.
-            self._fixed_shared()
             state = {k: v for k, v in state.items() if k != "shared"}
         return state
 
