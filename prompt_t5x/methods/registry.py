@@ -27,6 +27,7 @@ MODULES: Dict[str, str] = {
     "classification_head": "prompt_t5x.methods.classification_head",
     "prefix_tuning": "prompt_t5x.methods.prefix_tuning",
     "multitask_prompts": "prompt_t5x.methods.task_bank",
+    "ipt": "prompt_t5x.methods.ipt",
 }
 
 
