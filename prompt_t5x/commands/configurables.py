@@ -334,6 +334,22 @@ def prefix_tuning(prefix_length: int = 10,
     return method_spec("prefix_tuning", prompt_positions=0, **settings)
 
 
+@gin.configurable("ipt", module="methods")
+def ipt(instance: str = "mlp", task_length: int = 10, instance_length: int = 4,
+        hidden: int = 128, lookup_rows: int = 2048, prompt_mode: str = "prepend",
+        parts: Sequence[str] = ("encoder",), instance_scale: float = 0.1,
+        prefix_bias: str = "zero", population: int = 5000) -> MethodSpec:
+    """Instance-wise prompt tuning (``prompt_t5x.methods.ipt``): a task prompt plus an instance
+    part from each example's tokens; the prompt variants add task_length + instance_length
+    encoder positions, ``instance='prefix'`` none."""
+    positions = 0 if instance == "prefix" else task_length + instance_length
+    return method_spec("ipt", prompt_positions=positions, instance=instance,
+                       task_length=task_length, instance_length=instance_length, hidden=hidden,
+                       lookup_rows=lookup_rows, prompt_mode=prompt_mode, parts=tuple(parts),
+                       instance_scale=instance_scale, prefix_bias=prefix_bias,
+                       population=population)
+
+
 # ------------------------------------------------------------------------- registrations ----
 gin.external_configurable(get_config, name="get_config", module="t5")
 gin.external_configurable(optim.adafactor, name="adafactor", module="optim")
@@ -353,6 +369,12 @@ REGISTERED = {
     "methods.deep_prompts": deep_prompts,
     "methods.classification_head": classification_head,
     "methods.prefix_tuning": prefix_tuning,
+    "methods.ipt": ipt,
+    "methods.multitask_prompts": multitask_prompts,
+    "methods.idpg": idpg,
+    "methods.spt": spt,
+    "methods.mpt_source": mpt_source,
+    "methods.mpt_target": mpt_target,
     "optim.adamw": optax.adamw,
     "prompts.class_labels": class_labels,
     "prompts.sampled_vocab": sampled_vocab,

@@ -31,6 +31,7 @@ MODULES: Dict[str, str] = {
     "spt": "prompt_t5x.methods.spt",
     "mpt_source": "prompt_t5x.methods.mpt",
     "mpt_target": "prompt_t5x.methods.mpt",
+    "ipt": "prompt_t5x.methods.ipt",
 }
 
 
