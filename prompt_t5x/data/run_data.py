@@ -26,7 +26,9 @@ SPT with task prompts) gets ``task_ids`` int32 [B] in every batch: each example'
 in that list (``interface.TASK_IDS``), built here from the task each example comes from, so the
 model routes examples without a Python loop. A task of the data that the bank lacks is a
 UsageError; so is, for training, a bank task that the data never shows (it would never train).
-Validation metrics then come per task too (``<task>/accuracy``).
+Validation metrics then come per task too (``<task>/accuracy``). A SeqIO mixture does the same
+(``SeqioData(task_names=...)``): its sub-tasks are sampled at the mixture's rates, each example
+tagged with its task's id (``seqio_bridge``), and validated task by task.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ one its manifest records (see ``prompt_t5x.inference.prompted_model``).
 Predictions are rank classification (score every label word, take the best) for tasks with label
 words and ``mode='auto'``, otherwise decoding (``prompt_t5x.inference.decoding``: greedy, beam or
 sampling).
+A SeqIO mixture is evaluated sub-task after sub-task (``seqio_bridge.eval_batches``): each
+example keeps its task, which routes it to its prompt in a task bank (``task_router``), and the
+metrics come per task (``<task>/<metric>``) and as each metric's mean over the tasks.
 ``eval`` writes ``<output_dir>/<task>_<split>_metrics.json`` (the task's metrics, per prompt too
 when ensembling); ``infer`` writes ``<output_dir>/<task>_<split>_predictions.jsonl``. Every input
 is checked before anything is computed or written; bad input is one ``UsageError`` (exit 2).
@@ -158,7 +161,8 @@ class _WordVocabulary:
 
 
 def setup_task(cfg: EvalConfig):
-    """Register tasks with the run's vocabulary/data; the task's source for ``predict``."""
+    """Register tasks with the run's vocabulary/data; the task's (or mixture's) source for
+    ``predict``."""
     from prompt_t5x.data import task_registry
     if cfg.task in synthetic.TASKS:
         return SyntheticSource(cfg)
