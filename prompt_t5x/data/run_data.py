@@ -26,7 +26,9 @@ SPT with task prompts) gets ``task_ids`` int32 [B] in every batch: each example'
 in that list (``interface.TASK_IDS``), built here from the task each example comes from, so the
 model routes examples without a Python loop. A task of the data that the bank lacks is a
 UsageError; so is, for training, a bank task that the data never shows (it would never train).
-Validation metrics then come per task too (``<task>/accuracy``).
+Validation metrics then come per task too (``<task>/accuracy``). A SeqIO mixture does the same
+(``SeqioData(task_names=...)``): its sub-tasks are sampled at the mixture's rates, each example
+tagged with its task's id (``seqio_bridge``), and validated task by task.
 """
 
 from __future__ import annotations
@@ -235,13 +237,22 @@ def _check_bank(name: str, data_tasks: Sequence[str], bank: Sequence[str], train
 
 class SeqioData:
     """A registered SeqIO task or mixture through ``prompt_t5x.data.seqio_bridge`` (imports
-    TensorFlow)."""
+    TensorFlow).
+
+    ``task_names`` (a task bank's tasks, see the module doc): every training and validation
+    batch carries ``task_ids`` int32 [B]; a mixture's training stream samples its sub-tasks at
+    the mixture's rates, each example tagged with its own task's id. Checked here, as one
+    UsageError: a task of the data the bank lacks and, when ``training``, a bank task the data
+    lacks. A mixture's validation is each sub-task's split in turn, scored per task
+    (``<task>/<metric>``, mean over tasks as ``<metric>``) with or without ``task_names``.
+    """
 
     def __init__(self, name: str, inputs_length: int, targets_length: int, batch_size: int,
                  prompt_length: int, seed: int = 0, train_split: str = "train",
                  eval_split: str = "validation", vocabulary: Optional[str] = None,
                  data_dir: Optional[str] = None, task_modules: Sequence[str] = (),
-                 template: Optional[templates.InputTemplate] = None):
+                 template: Optional[templates.InputTemplate] = None,
+                 task_names: Optional[Sequence[str]] = None, training: bool = True):
         from prompt_t5x.data import seqio_bridge, task_registry  # SeqIO: only for SeqIO tasks
         self._data = seqio_bridge
         self.provider = task_registry.open_task(name, (train_split, eval_split),
@@ -254,6 +265,10 @@ class SeqioData:
             raise UsageError(str(e)) from None
         self.name, self.seed = name, seed
         self.train_split, self.eval_split = train_split, eval_split
+        self.sub_tasks = seqio_bridge.sub_tasks(self.provider)
+        self.task_names = None if task_names is None else tuple(task_names)
+        if self.task_names is not None:
+            _check_bank(name, [t.name for t in self.sub_tasks], self.task_names, training)
         for split in dict.fromkeys((train_split, eval_split)):
             seqio_bridge.check_split_readable(self.provider, self.spec, split)
         self.label_words = seqio_bridge.label_names(name)
@@ -262,22 +277,28 @@ class SeqioData:
         self.encode = None if feature is None else feature.vocabulary.encode
         self.vocab_size = None if feature is None else feature.vocabulary.vocab_size
         # Tasks with metrics can be scored on greedy decodes; run_train uses that only when
-        # there are no label words (classification tasks use rank classification).
-        self.decode_for_metrics = bool(getattr(self.provider, "metric_fns", None))
+        # there are no label words (classification tasks use rank classification). A mixture
+        # is scored per sub-task: any sub-task with metrics will do.
+        self.decode_for_metrics = any(getattr(t, "metric_fns", None) for t in self.sub_tasks)
 
     def train_batches(self, position: int = 0, shard: distributed.DataShard = WHOLE
                       ) -> Iterator[Dict[str, np.ndarray]]:
         """SeqIO reads shard ``shard.index`` of ``shard.count`` of the split (its own files or
         examples, shuffled with the seed), ``batch_size / count`` examples per batch."""
         import seqio
-        return self._data.train_batches(self.name, self.spec, split=self.train_split,
-                                        seed=self.seed, position=position,
-                                        shard_info=seqio.ShardInfo(shard.index, shard.count))
+        try:
+            return self._data.train_batches(self.name, self.spec, split=self.train_split,
+                                            seed=self.seed, position=position,
+                                            shard_info=seqio.ShardInfo(shard.index, shard.count),
+                                            task_names=self.task_names)
+        except self._data.DataError as e:
+            raise UsageError(str(e)) from None
 
     def eval_batches(self) -> List[Dict[str, np.ndarray]]:
         try:
             return list(self._data.eval_batches(self.name, self.spec, split=self.eval_split,
-                                                shard_info=self._data.whole_split()))
+                                                shard_info=self._data.whole_split(),
+                                                task_names=self.task_names))
         except self._data.DataError as e:
             raise UsageError(str(e)) from None
 
@@ -331,4 +352,5 @@ def open_data(run, prompt_length: int):
     return SeqioData(run.task, run.inputs_length, run.targets_length, run.batch_size,
                      prompt_length, seed=run.seed, train_split=run.train_split,
                      eval_split=run.eval_split, vocabulary=run.vocabulary,
-                     data_dir=run.data_dir, task_modules=run.task_modules, template=template)
+                     data_dir=run.data_dir, task_modules=run.task_modules, template=template,
+                     task_names=task_names)

@@ -26,6 +26,20 @@ with all-zero rows and ``example_mask`` (bool [B]) marks the real ones; ``exampl
 given), the order of ``eval_examples``, so predictions can be put back in order for
 ``compute_metrics``.
 
+Mixtures and task ids. With ``task_names`` (the tasks of a method's task bank, in its order)
+every batch also carries ``task_ids`` (int32 [B], ``interface.TASK_IDS``): each example's task's
+index in ``task_names``, so the model picks each example's own prompt without a Python loop.
+For a single task that is one constant. For a ``seqio.Mixture`` the training stream is built
+here rather than by SeqIO: each sub-task is read, feature-converted and tagged with its id on
+its own (the converter drops unknown features, so the id is added after it), then the sub-tasks
+are sampled at the mixture's rates by a seeded ``sample_from_datasets``, so batch n is still a
+deterministic function of (mixture, seed, shard, n) and ``position`` resumes exactly. (Without
+``task_names`` a mixture trains on SeqIO's own mixed stream, as before.) Validation of a
+mixture is every sub-task's split in turn (sub-tasks in the mixture's order, by name); each
+example of ``eval_examples`` has a ``task`` field, and ``compute_metrics`` runs each sub-task's
+own postprocessor and metric functions on its own examples (``<task>/<metric>``) and reports
+each metric's mean over the tasks as ``<metric>``.
+
 Packing (several examples per row) is refused when a prompt is used: the prompt would be
 prepended once per row, so all but the first packed example would see no prompt of their own.
 
@@ -45,6 +59,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 import numpy as np
 
 from prompt_t5x.base.errors import InputError
+from prompt_t5x.methods.interface import TASK_IDS
 
 MODEL_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
                   "decoder_loss_weights")
@@ -199,15 +214,71 @@ def check_split_readable(provider, spec: BatchSpec, split: str) -> None:
                   num_epochs=1)
 
 
-def _model_features(provider, spec: BatchSpec, split: str, *, shuffle: bool, seed: Optional[int],
-                    shard_info, num_epochs: Optional[int]):
-    """Feature-converted tf.data.Dataset of single examples (no batching)."""
+def is_mixture(provider) -> bool:
+    """Whether ``provider`` is a ``seqio.Mixture`` (several tasks) rather than one task."""
+    seqio = _seqio()
+    return isinstance(provider, seqio.Mixture)
+
+
+def sub_tasks(provider) -> List[Any]:
+    """The tasks whose examples ``provider`` yields: a mixture's (SeqIO's order, by name, nested
+    mixtures flattened), else ``[provider]``."""
+    return list(provider.tasks) if is_mixture(provider) else [provider]
+
+
+def task_id(task_name: str, task_names: Sequence[str]) -> int:
+    """The index of ``task_name`` in ``task_names`` (a method's task bank); DataError if absent
+    (``run_data`` checks the bank earlier and says so as a UsageError)."""
+    if task_name not in task_names:
+        raise DataError(f"task {task_name!r} is not in the method's task bank "
+                        f"{list(task_names)}")
+    return list(task_names).index(task_name)
+
+
+def _converted(task, spec: BatchSpec, split: str, *, shuffle: bool, seed: Optional[int],
+               shard_info, num_epochs: Optional[int], task_names: Optional[Sequence[str]]):
+    """One task or mixture, feature-converted (single examples, no batching); with
+    ``task_names`` a constant ``task_ids`` int32 [] feature (the task's index there) is added
+    after the converter, which would drop it."""
     import tensorflow as tf
     seqio = _seqio()
-    ds = _task_dataset(provider, spec, split, shuffle=shuffle, seed=seed, shard_info=shard_info,
+    ds = _task_dataset(task, spec, split, shuffle=shuffle, seed=seed, shard_info=shard_info,
                        num_epochs=num_epochs)
-    converter = seqio.EncDecFeatureConverter(pack=spec.pack)
-    ds = converter(ds, spec.task_feature_lengths)
+    ds = seqio.EncDecFeatureConverter(pack=spec.pack)(ds, spec.task_feature_lengths)
+    if task_names is not None:
+        index = tf.constant(task_id(task.name, task_names), tf.int32)
+        ds = ds.map(lambda ex: {**ex, TASK_IDS: index})
+    return ds
+
+
+def mixture_rates(provider) -> List[float]:
+    """The sampling weight of each of ``sub_tasks(provider)`` (the mixture's rates)."""
+    try:
+        rates = [float(provider.get_rate(task)) for task in provider.tasks]
+    except (ValueError, TypeError) as e:
+        raise DataError(f"mixture {provider.name!r}: {e}") from e
+    if not all(r >= 0 for r in rates) or sum(rates) <= 0:
+        raise DataError(f"mixture {provider.name!r} has no positive rate: {rates}")
+    return rates
+
+
+def _model_features(provider, spec: BatchSpec, split: str, *, shuffle: bool, seed: Optional[int],
+                    shard_info, num_epochs: Optional[int],
+                    task_names: Optional[Sequence[str]] = None):
+    """Feature-converted tf.data.Dataset of single examples (no batching); with ``task_names``
+    each example also has ``task_ids`` int32 [] (see module doc). A mixture with
+    ``task_names`` is sampled here, sub-task by sub-task, at its rates with seed ``seed``."""
+    import tensorflow as tf
+    if task_names is not None and is_mixture(provider):
+        parts = [_converted(task, spec, split, shuffle=shuffle, seed=seed,
+                            shard_info=shard_info, num_epochs=num_epochs, task_names=task_names)
+                 for task in provider.tasks]
+        # A fixed seed even when unseeded: the mix, like every other random step, replays.
+        ds = tf.data.Dataset.sample_from_datasets(parts, weights=mixture_rates(provider),
+                                                  seed=42 if seed is None else seed)
+    else:
+        ds = _converted(provider, spec, split, shuffle=shuffle, seed=seed, shard_info=shard_info,
+                        num_epochs=num_epochs, task_names=task_names)
     options = tf.data.Options()
     options.deterministic = True
     return ds.with_options(options)
@@ -216,22 +287,29 @@ def _model_features(provider, spec: BatchSpec, split: str, *, shuffle: bool, see
 def _to_numpy_batch(batch: Mapping[str, Any]) -> Dict[str, np.ndarray]:
     out = {k: np.asarray(batch[k], np.int32) for k in MODEL_FEATURES[:3]}
     out["decoder_loss_weights"] = np.asarray(batch["decoder_loss_weights"], np.float32)
+    if TASK_IDS in batch:
+        out[TASK_IDS] = np.asarray(batch[TASK_IDS], np.int32)
     return out
 
 
 class TrainBatches:
-    """Endless iterator of host-local training batches that knows its position."""
+    """Endless iterator of host-local training batches that knows its position; with
+    ``task_names`` each batch has ``task_ids`` int32 [B] (see module doc)."""
 
     def __init__(self, name: str, spec: BatchSpec, *, split: str = "train", seed: int = 0,
-                 shard_info=None, position: int = 0, shuffle: bool = True):
+                 shard_info=None, position: int = 0, shuffle: bool = True,
+                 task_names: Optional[Sequence[str]] = None):
         if position < 0:
             raise DataError(f"position must be >= 0, got {position}")
         self.name, self.spec, self.split, self.seed = name, spec, split, seed
         self.shard_info = shard_info or whole_split()
         self.batch_size = host_batch_size(spec, self.shard_info)
         provider = get_task_or_mixture(name)
+        if task_names is not None:
+            for task in sub_tasks(provider):   # every sub-task is sampled: each needs the split
+                check_split(task, split)
         ds = _model_features(provider, spec, split, shuffle=shuffle, seed=seed,
-                             shard_info=self.shard_info, num_epochs=None)
+                             shard_info=self.shard_info, num_epochs=None, task_names=task_names)
         ds = ds.batch(self.batch_size, drop_remainder=True).skip(position)
         self._iterator = ds.prefetch(2).as_numpy_iterator()
         self.position = position
@@ -256,9 +334,10 @@ class TrainBatches:
 
 
 def train_batches(name: str, spec: BatchSpec, *, split: str = "train", seed: int = 0,
-                  shard_info=None, position: int = 0, shuffle: bool = True) -> TrainBatches:
+                  shard_info=None, position: int = 0, shuffle: bool = True,
+                  task_names: Optional[Sequence[str]] = None) -> TrainBatches:
     return TrainBatches(name, spec, split=split, seed=seed, shard_info=shard_info,
-                        position=position, shuffle=shuffle)
+                        position=position, shuffle=shuffle, task_names=task_names)
 
 
 def pad_eval_batch(batch: Mapping[str, np.ndarray], size: int, start: int
@@ -275,14 +354,19 @@ def pad_eval_batch(batch: Mapping[str, np.ndarray], size: int, start: int
 
 
 def eval_batches(name: str, spec: BatchSpec, *, split: str = "validation",
-                 shard_info=None) -> Iterator[Dict[str, np.ndarray]]:
+                 shard_info=None, task_names: Optional[Sequence[str]] = None
+                 ) -> Iterator[Dict[str, np.ndarray]]:
     """Every example of ``split`` (or of its ``shard_info`` shard) once, in order, in
-    fixed-shape batches (see module doc)."""
+    fixed-shape batches (see module doc); a mixture's sub-tasks one after another. With
+    ``task_names`` each batch has ``task_ids`` int32 [B] (0 on padding rows)."""
+    import functools
     provider = get_task_or_mixture(name)
     shard_info = shard_info or whole_split()
     size = host_batch_size(spec, shard_info)
-    ds = _model_features(provider, spec, split, shuffle=False, seed=None,
-                         shard_info=shard_info, num_epochs=1)
+    parts = [_model_features(task, spec, split, shuffle=False, seed=None, shard_info=shard_info,
+                             num_epochs=1, task_names=task_names)
+             for task in sub_tasks(provider)]
+    ds = functools.reduce(lambda a, b: a.concatenate(b), parts)
     ds = ds.batch(size, drop_remainder=False)
     start = 0
     for batch in ds.as_numpy_iterator():
@@ -296,26 +380,61 @@ def eval_batches(name: str, spec: BatchSpec, *, split: str = "validation",
 def eval_examples(name: str, spec: BatchSpec, *, split: str = "validation",
                   shard_info=None) -> List[Dict[str, Any]]:
     """The preprocessed examples of ``split`` (strings and fields the postprocessors need), in
-    the same order as ``eval_batches``'s ``example_index``."""
+    the same order as ``eval_batches``'s ``example_index``. A mixture's examples each have a
+    ``task`` field (their sub-task's name), which routes them to the task's prompt and metrics."""
     provider = get_task_or_mixture(name)
-    ds = _task_dataset(provider, spec, split, shuffle=False, seed=None,
-                       shard_info=shard_info or whole_split(), num_epochs=1)
-    return list(ds.as_numpy_iterator())
+    mixed = is_mixture(provider)
+    out: List[Dict[str, Any]] = []
+    for task in sub_tasks(provider):
+        ds = _task_dataset(task, spec, split, shuffle=False, seed=None,
+                           shard_info=shard_info or whole_split(), num_epochs=1)
+        out += [dict(ex, task=task.name) if mixed else ex for ex in ds.as_numpy_iterator()]
+    return out
+
+
+def _task_metrics(task, examples: Sequence[Mapping[str, Any]], predictions: Sequence[str]
+                  ) -> Dict[str, float]:
+    """One task's postprocessor and metric functions on its own examples."""
+    post = task.postprocess_fn or (lambda text, example=None, is_target=False: text)
+    targets = [post(ex["targets_pretokenized"], example=ex, is_target=True) for ex in examples]
+    preds = [post(p, example=ex, is_target=False) for p, ex in zip(predictions, examples)]
+    results: Dict[str, float] = {}
+    for fn in task.metric_fns:
+        results.update(fn(targets, preds))
+    return results
 
 
 def compute_metrics(name: str, examples: Sequence[Mapping[str, Any]],
                     predictions: Sequence[str]) -> Dict[str, float]:
-    """Postprocess targets and predicted strings and run the task's metric functions."""
+    """Postprocess targets and predicted strings and run the task's metric functions. For a
+    mixture: each sub-task's on the examples of that task (their ``task`` field), as
+    ``<task>/<metric>``, and each metric's unweighted mean over the tasks present as
+    ``<metric>`` (so a run's ``metric='accuracy'`` picks its best step on a mixture too)."""
     provider = get_task_or_mixture(name)
     if len(examples) != len(predictions):
         raise DataError(f"task {name!r}: {len(predictions)} predictions for {len(examples)} "
                         "examples.")
-    post = provider.postprocess_fn or (lambda text, example=None, is_target=False: text)
-    targets = [post(ex["targets_pretokenized"], example=ex, is_target=True) for ex in examples]
-    preds = [post(p, example=ex, is_target=False) for p, ex in zip(predictions, examples)]
-    results: Dict[str, float] = {}
-    for fn in provider.metric_fns:
-        results.update(fn(targets, preds))
+    if not is_mixture(provider):
+        return _task_metrics(provider, examples, predictions)
+    tasks = {task.name: task for task in provider.tasks}
+    rows: Dict[str, List[int]] = {}
+    for i, ex in enumerate(examples):
+        task = ex.get("task")
+        task = task.decode() if isinstance(task, bytes) else task
+        if task not in tasks:
+            raise DataError(f"mixture {name!r}: example {i} has task {task!r}, not one of "
+                            f"{sorted(tasks)} (score examples of eval_examples).")
+        rows.setdefault(task, []).append(i)
+    per_task: Dict[str, float] = {}
+    by_metric: Dict[str, List[float]] = {}
+    for task in sorted(rows):
+        own = _task_metrics(tasks[task], [examples[i] for i in rows[task]],
+                            [predictions[i] for i in rows[task]])
+        for metric, value in own.items():
+            per_task[f"{task}/{metric}"] = value
+            by_metric.setdefault(metric, []).append(float(value))
+    results: Dict[str, float] = {k: float(np.mean(v)) for k, v in by_metric.items()}
+    results.update(per_task)
     return results
 
 

@@ -10,6 +10,9 @@ one its manifest records (see ``prompt_t5x.inference.prompted_model``).
 Predictions are rank classification (score every label word, take the best) for tasks with label
 words and ``mode='auto'``, otherwise decoding (``prompt_t5x.inference.decoding``: greedy, beam or
 sampling).
+A SeqIO mixture is evaluated sub-task after sub-task (``seqio_bridge.eval_batches``): each
+example keeps its task, which routes it to its prompt in a task bank (``task_router``), and the
+metrics come per task (``<task>/<metric>``) and as each metric's mean over the tasks.
 ``eval`` writes ``<output_dir>/<task>_<split>_metrics.json`` (the task's metrics, per prompt too
 when ensembling); ``infer`` writes ``<output_dir>/<task>_<split>_predictions.jsonl``. Every input
 is checked before anything is computed or written; bad input is one ``UsageError`` (exit 2).
@@ -158,16 +161,16 @@ class _WordVocabulary:
 
 
 def setup_task(cfg: EvalConfig):
-    """Register tasks with the run's vocabulary/data; the task's source for ``predict``."""
+    """Register tasks with the run's vocabulary/data; the task's (or mixture's) source for
+    ``predict``."""
     from prompt_t5x.data import task_registry
     if cfg.task in synthetic.TASKS:
         return SyntheticSource(cfg)
     task_registry.check_vocabulary(cfg.vocabulary)
     provider = task_registry.open_task(cfg.task, (cfg.split,), vocabulary=cfg.vocabulary,
                                   data_dir=cfg.data_dir, task_modules=cfg.task_modules)
-    if not hasattr(provider, "metric_fns"):  # a seqio.Mixture: metrics are per task
-        names = ", ".join(t.name for t in provider.tasks)
-        raise UsageError(f"{cfg.task!r} is a mixture; evaluate its tasks one at a time: {names}")
+    # A seqio.Mixture is evaluated task after task: its examples carry their task (which
+    # routes each to its prompt in a task bank) and its metrics come per task and as the mean.
     return SeqioSource(cfg, provider)
 
 
