@@ -21,13 +21,26 @@ VARIANTS = {name: {"kind": "ipt", "instance": name, **SMALL} for name in ipt.INS
 VARIANTS["prefix"]["parts"] = ["encoder", "decoder_self", "decoder_cross"]
 
 
+# One decoder layer (the 'test' T5 has 3): every check compiles a third of the decoder; two
+# encoder layers keep a layer-0 prefix apart from the plain tables of the others.
+CONFIG = contract.tiny_config(num_decoder_layers=1)
+
+
 def _build(name, config=None):
-    return registry.build(t5.T5(config or contract.tiny_config()), VARIANTS[name])
+    return registry.build(t5.T5(config or CONFIG), VARIANTS[name])
+
+
+def _inputs(method, frozen, state, tokens):
+    """``example_inputs``' per-example arrays, jitted (eager op-by-op is the slow part)."""
+    def arrays(frozen, state, tokens):
+        inputs = method.example_inputs(frozen, state, {"encoder_input_tokens": tokens})
+        return {k: v for k, v in inputs.items() if k in ("prompt", "prefixes")}
+    return jax.jit(arrays)(frozen, state, tokens)
 
 
 @pytest.fixture(scope="module")
 def frozen():
-    return contract.tiny_frozen()
+    return contract.tiny_frozen(CONFIG)
 
 
 @pytest.mark.parametrize("name", ipt.INSTANCES)
@@ -40,8 +53,8 @@ def test_contract_on_one_device(name, frozen):
 
 
 def test_meshes_match_one_device():
-    config = contract.mesh_config()
-    contract.check_mesh_matches_one_device(_build("bilstm", config),
+    config = contract.mesh_config(num_decoder_layers=1)
+    contract.check_mesh_matches_one_device(_build("lookup", config),
                                            contract.tiny_frozen(config), meshes=("2x4",))
 
 
@@ -65,8 +78,7 @@ def test_lookup_prompt_by_hand(frozen):
     tokens[0, :2] = [70, 6]           # 70 >= 64 rows: reads row 6, like token 6
     table = np.asarray(state["lookup"])
     want = table[tokens[:, :2] % 64]                                       # [B, 2, D]
-    prompt = np.asarray(method.example_inputs(frozen, state,
-                                              {"encoder_input_tokens": tokens})["prompt"])
+    prompt = np.asarray(_inputs(method, frozen, state, tokens)["prompt"])
     np.testing.assert_allclose(prompt[:, 3:], want, rtol=1e-6)
     np.testing.assert_allclose(prompt[0, 3], prompt[0, 4], rtol=1e-6)      # the shared bucket
     task = np.asarray(state["task_prompt"])
@@ -89,12 +101,12 @@ def test_mlp_prompt_by_hand(frozen):
         h = np.tanh(mean @ enc["hidden"]["kernel"] + enc["hidden"]["bias"])
         out = h @ enc["out_prompt"]["kernel"] + enc["out_prompt"]["bias"]
         want.append(out.reshape(2, 32))
-    got = method.example_inputs(frozen, state, {"encoder_input_tokens": tokens})["prompt"]
+    got = _inputs(method, frozen, state, tokens)["prompt"]
     np.testing.assert_allclose(np.asarray(got)[:, 3:], np.stack(want), rtol=1e-4, atol=1e-5)
 
 
 def _instance_part(method, frozen, state, tokens):
-    inputs = method.example_inputs(frozen, state, {"encoder_input_tokens": tokens})
+    inputs = _inputs(method, frozen, state, tokens)
     if method.instance == "prefix":
         key, value = inputs["prefixes"]["encoder"]                  # [layers, B, P, H, Dh]
         return np.asarray(key[0]).reshape(len(tokens), -1), np.asarray(key[1:])
@@ -140,7 +152,7 @@ def test_model_inputs_alone_and_bad_settings_refuse(frozen):
     method = _build("mlp")
     with pytest.raises(ValueError, match="encoder_input_tokens"):
         method.model_inputs(method.init_trainable(jax.random.PRNGKey(0), frozen))
-    model = t5.T5(contract.tiny_config())
+    model = t5.T5(CONFIG)
     for bad, needle in (({"instance": "gru"}, "instance"), ({"task_length": 0}, "task_length"),
                         ({"instance": "lookup", "lookup_rows": 1000}, "lookup_rows"),
                         ({"instance": "bilstm", "hidden": 7}, "hidden"),
