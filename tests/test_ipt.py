@@ -3,6 +3,7 @@ strategy; the 'lookup' and 'mlp' instance prompts against a numpy computation; i
 that differ across examples and agree for identical inputs; the docstring's parameter table; bad
 settings; one CLI run."""
 
+import functools
 import json
 
 import jax
@@ -21,13 +22,19 @@ VARIANTS = {name: {"kind": "ipt", "instance": name, **SMALL} for name in ipt.INS
 VARIANTS["prefix"]["parts"] = ["encoder", "decoder_self", "decoder_cross"]
 
 
-# One decoder layer (the 'test' T5 has 3): every check compiles a third of the decoder; two
-# encoder layers keep a layer-0 prefix apart from the plain tables of the others.
-CONFIG = contract.tiny_config(num_decoder_layers=1)
+# One layer per stack (the 'test' T5 has 2 + 3), so every check compiles a fraction of the
+# model; 'prefix' keeps two encoder layers, so its layer-0 addition stands apart from the plain
+# tables of the other layer.
+CONFIG = contract.tiny_config(num_encoder_layers=1, num_decoder_layers=1)
+PREFIX_CONFIG = contract.tiny_config(num_decoder_layers=1)
+
+
+def _config(name):
+    return PREFIX_CONFIG if name == "prefix" else CONFIG
 
 
 def _build(name, config=None):
-    return registry.build(t5.T5(config or CONFIG), VARIANTS[name])
+    return registry.build(t5.T5(config or _config(name)), VARIANTS[name])
 
 
 def _inputs(method, frozen, state, tokens):
@@ -38,13 +45,20 @@ def _inputs(method, frozen, state, tokens):
     return jax.jit(arrays)(frozen, state, tokens)
 
 
+@functools.lru_cache(maxsize=None)
+def _frozen(config):
+    return contract.tiny_frozen(config)
+
+
 @pytest.fixture(scope="module")
-def frozen():
-    return contract.tiny_frozen(CONFIG)
+def frozen_of():
+    """frozen_of(name): the frozen T5 of variant ``name``'s config (one per config)."""
+    return lambda name: _frozen(_config(name))
 
 
 @pytest.mark.parametrize("name", ipt.INSTANCES)
-def test_contract_on_one_device(name, frozen):
+def test_contract_on_one_device(name, frozen_of):
+    frozen = frozen_of(name)
     method = _build(name)
     state = contract.check_trains_only_its_parameters(method, frozen)
     contract.check_no_frozen_kernel_gradient(method, frozen)
@@ -53,7 +67,7 @@ def test_contract_on_one_device(name, frozen):
 
 
 def test_meshes_match_one_device():
-    config = contract.mesh_config(num_decoder_layers=1)
+    config = contract.mesh_config(num_encoder_layers=1, num_decoder_layers=1)
     contract.check_mesh_matches_one_device(_build("lookup", config),
                                            contract.tiny_frozen(config), meshes=("2x4",))
 
@@ -71,7 +85,8 @@ def _trained_like(method, frozen, seed=7):
                                                for x, k in zip(leaves, keys)])
 
 
-def test_lookup_prompt_by_hand(frozen):
+def test_lookup_prompt_by_hand(frozen_of):
+    frozen = frozen_of("lookup")
     method = _build("lookup")
     state = _trained_like(method, frozen)
     tokens = contract.make_batch(1)["encoder_input_tokens"]
@@ -89,7 +104,8 @@ def test_lookup_prompt_by_hand(frozen):
                                   np.asarray(frozen["token_embedder"]["embedding"])[:64])
 
 
-def test_mlp_prompt_by_hand(frozen):
+def test_mlp_prompt_by_hand(frozen_of):
+    frozen = frozen_of("mlp")
     method = _build("mlp")
     state = _trained_like(method, frozen)
     tokens = contract.make_batch(2)["encoder_input_tokens"]
@@ -114,9 +130,10 @@ def _instance_part(method, frozen, state, tokens):
 
 
 @pytest.mark.parametrize("name", ipt.INSTANCES)
-def test_instance_parts_follow_the_input(name, frozen):
+def test_instance_parts_follow_the_input(name, frozen_of):
     """Rows 0 and 1 hold the same input (row 1 with extra padding for the pooled encoders):
     identical instance parts; every other row's input differs and so does its part."""
+    frozen = frozen_of(name)
     method = _build(name)
     state = _trained_like(method, frozen)
     tokens = contract.make_batch(3, length=9)["encoder_input_tokens"]
@@ -148,7 +165,8 @@ def test_parameter_table_in_the_docstring():
             assert cell in row, (size, name, cell, row)
 
 
-def test_model_inputs_alone_and_bad_settings_refuse(frozen):
+def test_model_inputs_alone_and_bad_settings_refuse(frozen_of):
+    frozen = frozen_of("mlp")
     method = _build("mlp")
     with pytest.raises(ValueError, match="encoder_input_tokens"):
         method.model_inputs(method.init_trainable(jax.random.PRNGKey(0), frozen))
