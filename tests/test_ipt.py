@@ -3,6 +3,7 @@ strategy; the 'lookup' and 'mlp' instance prompts against a numpy computation; i
 that differ across examples and agree for identical inputs; the docstring's parameter table; bad
 settings; one CLI run."""
 
+import functools
 import json
 
 import jax
@@ -21,17 +22,43 @@ VARIANTS = {name: {"kind": "ipt", "instance": name, **SMALL} for name in ipt.INS
 VARIANTS["prefix"]["parts"] = ["encoder", "decoder_self", "decoder_cross"]
 
 
+# One layer per stack (the 'test' T5 has 2 + 3), so every check compiles a fraction of the
+# model; 'prefix' keeps two encoder layers, so its layer-0 addition stands apart from the plain
+# tables of the other layer.
+CONFIG = contract.tiny_config(num_encoder_layers=1, num_decoder_layers=1)
+PREFIX_CONFIG = contract.tiny_config(num_decoder_layers=1)
+
+
+def _config(name):
+    return PREFIX_CONFIG if name == "prefix" else CONFIG
+
+
 def _build(name, config=None):
-    return registry.build(t5.T5(config or contract.tiny_config()), VARIANTS[name])
+    return registry.build(t5.T5(config or _config(name)), VARIANTS[name])
+
+
+def _inputs(method, frozen, state, tokens):
+    """``example_inputs``' per-example arrays, jitted (eager op-by-op is the slow part)."""
+    def arrays(frozen, state, tokens):
+        inputs = method.example_inputs(frozen, state, {"encoder_input_tokens": tokens})
+        return {k: v for k, v in inputs.items() if k in ("prompt", "prefixes")}
+    return jax.jit(arrays)(frozen, state, tokens)
+
+
+@functools.lru_cache(maxsize=None)
+def _frozen(config):
+    return contract.tiny_frozen(config)
 
 
 @pytest.fixture(scope="module")
-def frozen():
-    return contract.tiny_frozen()
+def frozen_of():
+    """frozen_of(name): the frozen T5 of variant ``name``'s config (one per config)."""
+    return lambda name: _frozen(_config(name))
 
 
 @pytest.mark.parametrize("name", ipt.INSTANCES)
-def test_contract_on_one_device(name, frozen):
+def test_contract_on_one_device(name, frozen_of):
+    frozen = frozen_of(name)
     method = _build(name)
     state = contract.check_trains_only_its_parameters(method, frozen)
     contract.check_no_frozen_kernel_gradient(method, frozen)
@@ -40,8 +67,8 @@ def test_contract_on_one_device(name, frozen):
 
 
 def test_meshes_match_one_device():
-    config = contract.mesh_config()
-    contract.check_mesh_matches_one_device(_build("bilstm", config),
+    config = contract.mesh_config(num_encoder_layers=1, num_decoder_layers=1)
+    contract.check_mesh_matches_one_device(_build("lookup", config),
                                            contract.tiny_frozen(config), meshes=("2x4",))
 
 
@@ -58,15 +85,15 @@ def _trained_like(method, frozen, seed=7):
                                                for x, k in zip(leaves, keys)])
 
 
-def test_lookup_prompt_by_hand(frozen):
+def test_lookup_prompt_by_hand(frozen_of):
+    frozen = frozen_of("lookup")
     method = _build("lookup")
     state = _trained_like(method, frozen)
     tokens = contract.make_batch(1)["encoder_input_tokens"]
     tokens[0, :2] = [70, 6]           # 70 >= 64 rows: reads row 6, like token 6
     table = np.asarray(state["lookup"])
     want = table[tokens[:, :2] % 64]                                       # [B, 2, D]
-    prompt = np.asarray(method.example_inputs(frozen, state,
-                                              {"encoder_input_tokens": tokens})["prompt"])
+    prompt = np.asarray(_inputs(method, frozen, state, tokens)["prompt"])
     np.testing.assert_allclose(prompt[:, 3:], want, rtol=1e-6)
     np.testing.assert_allclose(prompt[0, 3], prompt[0, 4], rtol=1e-6)      # the shared bucket
     task = np.asarray(state["task_prompt"])
@@ -77,7 +104,8 @@ def test_lookup_prompt_by_hand(frozen):
                                   np.asarray(frozen["token_embedder"]["embedding"])[:64])
 
 
-def test_mlp_prompt_by_hand(frozen):
+def test_mlp_prompt_by_hand(frozen_of):
+    frozen = frozen_of("mlp")
     method = _build("mlp")
     state = _trained_like(method, frozen)
     tokens = contract.make_batch(2)["encoder_input_tokens"]
@@ -89,12 +117,12 @@ def test_mlp_prompt_by_hand(frozen):
         h = np.tanh(mean @ enc["hidden"]["kernel"] + enc["hidden"]["bias"])
         out = h @ enc["out_prompt"]["kernel"] + enc["out_prompt"]["bias"]
         want.append(out.reshape(2, 32))
-    got = method.example_inputs(frozen, state, {"encoder_input_tokens": tokens})["prompt"]
+    got = _inputs(method, frozen, state, tokens)["prompt"]
     np.testing.assert_allclose(np.asarray(got)[:, 3:], np.stack(want), rtol=1e-4, atol=1e-5)
 
 
 def _instance_part(method, frozen, state, tokens):
-    inputs = method.example_inputs(frozen, state, {"encoder_input_tokens": tokens})
+    inputs = _inputs(method, frozen, state, tokens)
     if method.instance == "prefix":
         key, value = inputs["prefixes"]["encoder"]                  # [layers, B, P, H, Dh]
         return np.asarray(key[0]).reshape(len(tokens), -1), np.asarray(key[1:])
@@ -102,9 +130,10 @@ def _instance_part(method, frozen, state, tokens):
 
 
 @pytest.mark.parametrize("name", ipt.INSTANCES)
-def test_instance_parts_follow_the_input(name, frozen):
+def test_instance_parts_follow_the_input(name, frozen_of):
     """Rows 0 and 1 hold the same input (row 1 with extra padding for the pooled encoders):
     identical instance parts; every other row's input differs and so does its part."""
+    frozen = frozen_of(name)
     method = _build(name)
     state = _trained_like(method, frozen)
     tokens = contract.make_batch(3, length=9)["encoder_input_tokens"]
@@ -121,11 +150,12 @@ def test_instance_parts_follow_the_input(name, frozen):
 
 
 def test_parameter_table_in_the_docstring():
-    """The module docstring's table is what ``jax.eval_shape`` counts at the defaults."""
+    """The module docstring's table is what ``jax.eval_shape`` counts (base at the defaults,
+    'test' at this file's settings)."""
     for size in ("test", "base"):
         config = t5.get_config(size)
         for name in ipt.INSTANCES:
-            settings = {"lookup_rows": 64} if size == "test" else {}
+            settings = SMALL if size == "test" else {}
             method = registry.build(t5.T5(config), {"kind": "ipt", "instance": name,
                                                     **settings})
             count = interface.count_parameters(jax.eval_shape(
@@ -135,11 +165,12 @@ def test_parameter_table_in_the_docstring():
             assert cell in row, (size, name, cell, row)
 
 
-def test_model_inputs_alone_and_bad_settings_refuse(frozen):
+def test_model_inputs_alone_and_bad_settings_refuse(frozen_of):
+    frozen = frozen_of("mlp")
     method = _build("mlp")
     with pytest.raises(ValueError, match="encoder_input_tokens"):
         method.model_inputs(method.init_trainable(jax.random.PRNGKey(0), frozen))
-    model = t5.T5(contract.tiny_config())
+    model = t5.T5(CONFIG)
     for bad, needle in (({"instance": "gru"}, "instance"), ({"task_length": 0}, "task_length"),
                         ({"instance": "lookup", "lookup_rows": 1000}, "lookup_rows"),
                         ({"instance": "bilstm", "hidden": 7}, "hidden"),

@@ -8,7 +8,11 @@ this very input. The paper proposes several strategies that trade quality for co
 
 - ``'lookup'``: instance prompt row j is a trainable table's row for the input's j-th token id;
 - ``'mlp'``, ``'bilstm'``, ``'cnn'``: an encoder of the input's frozen token embeddings
-  generates the whole instance prompt (``methods.ipt_encoders``);
+  generates the whole instance prompt (:class:`InstanceEncoder`): ``'mlp'`` mean-pools the
+  valid tokens, then Dense(hidden) -> tanh; ``'bilstm'`` runs a bidirectional LSTM
+  (``hidden // 2`` units per direction) over the valid tokens and mean-pools it; ``'cnn'`` a
+  width-3 convolution with ReLU, max-pooled over the valid tokens. A linear head maps the
+  summary [B, hidden] to the instance prompt [B, P_inst * D];
 - ``'prefix'``: the deep (prefix) form: trainable key/value prefixes ``[layers, P, H, Dh]`` in
   the attention parts ``parts``, and an MLP instance embedding of the input, times
   ``instance_scale``, added to layer 0's keys and values only (per-example prefixes
@@ -27,27 +31,31 @@ reads row ``t mod N``. T5's SentencePiece ids are ordered roughly by frequency, 
 tokens (ids < N) start as their own embedding and train their own row; rarer ids share a row
 with a frequent one (a deterministic hash bucket). Parameters: N * D.
 
-Where we differ from the paper: the paper works on encoder-only models (BERT/RoBERTa) on top of
-P-tuning (v2); on T5 the prompt enters the encoder and the answer is the decoder's text. The
-instance encoders read the frozen *input embeddings* (never the T5 stack: no second encoder
-pass); the instance part's sizes (``hidden``, ``lookup_rows``) are ours. The prefix variant
+Where we differ from the paper: its experiments are not on T5; here the prompt enters the T5
+encoder and the answer is the decoder's text. The instance encoders read the frozen *input
+embeddings* under ``stop_gradient`` (never the T5 stack: no second encoder pass, and the frozen
+table is never differentiated); the instance part's sizes (``hidden``, ``lookup_rows``), the
+hashed table and the pooling choices are ours. The prefix variant
 generates its layer-0 addition with the MLP encoder, one linear head per prefix part.
 
-Trainable parameters at the defaults (task_length 10, instance_length 4, hidden 128,
-lookup_rows 2048, prefix parts ['encoder']), as a share of the frozen model
-(``tests/test_ipt.py`` recomputes this table with ``jax.eval_shape``):
+Trainable parameters as a share of the frozen model (``tests/test_ipt.py`` recomputes every
+cell with ``jax.eval_shape``). T5 1.1 base at the defaults (task_length 10, instance_length 4,
+hidden 128, lookup_rows 2048, prefix parts ['encoder']); the 'test' T5 at the test file's
+settings (task_length 3, instance_length 2, hidden 12, lookup_rows 64):
 
-================  ======================  =========================
-instance          'test' T5 (84,936)      T5 1.1 base (247,577,856)
-================  ======================  =========================
-lookup            [N=64] 2,368  (2.79%)   1,580,544  (0.638%)
-mlp               4,708  (5.54%)            500,224  (0.202%)
-bilstm            12,772 (15.0%)            566,272  (0.229%)
-cnn               17,060 (20.1%)            794,112  (0.321%)
-prefix            17,240 (20.3%)          2,265,472  (0.915%)
-================  ======================  =========================
+========  =======================  ===========================
+instance  'test' T5 (71,200)       T5 1.1 base (247,577,856)
+========  =======================  ===========================
+lookup    2,144 (3.01%)            1,580,544 (0.638%)
+mlp       1,324 (1.86%)            502,400 (0.203%)
+bilstm    2,800 (3.93%)            830,464 (0.335%)
+cnn       2,092 (2.94%)            699,008 (0.282%)
+prefix    3,996 (5.61%)            2,264,192 (0.915%)
+========  =======================  ===========================
 
-(the 'test' model is tiny, so any fixed-size part is a large share of it.)
+The paper reports 0.5%-1.5% on its (encoder-only) models. The encoders' output head
+(hidden * P_inst * D) dominates their count: ``hidden=512`` puts 'mlp' on base at about 0.8%.
+The 'test' T5 is tiny, so any fixed-size part is a large share of it.
 """
 
 from __future__ import annotations
@@ -55,22 +63,85 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Dict, Mapping, Tuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from prompt_t5x.methods import ipt_encoders, prefix_init
+from prompt_t5x.methods import prefix_init
 from prompt_t5x.methods.interface import Method
 from prompt_t5x.methods.prompt_init import sampled_vocab_init
+from prompt_t5x.methods.sentence_repr import masked_mean
 from prompt_t5x.model import prompt_inputs
 from prompt_t5x.model import t5 as t5_lib
 from prompt_t5x.model.t5 import T5
 
 INSTANCES = ("lookup", "mlp", "bilstm", "cnn", "prefix")
-ENCODER_INSTANCES = ipt_encoders.ENCODERS
+ENCODERS = ("mlp", "bilstm", "cnn")   # the instance encoders (InstanceEncoder)
 # Adafactor factors each prefix layer's [P, H * Dh] on its own (as prefix_tuning's tables).
 _PREFIX_AXES = PartitionSpec("layers", "prefix", "heads", "kv")
 
+
+# ------------------------------------------------------------------- the instance part ----
+CNN_WIDTH = 3
+
+
+def frozen_token_embeddings(frozen, tokens: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """tokens int32 [B, L] -> (their frozen input embeddings float32 [B, L, D], valid mask
+    bool [B, L]); no gradient reaches the frozen table."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    table = jax.lax.stop_gradient(frozen["token_embedder"]["embedding"])
+    return jnp.take(table, tokens, axis=0).astype(jnp.float32), tokens > 0
+
+
+def leading_ids(tokens: jax.Array, length: int) -> jax.Array:
+    """The first ``length`` ids of every row [B, length] (right-padded with 0 when L < length:
+    a short input's missing tokens read the padding id like its own padding does)."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.shape[1] < length:
+        tokens = jnp.pad(tokens, ((0, 0), (0, length - tokens.shape[1])))
+    return tokens[:, :length]
+
+
+def lookup_prompt(table: jax.Array, tokens: jax.Array, length: int) -> jax.Array:
+    """Instance prompt [B, length, D]: row j of example b is ``table[tokens[b, j] % N]``."""
+    ids = leading_ids(tokens, length) % table.shape[0]
+    return jnp.take(table, ids, axis=0)
+
+
+class InstanceEncoder(nn.Module):
+    """Frozen embeddings [B, L, D] and mask [B, L] -> {name: [B, features]} (module docstring).
+
+    ``outputs``: (name, features) pairs, one linear head each on the shared summary."""
+
+    kind: str
+    hidden: int
+    outputs: Tuple[Tuple[str, int], ...]
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array) -> Dict[str, jax.Array]:
+        x = x * mask[..., None].astype(x.dtype)        # padding contributes nothing
+        if self.kind == "mlp":
+            summary = jnp.tanh(nn.Dense(self.hidden, name="hidden")(masked_mean(x, mask)))
+        elif self.kind == "bilstm":
+            units = self.hidden // 2                     # per direction
+            lengths = jnp.sum(mask.astype(jnp.int32), axis=1)
+            # seq_lengths: the backward direction starts at each row's last valid token, so
+            # right padding does not change a row's features.
+            h = nn.Bidirectional(nn.RNN(nn.OptimizedLSTMCell(units, name="forward")),
+                                 nn.RNN(nn.OptimizedLSTMCell(units, name="backward")),
+                                 name="lstm")(x, seq_lengths=lengths)   # [B, L, 2 * units]
+            summary = masked_mean(h, mask)
+        elif self.kind == "cnn":
+            # 'SAME' zero padding at the ends equals the zeroed padding positions, so the
+            # valid positions' outputs do not depend on how much padding follows.
+            h = nn.relu(nn.Conv(self.hidden, (CNN_WIDTH,), padding="SAME", name="conv")(x))
+            h = jnp.where(mask[..., None], h, -jnp.inf)
+            summary = jnp.where(jnp.any(mask, axis=1)[:, None], jnp.max(h, axis=1), 0.0)
+        else:
+            raise ValueError(f"unknown instance encoder {self.kind!r}; choose from {ENCODERS}")
+        return {name: nn.Dense(features, name=f"out_{name}")(summary)
+                for name, features in self.outputs}
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class IPT(Method):
@@ -121,12 +192,12 @@ class IPT(Method):
         """One prefix position's key and value: 2 * H * Dh."""
         return 2 * self.model.config.num_heads * self.model.config.head_dim
 
-    def _encoder(self) -> ipt_encoders.InstanceEncoder:
+    def _encoder(self) -> InstanceEncoder:
         if self.instance == "prefix":
             outputs = tuple((part, self.task_length * self._kv_features()) for part in self.parts)
-            return ipt_encoders.InstanceEncoder("mlp", self.hidden, outputs)
+            return InstanceEncoder("mlp", self.hidden, outputs)
         outputs = (("prompt", self.instance_length * self.model.config.emb_dim),)
-        return ipt_encoders.InstanceEncoder(self.instance, self.hidden, outputs)
+        return InstanceEncoder(self.instance, self.hidden, outputs)
 
     # -- what is trained ------------------------------------------------------------------
     def split(self, params):
@@ -160,8 +231,8 @@ class IPT(Method):
         tokens = jnp.asarray(tokens, jnp.int32)
         batch = tokens.shape[0]
         if self.instance == "lookup":
-            return ipt_encoders.lookup_prompt(trainable["lookup"], tokens, self.instance_length)
-        x, mask = ipt_encoders.frozen_token_embeddings(frozen, tokens)
+            return lookup_prompt(trainable["lookup"], tokens, self.instance_length)
+        x, mask = frozen_token_embeddings(frozen, tokens)
         heads = self._encoder().apply({"params": trainable["encoder"]}, x, mask)
         if self.instance != "prefix":
             return heads["prompt"].reshape(batch, self.instance_length, -1)
