@@ -20,11 +20,14 @@ or mixed-up weight cannot pass) and asserts an invariant of the issue's list:
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from typing import Any, Optional
 
 import jax
@@ -189,9 +192,35 @@ def check_mesh_matches_one_device(method: interface.Method, frozen, meshes=("1x8
                                        err_msg=f"{jax.tree_util.keystr(path)} on {text}")
 
 
+_DRIVER_CACHE_DIR: Optional[str] = None
+
+
+def driver_cache_dir() -> str:
+    """One persistent compilation cache for every resume-driver run of this test process: the
+    drivers share their frozen-model init and small eager programs across methods, and within
+    one check only the uninterrupted run compiles the train step (the others load it)."""
+    global _DRIVER_CACHE_DIR
+    if _DRIVER_CACHE_DIR is None:
+        _DRIVER_CACHE_DIR = tempfile.mkdtemp(prefix="prompt_t5x_resume_driver_cache_")
+        atexit.register(shutil.rmtree, _DRIVER_CACHE_DIR, True)
+    return _DRIVER_CACHE_DIR
+
+
+def driver_env(cache_dir=None) -> dict:
+    """The resume driver's environment: the shared compilation cache, and XLA's backend
+    optimisation off (as tests/test_multiprocess.py's children): compiling the driver's train
+    step was most of a resume check's time. Every run of one check (uninterrupted, killed,
+    resumed) uses the same flags, so the bit-exact comparison is unchanged."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "--xla_backend_optimization_level" not in flags:
+        flags = (flags + " --xla_backend_optimization_level=0").strip()
+    return dict(os.environ, XLA_FLAGS=flags,
+                JAX_COMPILATION_CACHE_DIR=str(cache_dir or driver_cache_dir()),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
 def _driver(model_dir, out, method_config, *extra, cache_dir, encoder_layers=1):
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env = driver_env(cache_dir)
     return subprocess.Popen([sys.executable, DRIVER, str(model_dir), "--steps", "6",
                              "--save_every", "2", "--out", str(out),
                              "--method", json.dumps(method_config),
@@ -203,7 +232,7 @@ def check_sigkill_resume_is_exact(method_config: dict, tmp_path, *, encoder_laye
     """The driver's 'test' T5 has dropout 0.1 and one layer per stack (``encoder_layers`` for
     methods that need more); ``method_config`` is a registry config (``{'kind': ..., ...}``)
     whose init needs no vocabulary."""
-    cache = tmp_path / "jax_cache"
+    cache = driver_cache_dir()
     layers = {"encoder_layers": encoder_layers}
     ref = _driver(tmp_path / "uninterrupted", tmp_path / "ref.npz", method_config,
                   cache_dir=cache, **layers)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import method_contract as contract
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -218,16 +219,16 @@ def test_a_process_that_cannot_restore_process_zeros_step_raises(tmp_path, setup
 
 
 def _run_driver(model_dir, out, *extra, cache_dir):
-    # A shared persistent compilation cache: only the first run pays for XLA compilation.
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    # A shared persistent compilation cache (the method contract's, per test process): only the
+    # first run pays for XLA compilation.
+    env = contract.driver_env(cache_dir)
     return subprocess.Popen([sys.executable, DRIVER, str(model_dir), "--steps", "6",
                              "--save_every", "2", "--out", str(out), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
 
 
 def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tmp_path):
-    cache = tmp_path / "jax_cache"
+    cache = contract.driver_cache_dir()
     reference = _run_driver(tmp_path / "uninterrupted", tmp_path / "ref.npy", cache_dir=cache)
     assert reference.wait(timeout=300) == 0, reference.stdout.read()
     victim = _run_driver(tmp_path / "killed", tmp_path / "killed.npy", "--step_delay", "0.5",
