@@ -75,7 +75,9 @@ def test_tasks_lists_the_generated_tasks_in_a_plain_install(monkeypatch, capsys)
 def test_tasks_filter_keeps_generated_tasks_beside_seqio_ones(capsys):
     assert cli.main(["tasks", "--filter", "contains"]) == 0
     out = capsys.readouterr().out
-    assert "generated tasks (1;" in out and "synthetic_contains" in out
+    # the skill's task and the mixture that holds it out; no other generated task
+    assert "generated tasks (2;" in out and "synthetic_contains " in out
+    assert "synthetic_skills_but_contains" in out and "synthetic_first" not in out
 
 
 @pytest.mark.parametrize("plain", [True, False])
