@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prompt_t5x.inference import decoding
+from prompt_t5x.inference import decoding, reference_decoding
 from prompt_t5x.methods import interface, registry
 from prompt_t5x.model import t5
 from prompt_t5x.parallel import partitioning
@@ -264,7 +264,7 @@ def check_cached_decoding(method: interface.Method, frozen, trainable, *, length
     tokens, task_ids = batch["encoder_input_tokens"], batch.get(interface.TASK_IDS)
     spec = decoding.DecodeSpec("greedy", max_decode_len=length, eos_id=None)
     cached = decoding.decode_jit(method, frozen, trainable, tokens, spec, task_ids=task_ids)
-    ref_tokens, ref_scores = decoding.greedy_decode_uncached(
+    ref_tokens, ref_scores = reference_decoding.greedy_decode_uncached(
         method, frozen, trainable, tokens, length, eos_id=None, task_ids=task_ids)
     np.testing.assert_array_equal(np.asarray(cached.tokens), ref_tokens)
     np.testing.assert_allclose(np.asarray(cached.scores), ref_scores, rtol=1e-5, atol=1e-5)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_t5x.inference import decoding
+from prompt_t5x.inference import decoding, reference_decoding
 from prompt_t5x.inference.decoding import DecodeSpec
 from prompt_t5x.methods import model_tuning, prompt_init, prompt_tuning
 from prompt_t5x.model import t5
@@ -45,7 +45,7 @@ def setups():
 def test_cached_greedy_equals_uncached(setups, which):
     method, frozen, trainable = setups[which]
     out = decoding.decode_jit(method, frozen, trainable, INPUTS, GREEDY)
-    ref_tokens, ref_scores = decoding.greedy_decode_uncached(method, frozen, trainable, INPUTS, T)
+    ref_tokens, ref_scores = reference_decoding.greedy_decode_uncached(method, frozen, trainable, INPUTS, T)
     np.testing.assert_array_equal(np.asarray(out.tokens), ref_tokens)
     np.testing.assert_allclose(np.asarray(out.scores), ref_scores, rtol=1e-5, atol=1e-5)
     if which != "no_prompt":  # the prompt really is used
@@ -66,7 +66,7 @@ def test_eos_stops_and_pads(setups):
         np.testing.assert_array_equal(tokens[row, :end], free[row, :end])
         assert (tokens[row, end:] == 0).all()
     assert tokens[0, 2] == stop and (tokens[0, 3:] == 0).all()
-    ref_tokens, ref_scores = decoding.greedy_decode_uncached(method, frozen, trainable, INPUTS, T,
+    ref_tokens, ref_scores = reference_decoding.greedy_decode_uncached(method, frozen, trainable, INPUTS, T,
                                                              eos_id=stop)
     np.testing.assert_array_equal(tokens, ref_tokens)
     np.testing.assert_allclose(np.asarray(out.scores), ref_scores, rtol=1e-5, atol=1e-5)

@@ -99,7 +99,7 @@ def test_wsc_simple_exact_strings_and_train_filter(registry, fixtures_dir):
 
 
 def test_wsc_postprocessor_and_metric_on_local_eval(registry):
-    from prompt_t5x.data import seqio_bridge
+    from prompt_t5x.data import seqio_bridge, seqio_metrics
     spec = seqio_bridge.BatchSpec(inputs_length=512, targets_length=32, batch_size=8)
     import seqio
     examples = seqio_bridge.eval_examples("local_super_glue_wsc_simple_eval", spec, split="validation",
@@ -107,7 +107,7 @@ def test_wsc_postprocessor_and_metric_on_local_eval(registry):
     # Echoing the candidate says "yes, it is the referent" for every example: accuracy is then
     # the fraction of examples whose candidate is right.
     echo = [ex["targets_pretokenized"].decode() for ex in examples]
-    got = seqio_bridge.compute_metrics("local_super_glue_wsc_simple_eval", examples, echo)
+    got = seqio_metrics.compute_metrics("local_super_glue_wsc_simple_eval", examples, echo)
     expected = 100 * np.mean([ex["label"] == 1 for ex in examples])
     assert got["accuracy"] == pytest.approx(expected)
 
@@ -115,18 +115,18 @@ def test_wsc_postprocessor_and_metric_on_local_eval(registry):
 def test_rte_metrics_through_postprocessor(registry):
     import seqio
 
-    from prompt_t5x.data import seqio_bridge
+    from prompt_t5x.data import seqio_bridge, seqio_metrics
     spec = seqio_bridge.BatchSpec(inputs_length=64, targets_length=8, batch_size=4)
     examples = seqio_bridge.eval_examples("local_super_glue_rte", spec, split="validation",
                                   shard_info=seqio.ShardInfo(0, 1))
     perfect = [ex["targets_pretokenized"].decode() for ex in examples]
-    assert seqio_bridge.compute_metrics("local_super_glue_rte", examples, perfect) == {"accuracy": 100.0}
+    assert seqio_metrics.compute_metrics("local_super_glue_rte", examples, perfect) == {"accuracy": 100.0}
     constant = ["entailment"] * len(examples)
     frac = np.mean([ex["label"] == 0 for ex in examples])
-    got = seqio_bridge.compute_metrics("local_super_glue_rte", examples, constant)["accuracy"]
+    got = seqio_metrics.compute_metrics("local_super_glue_rte", examples, constant)["accuracy"]
     assert got == pytest.approx(100 * frac)
     garbage = ["maybe"] * len(examples)   # not a label word: counted wrong
-    assert seqio_bridge.compute_metrics("local_super_glue_rte", examples, garbage) == {"accuracy": 0.0}
+    assert seqio_metrics.compute_metrics("local_super_glue_rte", examples, garbage) == {"accuracy": 0.0}
 
 
 # ------------------------------------------------------------------------------ bad input ----

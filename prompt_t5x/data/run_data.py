@@ -253,7 +253,8 @@ class SeqioData:
                  data_dir: Optional[str] = None, task_modules: Sequence[str] = (),
                  template: Optional[templates.InputTemplate] = None,
                  task_names: Optional[Sequence[str]] = None, training: bool = True):
-        from prompt_t5x.data import seqio_bridge, task_registry  # SeqIO: only for SeqIO tasks
+        # SeqIO: only for SeqIO tasks
+        from prompt_t5x.data import seqio_bridge, seqio_metrics, task_registry
         self._data = seqio_bridge
         self.provider = task_registry.open_task(name, (train_split, eval_split),
                                                 vocabulary=vocabulary, data_dir=data_dir,
@@ -271,7 +272,7 @@ class SeqioData:
             _check_bank(name, [t.name for t in self.sub_tasks], self.task_names, training)
         for split in dict.fromkeys((train_split, eval_split)):
             seqio_bridge.check_split_readable(self.provider, self.spec, split)
-        self.label_words = seqio_bridge.label_names(name)
+        self.label_words = seqio_metrics.label_names(name)
         feature = (getattr(self.provider, "output_features", None) or {}).get("targets")
         self.vocabulary = None if feature is None else feature.vocabulary
         self.encode = None if feature is None else feature.vocabulary.encode
@@ -307,7 +308,8 @@ class SeqioData:
                                         shard_info=self._data.whole_split())
 
     def compute_metrics(self, examples, predictions) -> Dict[str, float]:
-        return self._data.compute_metrics(self.name, examples, predictions)
+        from prompt_t5x.data import seqio_metrics
+        return seqio_metrics.compute_metrics(self.name, examples, predictions)
 
 
 class TrainStream:

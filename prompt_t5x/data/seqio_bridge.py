@@ -38,7 +38,7 @@ deterministic function of (mixture, seed, shard, n) and ``position`` resumes exa
 mixture is every sub-task's split in turn (sub-tasks in the mixture's order, by name); each
 example of ``eval_examples`` has a ``task`` field, and ``compute_metrics`` runs each sub-task's
 own postprocessor and metric functions on its own examples (``<task>/<metric>``) and reports
-each metric's mean over the tasks as ``<metric>``.
+each metric's mean over the tasks as ``<metric>`` (``prompt_t5x.data.seqio_metrics``).
 
 Packing (several examples per row) is refused when a prompt is used: the prompt would be
 prepended once per row, so all but the first packed example would see no prompt of their own.
@@ -390,57 +390,3 @@ def eval_examples(name: str, spec: BatchSpec, *, split: str = "validation",
                            shard_info=shard_info or whole_split(), num_epochs=1)
         out += [dict(ex, task=task.name) if mixed else ex for ex in ds.as_numpy_iterator()]
     return out
-
-
-def _task_metrics(task, examples: Sequence[Mapping[str, Any]], predictions: Sequence[str]
-                  ) -> Dict[str, float]:
-    """One task's postprocessor and metric functions on its own examples."""
-    post = task.postprocess_fn or (lambda text, example=None, is_target=False: text)
-    targets = [post(ex["targets_pretokenized"], example=ex, is_target=True) for ex in examples]
-    preds = [post(p, example=ex, is_target=False) for p, ex in zip(predictions, examples)]
-    results: Dict[str, float] = {}
-    for fn in task.metric_fns:
-        results.update(fn(targets, preds))
-    return results
-
-
-def compute_metrics(name: str, examples: Sequence[Mapping[str, Any]],
-                    predictions: Sequence[str]) -> Dict[str, float]:
-    """Postprocess targets and predicted strings and run the task's metric functions. For a
-    mixture: each sub-task's on the examples of that task (their ``task`` field), as
-    ``<task>/<metric>``, and each metric's unweighted mean over the tasks present as
-    ``<metric>`` (so a run's ``metric='accuracy'`` picks its best step on a mixture too)."""
-    provider = get_task_or_mixture(name)
-    if len(examples) != len(predictions):
-        raise DataError(f"task {name!r}: {len(predictions)} predictions for {len(examples)} "
-                        "examples.")
-    if not is_mixture(provider):
-        return _task_metrics(provider, examples, predictions)
-    tasks = {task.name: task for task in provider.tasks}
-    rows: Dict[str, List[int]] = {}
-    for i, ex in enumerate(examples):
-        task = ex.get("task")
-        task = task.decode() if isinstance(task, bytes) else task
-        if task not in tasks:
-            raise DataError(f"mixture {name!r}: example {i} has task {task!r}, not one of "
-                            f"{sorted(tasks)} (score examples of eval_examples).")
-        rows.setdefault(task, []).append(i)
-    per_task: Dict[str, float] = {}
-    by_metric: Dict[str, List[float]] = {}
-    for task in sorted(rows):
-        own = _task_metrics(tasks[task], [examples[i] for i in rows[task]],
-                            [predictions[i] for i in rows[task]])
-        for metric, value in own.items():
-            per_task[f"{task}/{metric}"] = value
-            by_metric.setdefault(metric, []).append(float(value))
-    results: Dict[str, float] = {k: float(np.mean(v)) for k, v in by_metric.items()}
-    results.update(per_task)
-    return results
-
-
-def label_names(name: str) -> Optional[Sequence[str]]:
-    """The label words of a classification task (None for free-text or regression tasks)."""
-    from tasks import families
-    get_task_or_mixture(name)
-    info = families.TASK_INFO.get(name)
-    return None if info is None else info.label_names

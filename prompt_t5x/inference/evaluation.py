@@ -109,10 +109,11 @@ class SeqioSource:
     ``prompt_t5x.data.seqio_bridge``)."""
 
     def __init__(self, cfg: EvalConfig, provider):
-        from prompt_t5x.data import seqio_bridge
+        from prompt_t5x.data import seqio_bridge, seqio_metrics
+        self._metrics = seqio_metrics
         self._data, self.task, self.split = seqio_bridge, cfg.task, cfg.split
         self.vocabulary = provider.output_features["targets"].vocabulary
-        self.label_words = seqio_bridge.label_names(cfg.task)
+        self.label_words = seqio_metrics.label_names(cfg.task)
 
     def batches_and_examples(self, spec):
         try:
@@ -124,7 +125,7 @@ class SeqioSource:
     def metrics(self, examples, predictions) -> Dict[str, float]:
         try:
             return {k: float(v) for k, v in
-                    self._data.compute_metrics(self.task, examples, predictions).items()}
+                    self._metrics.compute_metrics(self.task, examples, predictions).items()}
         except self._data.DataError as e:
             raise UsageError(str(e)) from None
 
